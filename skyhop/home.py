@@ -1,0 +1,190 @@
+"""The fleet home: config and keys, read at the entry point (never at import).
+
+Layout of a home directory (``skyhop init --home DIR``)::
+
+    DIR/config.toml            validated by ``Config``; every field has a default
+    DIR/keys/fleet.json        current fleet public key: {"kid": ..., "public": hex}
+    DIR/keys/worker-KID.pem    the matching X25519 private key (mode 0600); only agents read it
+    DIR/models/                cache of fetched model files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from skyhop.envelope import FleetKeyPair, FleetPublicKey
+from skyhop.errors import ConfigError
+from skyhop.models import Catalog, load_catalog
+from skyhop.topics import DEFAULT_PREFIX
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Strict):
+    policy: Literal["deadline", "round-robin", "least-connection", "weighted"] = "deadline"
+    margin: float = Field(0.9, gt=0, le=1, description="plan to finish within margin × budget")
+    node_timeout_s: float = Field(5.0, gt=0, description="a node silent this long is dead")
+    replay_window_s: float = Field(60.0, gt=0)
+    status_interval_s: float = Field(1.0, gt=0)
+    reply_grace_ms: float = Field(
+        250.0, ge=0, description="wait this long past a deadline before answering it"
+    )
+
+
+class AgentConfig(_Strict):
+    queue_capacity: int = Field(64, ge=1, le=100_000)
+    concurrency: int = Field(1, ge=1, le=64)
+    load_interval_s: float = Field(0.5, gt=0)
+    replay_window_s: float = Field(60.0, gt=0)
+    result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")
+    key_grace_s: float = Field(86_400.0, ge=0, description="keep accepting a rotated-out key")
+
+
+class SlaEntry(_Strict):
+    budget_ms: float = Field(gt=0, le=3_600_000)
+    priority: int = Field(0, ge=0, le=7)
+
+
+class Config(_Strict):
+    mqtt: str = "mqtt://127.0.0.1:1883"
+    prefix: str = DEFAULT_PREFIX
+    catalog: Path | None = Field(None, description="model catalog; default: models/catalog.toml")
+    broker: BrokerConfig = BrokerConfig()
+    agent: AgentConfig = AgentConfig()
+    sla: dict[str, SlaEntry] = {}
+
+
+DEFAULT_CONFIG = """\
+# skyhop fleet config. Every key is optional; shown here with its default.
+mqtt = "mqtt://127.0.0.1:1883"   # overridden by --mqtt
+prefix = "skyhop/v1/"
+# catalog = "/etc/skyhop/catalog.toml"   # your own models; default: the bundled catalog
+
+[broker]
+policy = "deadline"        # deadline | round-robin | least-connection | weighted
+margin = 0.9               # plan to finish within margin × budget
+node_timeout_s = 5.0       # a node that has not reported for this long is dead
+replay_window_s = 60.0
+status_interval_s = 1.0
+reply_grace_ms = 250.0
+
+[agent]
+queue_capacity = 64
+concurrency = 1
+load_interval_s = 0.5
+replay_window_s = 60.0
+result_cache = 1024
+
+# Per-model latency SLAs; a request without --budget-ms gets its model's budget.
+# [sla.digits]
+# budget_ms = 50
+"""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SKYHOP_HOME") or Path.home() / ".skyhop")
+
+
+class Home:
+    """A fleet home directory. Construct with the path; nothing is read until asked."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).expanduser()
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / "models"
+
+    def init(self, *, force: bool = False) -> FleetPublicKey:
+        """Create config and a fleet key pair; refuse to overwrite keys unless ``force``."""
+        if (self.keys_dir / "fleet.json").exists() and not force:
+            raise ConfigError(f"{self.path} is already a fleet home (use --force to re-key)")
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(exist_ok=True)
+        os.chmod(self.keys_dir, 0o700)
+        config = self.path / "config.toml"
+        if not config.exists():
+            config.write_text(DEFAULT_CONFIG)
+        pair = FleetKeyPair.generate()
+        self._write_private(pair)
+        self._write_public(pair.public)
+        return pair.public
+
+    def _write_private(self, pair: FleetKeyPair) -> None:
+        pem = pair.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path = self.keys_dir / f"worker-{pair.kid}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+
+    def _write_public(self, public: FleetPublicKey) -> None:
+        doc = {"kid": public.kid, "public": public.raw.hex(), "suite": "X25519/HKDF-SHA256/ChaCha20-Poly1305"}
+        (self.keys_dir / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    def config(self) -> Config:
+        path = self.path / "config.toml"
+        if not path.exists():
+            return Config()
+        try:
+            return Config.model_validate(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {_pretty(exc)}") from None
+
+    def catalog(self) -> Catalog:
+        """The model catalog this fleet uses (relative paths are from the home)."""
+        path = self.config().catalog
+        return load_catalog(self.path / path if path is not None else None)
+
+    def fleet_public(self) -> FleetPublicKey:
+        path = self.keys_dir / "fleet.json"
+        try:
+            doc = json.loads(path.read_text())
+            key = FleetPublicKey.from_raw(bytes.fromhex(doc["public"]))
+        except FileNotFoundError:
+            raise ConfigError(f"no fleet key at {path}: run `skyhop init --home {self.path}`") from None
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc}): restore it or re-run init --force") from None
+        if key.kid != doc.get("kid"):
+            raise ConfigError(f"{path}: kid {doc.get('kid')} does not match its key ({key.kid})")
+        return key
+
+    def worker_keys(self) -> dict[str, X25519PrivateKey]:
+        """All worker private keys in the home, by key id (agents only)."""
+        keys: dict[str, X25519PrivateKey] = {}
+        for path in sorted(self.keys_dir.glob("worker-*.pem")):
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(private, X25519PrivateKey):
+                raise ConfigError(f"{path} is not an X25519 key")
+            keys[FleetKeyPair(private).kid] = private
+        if not keys:
+            raise ConfigError(
+                f"no worker keys in {self.keys_dir}: copy the fleet's keys/ from the "
+                f"home made by `skyhop init`"
+            )
+        return keys
+
+
+def _pretty(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+    )

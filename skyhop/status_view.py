@@ -1,0 +1,72 @@
+"""Render the broker's retained status as a table (``skyhop status``, ``skyhop demo``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from skyhop.errors import TransportError
+from skyhop.messages import unpackb
+from skyhop.mqtt import Bus, Message
+from skyhop.topics import Topics
+
+
+def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
+    lat = status.get("latency_ms", {})
+    caption = (f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
+               f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
+               f"placements {status.get('placements', {})}")
+    table = Table("node", "role", "live", "device", "queue", "in flight", "util",
+                  "rtt ms", "service ms", "placed", title=title, caption=caption)
+    for n in status.get("nodes", []):
+        service = ", ".join(f"{m} {ms:.1f}" for m, ms in n.get("service_ms", {}).items())
+        table.add_row(n["node"], n["role"], "yes" if n["live"] else "[red]no[/red]", n["gpu"],
+                      str(n["queue"]), str(n["in_flight"]), f"{n['gpu_util']:.0%}",
+                      f"{n['rtt_ms']:.1f}", service, str(n["placements"]))
+    return table
+
+
+class StatusWatcher:
+    """Keeps the latest ``broker/status`` document from the MQTT server."""
+
+    def __init__(self, mqtt_url: str, prefix: str) -> None:
+        self.latest: dict[str, Any] | None = None
+        self.arrived = threading.Event()
+        self._bus = Bus(mqtt_url, f"skyhop-status-{threading.get_ident()}")
+        self._bus.subscribe(Topics(prefix).broker_status, self._on_status, qos=0)
+
+    def start(self) -> StatusWatcher:
+        self._bus.start()
+        return self
+
+    def stop(self) -> None:
+        self._bus.stop()
+
+    def _on_status(self, msg: Message) -> None:
+        if msg.payload:
+            self.latest = unpackb(msg.payload)
+            self.arrived.set()
+
+
+def show_status(mqtt_url: str, prefix: str, *, watch: bool = False) -> None:
+    watcher = StatusWatcher(mqtt_url, prefix).start()
+    try:
+        if not watcher.arrived.wait(5.0):
+            raise TransportError("no broker/status within 5 s: is a broker running on this "
+                                 "MQTT server (skyhop broker)?")
+        console = Console()
+        if not watch:
+            console.print(status_table(watcher.latest or {}))
+            return
+        with Live(status_table(watcher.latest or {}), console=console, refresh_per_second=2) as live:
+            while True:
+                watcher.arrived.wait(1.0)
+                live.update(status_table(watcher.latest or {}))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()

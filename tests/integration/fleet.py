@@ -1,0 +1,88 @@
+"""Builders for integration tests: a fleet home with its own topic prefix and catalog.
+
+The catalog holds the real ``digits`` model and ``slow``, a real ONNX model made here
+with onnx.helper whose run takes tens of milliseconds on a CPU (a chain of 512×512
+matrix products), so that tests can catch a request while it is running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from skyhop.home import Home
+from skyhop.models import MODELS_DIR, sha256_file
+
+SLOW_SIDE = 512
+SLOW_LAYERS = 24
+
+
+def build_slow_model(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(SLOW_LAYERS):
+        w = (rng.standard_normal((SLOW_SIDE, SLOW_SIDE)) / np.sqrt(SLOW_SIDE)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == SLOW_LAYERS - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+CATALOG = """\
+schema = 1
+
+[[models]]
+name = "digits"
+version = "1.0.0"
+sha256 = "{digits_sha}"
+source = {{ path = "digits.onnx" }}
+inputs = [{{ name = "image", dtype = "float32", shape = ["N", 64] }}]
+outputs = [
+    {{ name = "probabilities", dtype = "float32", shape = ["N", 10] }},
+    {{ name = "label", dtype = "int64", shape = ["N"] }},
+]
+budget_ms = 50
+max_batch = 256
+
+[[models]]
+name = "slow"
+version = "1"
+sha256 = "{slow_sha}"
+source = {{ path = "slow.onnx" }}
+inputs = [{{ name = "x", dtype = "float32", shape = [{side}, {side}] }}]
+outputs = [{{ name = "y", dtype = "float32", shape = [{side}, {side}] }}]
+budget_ms = 2000
+max_batch = 1
+"""
+
+
+def make_home(root: Path, **config: str) -> Home:
+    """A fleet home under ``root`` with a unique topic prefix and the test catalog."""
+    home = Home(root / "home")
+    home.init()
+    catalog_dir = root / "catalog"
+    catalog_dir.mkdir(exist_ok=True)
+    shutil.copy(MODELS_DIR / "digits" / "digits.onnx", catalog_dir / "digits.onnx")
+    build_slow_model(catalog_dir / "slow.onnx")
+    (catalog_dir / "catalog.toml").write_text(CATALOG.format(
+        digits_sha=sha256_file(catalog_dir / "digits.onnx"),
+        slow_sha=sha256_file(catalog_dir / "slow.onnx"), side=SLOW_SIDE))
+    prefix = f"test-{uuid.uuid4().hex[:8]}/v1/"
+    extra = "".join(f"{k} = {v}\n" for k, v in config.items())
+    text = (home.path / "config.toml").read_text()
+    text = text.replace('prefix = "skyhop/v1/"',
+                        f'prefix = "{prefix}"\ncatalog = "{catalog_dir / "catalog.toml"}"\n{extra}')
+    (home.path / "config.toml").write_text(text)
+    return home

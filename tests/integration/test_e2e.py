@@ -1,0 +1,258 @@
+"""The whole request path, for real: Mosquitto, broker and agent processes, ONNX Runtime,
+sealed envelopes. Every bad input gets its named error, and the fleet keeps serving."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from skyhop.client import Client
+from skyhop.envelope import MAGIC, FleetKeyPair, body_size, seal_request
+from skyhop.errors import ErrorCode, RemoteError
+from skyhop.localstack import LocalStack
+from skyhop.messages import RequestHeader
+from skyhop.mosquitto import free_port
+from skyhop.mqtt import Bus, Message
+from skyhop.tensors import encode_body
+from tests.integration.fleet import make_home
+
+pytestmark = pytest.mark.integration
+SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")
+
+
+@pytest.fixture(scope="module")
+def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("e2e")
+    home = make_home(root)
+    # The broker runs from a home that holds no worker key: it must not need one.
+    broker_home = make_home(root / "broker-side")
+    (broker_home.keys_dir / "fleet.json").write_bytes((home.keys_dir / "fleet.json").read_bytes())
+    for pem in broker_home.keys_dir.glob("worker-*.pem"):
+        pem.unlink()
+    (broker_home.path / "config.toml").write_text((home.path / "config.toml").read_text())
+    metrics_port = free_port()
+    with LocalStack(home, mosquitto.url, root / "logs") as st:
+        st.metrics_port = metrics_port  # type: ignore[attr-defined]
+        st.home = broker_home
+        st.broker("--metrics-port", str(metrics_port))
+        st.home = home
+        st.agent("edge-1", ["digits", "slow"])
+        st.agent("cloud-1", ["digits", "slow"], role="cloud")
+        st.wait_live(["edge-1", "cloud-1"])
+        yield st
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> Iterator[Client]:
+    from skyhop.topics import Topics
+
+    with Client(stack.mqtt_url, stack.home.fleet_public(),
+                topics=Topics(stack.home.config().prefix)) as c:
+        yield c
+
+
+def metric(stack: LocalStack, name: str) -> float:
+    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"  # type: ignore[attr-defined]
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name))
+
+
+def test_predictions_match_local_onnx_runtime(client: Client) -> None:
+    images, labels = SAMPLES["images"], SAMPLES["labels"]
+    session = ort.InferenceSession(str(Path(__file__).parents[2] / "models/digits/digits.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    local = session.run(["label"], {"image": images})[0]
+    futures = [client.submit("digits", {"image": images[i:i + 1]}, budget_ms=1000)
+               for i in range(len(images))]
+    remote = np.array([f.result().outputs["label"][0] for f in futures])
+    assert (remote == local).all()
+    assert (remote == labels).mean() >= 0.9
+    batch = client.infer("digits", {"image": images}, budget_ms=1000)
+    assert (batch.outputs["label"] == local).all()
+    assert batch.outputs["probabilities"].shape == (len(images), 10)
+
+
+def test_prefers_the_edge_when_it_meets_the_budget(client: Client) -> None:
+    wheres = Counter(client.infer("digits", {"image": SAMPLES["images"][:1]}, budget_ms=500)
+                     .header.where for _ in range(10))
+    assert wheres["edge"] >= 9
+
+
+def test_no_plaintext_on_the_wire(stack: LocalStack, client: Client) -> None:
+    seen: list[bytes] = []
+    spy = Bus(stack.mqtt_url, "spy-everything")
+    spy.subscribe("#", lambda m: seen.append(m.payload), qos=1)
+    spy.start()
+    try:
+        image = np.full((1, 64), 13.0, np.float32)
+        image[0, ::5] = 7.25  # a distinctive pattern
+        result = client.infer("digits", {"image": image}, budget_ms=1000)
+        probabilities = result.outputs["probabilities"].tobytes()
+    finally:
+        spy.stop()
+    wire = b"".join(seen)
+    assert len(seen) >= 3  # request, work, replies at least
+    assert image.tobytes() not in wire and image.tobytes()[:32] not in wire
+    assert probabilities not in wire and probabilities[:16] not in wire
+
+
+def test_broker_runs_without_the_worker_key(stack: LocalStack) -> None:
+    assert not list(Path(stack.procs["broker"].args[5]).glob("keys/worker-*.pem"))
+
+
+# -- bad input: each gets a named error, a counter, and nothing dies ----------------------
+
+
+def _raw_header(**fields: object) -> bytes:
+    base = dict(v=1, id="5" * 32, model="digits", budget_ms=100.0, sent_at_ms=0, kid="x" * 16,
+                size=16, reply="r")
+    base.update(fields)
+    packed = msgpack.packb(base)
+    return MAGIC + b"\x01" + struct.pack(">H", len(packed)) + packed + b"\x00\x00" + bytes(28)
+
+
+class RawRequester:
+    """Publishes arbitrary bytes as requests and collects the replies by correlation."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        from skyhop.topics import Topics
+
+        self.topics = Topics(stack.home.config().prefix)
+        self.reply_topic = self.topics.reply("raw-requester")
+        self.replies: dict[bytes, list[Message]] = {}
+        self.arrived = threading.Condition()
+        self.bus = Bus(stack.mqtt_url, "raw-requester")
+        self.bus.subscribe(self.reply_topic, self._on_reply)
+        self.bus.start()
+
+    def _on_reply(self, msg: Message) -> None:
+        with self.arrived:
+            self.replies.setdefault(msg.correlation or b"", []).append(msg)
+            self.arrived.notify_all()
+
+    def send(self, payload: bytes, correlation: bytes, model: str = "digits") -> None:
+        self.bus.publish(self.topics.req(model), payload, response_topic=self.reply_topic,
+                         correlation=correlation)
+
+    def status_of(self, correlation: bytes, timeout: float = 10.0) -> str:
+        from skyhop.envelope import peek_reply
+
+        with self.arrived:
+            self.arrived.wait_for(lambda: correlation in self.replies, timeout)
+        return peek_reply(self.replies[correlation][0].payload).status
+
+
+@pytest.fixture(scope="module")
+def raw(stack: LocalStack) -> Iterator[RawRequester]:
+    r = RawRequester(stack)
+    yield r
+    r.bus.stop()
+
+
+def _sealed(stack: LocalStack, inputs: dict[str, np.ndarray], key=None, **fields):  # type: ignore[no-untyped-def]
+    import os
+    import time
+    import uuid
+
+    fleet = key or stack.home.fleet_public()
+    body = encode_body("inputs", inputs)
+    header = dict(id=uuid.UUID(bytes=os.urandom(16)).hex, model="digits", budget_ms=1000.0,
+                  sent_at_ms=time.time_ns() // 1_000_000, kid=fleet.kid,
+                  size=body_size(len(body)), reply="unused")
+    header.update(fields)
+    return seal_request(RequestHeader(**header), body, fleet)[0]
+
+
+GOOD_IMAGE = {"image": np.zeros((1, 64), np.float32)}
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("malformed", ErrorCode.BAD_REQUEST),
+    ("wrong_schema", ErrorCode.BAD_REQUEST),
+    ("negative_budget", ErrorCode.BAD_REQUEST),
+    ("nan_budget", ErrorCode.BAD_REQUEST),
+    ("huge_budget", ErrorCode.BAD_REQUEST),
+    ("unknown_model", ErrorCode.UNKNOWN_MODEL),
+    ("wrong_dtype", ErrorCode.BAD_REQUEST),
+    ("wrong_shape", ErrorCode.BAD_REQUEST),
+    ("wrong_input_name", ErrorCode.BAD_REQUEST),
+    ("tampered_header", ErrorCode.BAD_ENVELOPE),
+    ("tampered_ciphertext", ErrorCode.BAD_ENVELOPE),
+    ("unknown_key", ErrorCode.UNKNOWN_KEY),
+    ("topic_model_mismatch", ErrorCode.BAD_REQUEST),
+])
+def test_bad_input_gets_a_named_error(stack: LocalStack, raw: RawRequester, case: str,
+                                      expected: ErrorCode) -> None:
+    model = "digits"
+    if case == "malformed":
+        payload = b"\x00garbage\xc1"
+    elif case == "wrong_schema":
+        payload = _raw_header(v=9)
+    elif case.endswith("_budget"):
+        budget = {"negative": -5.0, "nan": float("nan"), "huge": 1e15}[case.split("_")[0]]
+        payload = _raw_header(budget_ms=budget)
+    elif case == "unknown_model":
+        payload, model = _sealed(stack, GOOD_IMAGE, model="no-such-model"), "no-such-model"
+    elif case == "wrong_dtype":
+        payload = _sealed(stack, {"image": np.zeros((1, 64), np.float64)})
+    elif case == "wrong_shape":
+        payload = _sealed(stack, {"image": np.zeros((1, 63), np.float32)})
+    elif case == "wrong_input_name":
+        payload = _sealed(stack, {"pixels": np.zeros((1, 64), np.float32)})
+    elif case == "tampered_header":
+        env = bytearray(_sealed(stack, GOOD_IMAGE, budget_ms=1000.0))
+        at = env.index(struct.pack(">d", 1000.0))
+        env[at:at + 8] = struct.pack(">d", 1500.0)  # still a valid header: only AEAD can tell
+        payload = bytes(env)
+    elif case == "tampered_ciphertext":
+        env = bytearray(_sealed(stack, GOOD_IMAGE))
+        env[-20] ^= 0x40
+        payload = bytes(env)
+    elif case == "unknown_key":
+        payload = _sealed(stack, GOOD_IMAGE, key=FleetKeyPair.generate().public)
+    else:  # topic_model_mismatch
+        payload, model = _sealed(stack, GOOD_IMAGE), "slow"
+    correlation = case.encode()
+    raw.send(payload, correlation, model)
+    assert raw.status_of(correlation) == expected
+
+
+def test_replayed_request_is_refused(stack: LocalStack, raw: RawRequester) -> None:
+    envelope = _sealed(stack, GOOD_IMAGE)
+    raw.send(envelope, b"first")
+    assert raw.status_of(b"first") == "OK"
+    raw.send(envelope, b"again")
+    assert raw.status_of(b"again") == ErrorCode.REPLAYED
+
+
+def test_stale_request_is_refused(stack: LocalStack, raw: RawRequester) -> None:
+    raw.send(_sealed(stack, GOOD_IMAGE, sent_at_ms=1_000), b"stale")
+    assert raw.status_of(b"stale") == ErrorCode.REPLAYED
+
+
+def test_bad_input_is_counted_and_the_fleet_still_serves(stack: LocalStack, raw: RawRequester,
+                                                          client: Client) -> None:
+    raw.send(b"junk", b"count-me")
+    raw.status_of(b"count-me")
+    assert metric(stack, 'skyhop_broker_refused_total{code="BAD_REQUEST"}') >= 1
+    assert metric(stack, "skyhop_broker_handler_errors_total") == 0
+    for proc in stack.procs.values():
+        assert proc.poll() is None
+    result = client.infer("digits", {"image": SAMPLES["images"][:1]}, budget_ms=1000)
+    assert result.outputs["label"][0] == SAMPLES["labels"][0]
+
+
+def test_infeasible_budget_is_answered_at_once(client: Client) -> None:
+    with pytest.raises(RemoteError) as info:
+        client.infer("slow", {"x": np.ones((512, 512), np.float32)}, budget_ms=0.5)
+    assert info.value.code == ErrorCode.INFEASIBLE

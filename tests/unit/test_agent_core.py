@@ -1,0 +1,90 @@
+"""The agent's pure core, the broker's tracker, the replay guard and the estimators."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_broker.tracker import Pending, Tracker
+from edge_agent.workqueue import ResultCache, WorkQueue
+from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.messages import RequestHeader
+from skyhop.replay import ReplayGuard
+from skyhop.stats import ServiceTime, percentile
+
+
+def test_queue_is_earliest_deadline_first_and_bounded() -> None:
+    q = WorkQueue(3)
+    q.push("late", 30.0, 0.0, None)
+    q.push("soon", 10.0, 0.0, None)
+    q.push("mid", 20.0, 0.0, None)
+    with pytest.raises(ProtocolError) as info:
+        q.push("x", 5.0, 0.0, None)
+    assert info.value.code == ErrorCode.OVERLOADED
+    assert [q.pop(0.0)[0].request_id for _ in range(3)] == ["soon", "mid", "late"]  # type: ignore[union-attr]
+
+
+def test_queue_hands_back_expired_jobs_without_running_them() -> None:
+    q = WorkQueue(10)
+    q.push("a", 1.0, 0.0, None)
+    q.push("b", 2.0, 0.0, None)
+    q.push("c", 9.0, 0.0, None)
+    job, expired = q.pop(now=5.0)
+    assert job is not None and job.request_id == "c"
+    assert [j.request_id for j in expired] == ["a", "b"]
+
+
+def test_priority_breaks_deadline_ties() -> None:
+    q = WorkQueue(10)
+    q.push("low", 1.0, 0.0, None, priority=0)
+    q.push("high", 1.0, 0.0, None, priority=5)
+    assert q.pop(0.0)[0].request_id == "high"  # type: ignore[union-attr]
+
+
+def test_result_cache_answers_duplicates_and_is_bounded() -> None:
+    cache = ResultCache(2)
+    assert cache.lookup("a") == (False, None)
+    cache.begin("a")
+    assert cache.lookup("a") == (True, None)  # running: the duplicate waits for the original
+    cache.finish("a", b"reply-a")
+    assert cache.lookup("a") == (True, b"reply-a")
+    cache.finish("b", b"b")
+    cache.finish("c", b"c")
+    assert cache.lookup("a") == (False, None)
+
+
+def test_replay_guard() -> None:
+    guard = ReplayGuard(window_ms=1000)
+    guard.check("a", sent_at_ms=0, now_ms=10)
+    with pytest.raises(ProtocolError) as info:
+        guard.check("a", sent_at_ms=0, now_ms=20)
+    assert info.value.code == ErrorCode.REPLAYED
+    with pytest.raises(ProtocolError, match="replay window"):
+        guard.check("b", sent_at_ms=0, now_ms=5000)
+    guard.check("a", sent_at_ms=9000, now_ms=9000)  # long forgotten and fresh again: fine
+
+
+def _pending(rid: str, deadline: float) -> Pending:
+    h = RequestHeader(id=rid * 32, model="m", budget_ms=deadline, sent_at_ms=0, kid="k",
+                      size=0, reply="r")
+    return Pending(h, b"", "r", None, 0.0, deadline)
+
+
+def test_tracker_completes_each_request_once() -> None:
+    t = Tracker()
+    t.accept(_pending("a", 100))
+    t.accept(_pending("b", 50))
+    t.assign("a" * 32, "n1", 1.0)
+    assert [p.header.id[0] for p in t.on_node("n1")] == ["a"]
+    assert t.complete("a" * 32) is not None
+    assert t.complete("a" * 32) is None
+    assert [p.header.id[0] for p in t.overdue(60)] == ["b"]
+    assert t.overdue(1000) == [] and len(t) == 0
+
+
+def test_service_time_estimator() -> None:
+    s = ServiceTime(prior_ms=7.0)
+    assert s.mean_ms == 7.0 and s.p95_ms == 7.0
+    for i in range(100):
+        s.observe(100.0 if i % 20 == 19 else 10.0)
+    assert 10 <= s.mean_ms < 60 and s.p95_ms == 100.0
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([], 99) == 0.0

@@ -116,7 +116,7 @@ class Broker:
             if self.topics.model_of(msg.topic) != header.model:
                 raise ProtocolError(ErrorCode.BAD_REQUEST,
                                     f"topic {msg.topic} does not match header model {header.model}")
-            self.replay.check(header.id, header.sent_at_ms, time.time() * 1000)
+            self.replay.check(header.id, header.sent_at_ms, time.time() * 1000, header.budget_ms)
         except ProtocolError as exc:
             self._refuse(reply_topic, msg.correlation, header.id, exc.code, exc.message)
             return
@@ -126,13 +126,17 @@ class Broker:
         self.metrics.inc("requests_accepted_total", model=header.model)
         self._dispatch(pending, now)
 
-    def _dispatch(self, p: Pending, now: float) -> None:
+    def _dispatch(self, p: Pending, now: float, after: ErrorCode | None = None) -> None:
+        """Place and send ``p``; ``after`` is the code a previous node gave, if any."""
         ask = Ask(p.header.model, p.header.size, p.remaining_ms(now), p.header.priority,
                   frozenset(p.tried))
         decision = place(self.fleet, ask, now, self._rng, policy=self.config.policy,
                          margin=self.config.margin, state=self._placement_state)
         if not decision.placed:
-            self._answer_error(p, decision.code or ErrorCode.INTERNAL, decision.reason)
+            code = decision.code or ErrorCode.INTERNAL
+            if after is not None and code == ErrorCode.UNAVAILABLE:
+                code = after  # every other node was tried: report why the last one refused
+            self._answer_error(p, code, decision.reason)
             return
         self._send(p, decision, now)
 
@@ -166,7 +170,7 @@ class Broker:
         if not header.ok and ErrorCode(header.status) in RETRYABLE and p.remaining_ms(now) > 0:
             self.tracker.accept(p)
             self.metrics.inc("redispatched_total", reason=header.status)
-            self._dispatch(p, now)
+            self._dispatch(p, now, after=ErrorCode(header.status))
             return
         self._forward(p, msg.payload, header.status, now, header.where)
 

@@ -200,7 +200,8 @@ class Agent:
         started = time.monotonic()
         try:
             opened = open_request(work.envelope, self.keys)
-            self._replay.check(opened.header.id, opened.header.sent_at_ms, time.time() * 1000)
+            h = opened.header
+            self._replay.check(h.id, h.sent_at_ms, time.time() * 1000, h.budget_ms)
             runner = self.runners.get(opened.header.model)
             if runner is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_MODEL,

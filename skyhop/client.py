@@ -38,6 +38,7 @@ class Result:
 class _Waiting:
     future: Future[Result]
     request_key: bytes
+    request_id: str
     sent: float
     timer: threading.Timer
 
@@ -108,7 +109,7 @@ class Client:
                                 args=(correlation,))
         timer.daemon = True
         with self._lock:
-            self._waiting[correlation] = _Waiting(future, key, time.monotonic(), timer)
+            self._waiting[correlation] = _Waiting(future, key, header.id, time.monotonic(), timer)
         timer.start()
         self.bus.publish(self.topics.req(header.model), envelope, qos=1,
                          response_topic=self.reply_topic, correlation=correlation,
@@ -130,7 +131,7 @@ class Client:
         w.timer.cancel()
         latency = (time.monotonic() - w.sent) * 1000
         try:
-            header, body = open_reply(msg.payload, w.request_key)
+            header, body = open_reply(msg.payload, w.request_key, w.request_id)
             if body is None:
                 raise RemoteError(header.status, header.message)
             outputs = decode_body("outputs", body)

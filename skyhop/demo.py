@@ -67,11 +67,21 @@ def _models(home: Home, console: Console) -> list[tuple[str, float]]:
     return mix
 
 
+def _log_to(path: Path) -> None:
+    """Library logs go to a file: the terminal belongs to the live table."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, filename=path,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+
+
 def run_demo(*, mqtt: str | None, duration: float, edges: int, rate: float,
              report: Path | None, wan_ms: float, home: Path | None) -> dict[str, Any]:
     console = Console()
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="skyhop-demo-")))
+        _log_to(workdir / "logs" / "demo.log")
         h = Home(home or workdir / "home")
         if not (h.keys_dir / "fleet.json").exists():
             h.init()

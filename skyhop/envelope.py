@@ -179,8 +179,10 @@ def seal_request(
         raise _bad(f"header kid {header.kid} does not match the fleet key {fleet.kid}")
     if header.size != body_size(len(body)):
         raise _bad(f"header size {header.size} != sealed body size {body_size(len(body))}")
-    key = request_key or os.urandom(KEY_LEN)
-    nonce = nonce or os.urandom(NONCE_LEN)
+    key = os.urandom(KEY_LEN) if request_key is None else request_key
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
+    if len(key) != KEY_LEN or len(nonce) != NONCE_LEN:
+        raise ValueError("request_key must be 32 bytes and nonce 12 bytes")
     wrapped = SUITE.encrypt(key, fleet.public, info=WRAP_INFO + fleet.kid.encode())
     prefix = _frame_header(Kind.REQUEST, header.encode()) + struct.pack(">H", len(wrapped))
     prefix += wrapped + nonce
@@ -205,6 +207,8 @@ def open_request(envelope: bytes, keys: Mapping[str, X25519PrivateKey]) -> Opene
     ct_start = off + 2 + wlen + NONCE_LEN
     if len(envelope) < ct_start + TAG_LEN:
         raise _bad("envelope truncated before the ciphertext")
+    if len(envelope) - ct_start != header.size:
+        raise _bad(f"header size {header.size} != ciphertext length {len(envelope) - ct_start}")
     wrapped = envelope[off + 2 : off + 2 + wlen]
     nonce = envelope[ct_start - NONCE_LEN : ct_start]
     try:
@@ -213,8 +217,6 @@ def open_request(envelope: bytes, keys: Mapping[str, X25519PrivateKey]) -> Opene
     except (InvalidTag, ValueError):
         raise _bad("authentication failed: header or ciphertext was altered",
                    ErrorCode.BAD_ENVELOPE) from None
-    if len(key) != KEY_LEN:
-        raise _bad("wrapped key has the wrong length", ErrorCode.BAD_ENVELOPE)
     return OpenedRequest(header, body, key)
 
 
@@ -230,7 +232,7 @@ def reply_key(request_key: bytes, request_id: str) -> bytes:
 
 def seal_reply(header: ReplyHeader, body: bytes, request_key: bytes, *,
                nonce: bytes | None = None) -> bytes:
-    nonce = nonce or os.urandom(NONCE_LEN)
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     prefix = _frame_header(Kind.REPLY, header.encode()) + nonce
     key = reply_key(request_key, header.id)
     return prefix + ChaCha20Poly1305(key).encrypt(nonce, body, prefix)
@@ -242,14 +244,20 @@ def error_reply(header: ReplyHeader) -> bytes:
     return _frame_header(Kind.ERROR, header.encode())
 
 
-def open_reply(envelope: bytes, request_key: bytes) -> tuple[ReplyHeader, bytes | None]:
-    """Return (header, body); body is None for a clear error reply."""
+def open_reply(envelope: bytes, request_key: bytes,
+               request_id: str | None = None) -> tuple[ReplyHeader, bytes | None]:
+    """Return (header, body); body is None for a clear error reply.
+
+    With ``request_id``, a reply that names another request is refused (BAD_ENVELOPE).
+    """
     kind, raw_header, off = _split_header(envelope)
     header = ReplyHeader.decode(raw_header)
+    if request_id is not None and header.id not in (request_id, ""):
+        raise _bad(f"reply is for request {header.id}, not {request_id}", ErrorCode.BAD_ENVELOPE)
     if kind == Kind.ERROR:
         return header, None
-    if kind != Kind.REPLY or len(envelope) < off + NONCE_LEN + TAG_LEN:
-        raise _bad("not a sealed reply")
+    if kind != Kind.REPLY or len(envelope) < off + NONCE_LEN + TAG_LEN or not header.ok:
+        raise _bad("not a sealed reply (a sealed reply has status OK)")
     ct_start = off + NONCE_LEN
     key = reply_key(request_key, header.id)
     try:

@@ -70,7 +70,7 @@ class _Message:
     KIND: ClassVar[str]
 
     def __post_init__(self) -> None:
-        if self.v != SCHEMA_VERSION:
+        if type(self.v) is not int or self.v != SCHEMA_VERSION:
             raise _bad(f"{self.KIND}: unsupported schema version {self.v!r}")
         self.validate()
 
@@ -107,7 +107,7 @@ class RequestHeader(_Message):
     KIND: ClassVar[str] = "request header"
     id: str  # 32 lowercase hex characters, random per request
     model: str
-    budget_ms: float  # latency budget from the client's send to its receipt of the reply
+    budget_ms: float  # latency budget; the broker counts it from its receipt (ADR 0002)
     sent_at_ms: int  # client wall clock, Unix ms: only for the replay window
     kid: str  # key id of the fleet key the body key is wrapped to
     size: int  # bytes of sealed body, for transfer-time prediction
@@ -186,6 +186,8 @@ class NodeStatus(_Message):
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.models, list | tuple):
+            raise _bad("models must be a list of model names")
         object.__setattr__(self, "models", tuple(self.models))
         super().__post_init__()
 
@@ -231,6 +233,8 @@ class LoadReport(_Message):
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.models, dict):
+            raise _bad("models must be a map from model name to its load")
         object.__setattr__(self, "models", {k: _model_load(k, v) for k, v in self.models.items()})
         super().__post_init__()
 

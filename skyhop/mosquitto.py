@@ -130,10 +130,11 @@ class MosquittoProcess:
             broker = cls(
                 config=config, log=wd / "mosquitto.log", port=chosen, workdir=wd, owns_workdir=owns
             )
+            broker.log.unlink(missing_ok=True)  # this attempt's log only
             try:
                 broker._launch(timeout)
             except ConfigError:
-                if attempt + 1 == attempts:
+                if attempt + 1 == attempts or "Address already in use" not in broker._log_tail():
                     raise
                 continue
             return broker

@@ -7,6 +7,7 @@ object arrays, so decoding never runs arbitrary code.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,7 @@ def decode_tensor(name: str, value: Any) -> np.ndarray:
     if not isinstance(data, bytes):
         raise _bad(f"tensor {name!r}: data must be bytes")
     dt = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize  # Python ints: no overflow on absurd shapes
     if expected != len(data) or expected > MAX_BYTES:
         raise _bad(f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
     return np.frombuffer(data, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)

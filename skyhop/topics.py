@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from skyhop.errors import ConfigError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DEFAULT_PREFIX = "skyhop/v1/"
 
 
@@ -38,7 +38,8 @@ class Topics:
 
     def __post_init__(self) -> None:
         if not self.prefix.endswith("/") or any(c in self.prefix for c in "+#"):
-            raise ConfigError(f"bad topic prefix {self.prefix!r}: must end with '/' and hold no wildcard")
+            raise ConfigError(
+                f"bad topic prefix {self.prefix!r}: must end with '/' and hold no wildcard")
 
     # requests from clients, shared by broker replicas
     def req(self, model: str) -> str:

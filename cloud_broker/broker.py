@@ -41,9 +41,16 @@ def _now_ms() -> float:
 
 
 class Broker:
-    def __init__(self, mqtt_url: str, *, config: BrokerConfig | None = None,
-                 topics: Topics | None = None, broker_id: str | None = None,
-                 seed: int | None = None, tls: object | None = None) -> None:
+    def __init__(
+        self,
+        mqtt_url: str,
+        *,
+        config: BrokerConfig | None = None,
+        topics: Topics | None = None,
+        broker_id: str | None = None,
+        seed: int | None = None,
+        tls: object | None = None,
+    ) -> None:
         self.config = config or BrokerConfig()
         self.topics = topics or Topics()
         self.broker_id = broker_id or f"broker-{uuid.uuid4().hex[:8]}"
@@ -76,8 +83,7 @@ class Broker:
         self.bus.start(timeout=timeout)
         self._ticker = threading.Thread(target=self._tick_loop, name="skyhop-ticker", daemon=True)
         self._ticker.start()
-        log.info("broker %s up: policy=%s prefix=%s", self.broker_id, self.config.policy,
-                 t.prefix)
+        log.info("broker %s up: policy=%s prefix=%s", self.broker_id, self.config.policy, t.prefix)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -114,24 +120,39 @@ class Broker:
             return
         try:
             if self.topics.model_of(msg.topic) != header.model:
-                raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                    f"topic {msg.topic} does not match header model {header.model}")
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"topic {msg.topic} does not match header model {header.model}",
+                )
             self.replay.check(header.id, header.sent_at_ms, time.time() * 1000, header.budget_ms)
         except ProtocolError as exc:
             self._refuse(reply_topic, msg.correlation, header.id, exc.code, exc.message)
             return
-        pending = Pending(header, msg.payload, reply_topic, msg.correlation, now,
-                          now + header.budget_ms)
+        pending = Pending(
+            header, msg.payload, reply_topic, msg.correlation, now, now + header.budget_ms
+        )
         self.tracker.accept(pending)
         self.metrics.inc("requests_accepted_total", model=header.model)
         self._dispatch(pending, now)
 
     def _dispatch(self, p: Pending, now: float, after: ErrorCode | None = None) -> None:
         """Place and send ``p``; ``after`` is the code a previous node gave, if any."""
-        ask = Ask(p.header.model, p.header.size, p.remaining_ms(now), p.header.priority,
-                  frozenset(p.tried))
-        decision = place(self.fleet, ask, now, self._rng, policy=self.config.policy,
-                         margin=self.config.margin, state=self._placement_state)
+        ask = Ask(
+            p.header.model,
+            p.header.size,
+            p.remaining_ms(now),
+            p.header.priority,
+            frozenset(p.tried),
+        )
+        decision = place(
+            self.fleet,
+            ask,
+            now,
+            self._rng,
+            policy=self.config.policy,
+            margin=self.config.margin,
+            state=self._placement_state,
+        )
         if not decision.placed:
             code = decision.code or ErrorCode.INTERNAL
             if after is not None and code == ErrorCode.UNAVAILABLE:
@@ -146,14 +167,22 @@ class Broker:
         self.fleet.dispatched(decision.node)
         remaining = p.remaining_ms(now)
         self.bus.publish(
-            self.topics.work(decision.node), p.envelope, qos=1,
+            self.topics.work(decision.node),
+            p.envelope,
+            qos=1,
             response_topic=self.topics.broker_replies(self.broker_id),
             correlation=p.header.id.encode(),
             user_properties=tuple(WorkMeta(remaining, p.attempt).properties()),
             expiry_s=max(1, math.ceil(remaining / 1000)),
         )
-        log.debug("request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
-                  p.header.id, decision.node, p.attempt, decision.predicted_ms, remaining)
+        log.debug(
+            "request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
+            p.header.id,
+            decision.node,
+            p.attempt,
+            decision.predicted_ms,
+            remaining,
+        )
 
     # -- replies ------------------------------------------------------------------------
 
@@ -194,8 +223,14 @@ class Broker:
         reply = error_reply(ReplyHeader(id=p.header.id, status=code, message=message))
         self._forward(p, reply, code, _now_ms(), "")
 
-    def _refuse(self, topic: str | None, correlation: bytes | None, request_id: str,
-                code: ErrorCode, message: str) -> None:
+    def _refuse(
+        self,
+        topic: str | None,
+        correlation: bytes | None,
+        request_id: str,
+        code: ErrorCode,
+        message: str,
+    ) -> None:
         """Answer a request that was never accepted (bad input)."""
         self.metrics.inc("refused_total", code=code)
         log.info("request %s refused %s: %s", request_id or "?", code, message)
@@ -213,8 +248,12 @@ class Broker:
             log.warning("node %s went offline (session %d)", status.node, status.session)
             self._rescue(status.node)
         elif status.online:
-            log.info("node %s online: role=%s models=%s", status.node, status.role,
-                     ",".join(status.models))
+            log.info(
+                "node %s online: role=%s models=%s",
+                status.node,
+                status.role,
+                ",".join(status.models),
+            )
 
     def _on_load(self, msg: Message) -> None:
         if msg.payload:
@@ -256,12 +295,14 @@ class Broker:
             self._rescue(node)
         # Wait a grace past the deadline: the reply may be on the wire.
         for p in self.tracker.overdue(now - self.config.reply_grace_ms):
-            self._answer_error(p, ErrorCode.DEADLINE_EXCEEDED,
-                               f"no reply within {p.header.budget_ms:.0f} ms"
-                               + (f" from node {p.node}" if p.node else ""))
+            self._answer_error(
+                p,
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no reply within {p.header.budget_ms:.0f} ms"
+                + (f" from node {p.node}" if p.node else ""),
+            )
         if now >= next_status:
-            self.bus.publish(self.topics.broker_status, packb(self.status(now)), qos=0,
-                             retain=True)
+            self.bus.publish(self.topics.broker_status, packb(self.status(now)), qos=0, retain=True)
             next_status = now + self.config.status_interval_s * 1000
         return next_status
 
@@ -274,18 +315,28 @@ class Broker:
         now = _now_ms() if now is None else now
         lat = list(self.latencies)
         return {
-            "v": 1, "broker": self.broker_id, "policy": self.config.policy,
+            "v": 1,
+            "broker": self.broker_id,
+            "policy": self.config.policy,
             "pending": len(self.tracker),
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
             "placements": dict(self.where),
             "nodes": [
-                {"node": v.node, "role": v.role, "live": self.fleet.is_live(v, now),
-                 "gpu": v.status.gpu, "queue": v.load.queue if v.load else 0,
-                 "in_flight": v.load.in_flight if v.load else 0, "outstanding": v.outstanding,
-                 "placements": v.placements, "rtt_ms": round(v.link.rtt_ms, 2),
-                 "gpu_util": v.load.gpu_util if v.load else 0.0,
-                 "service_ms": {m: round(s.mean_ms, 2) for m, s in v.load.models.items()}
-                 if v.load else {}}
+                {
+                    "node": v.node,
+                    "role": v.role,
+                    "live": self.fleet.is_live(v, now),
+                    "gpu": v.status.gpu,
+                    "queue": v.load.queue if v.load else 0,
+                    "in_flight": v.load.in_flight if v.load else 0,
+                    "outstanding": v.outstanding,
+                    "placements": v.placements,
+                    "rtt_ms": round(v.link.rtt_ms, 2),
+                    "gpu_util": v.load.gpu_util if v.load else 0.0,
+                    "service_ms": {m: round(s.mean_ms, 2) for m, s in v.load.models.items()}
+                    if v.load
+                    else {},
+                }
                 for v in sorted(self.fleet.nodes.values(), key=lambda v: v.node)
             ],
         }

@@ -75,8 +75,10 @@ class Agent:
         # bdSeq: grows with each start so a stale death cannot kill a newer birth.
         self.session = time.time_ns() // 1_000_000
         self.counters: Counter[str] = Counter()
-        self.service = {m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
-                        for m, r in self.runners.items()}
+        self.service = {
+            m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
+            for m, r in self.runners.items()
+        }
         self._queue = WorkQueue(self.config.queue_capacity)
         self._cache = ResultCache(self.config.result_cache)
         self._replay = ReplayGuard(self.config.replay_window_s * 1000)
@@ -89,8 +91,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         will = Will(self.topics.status(node_id), self._status(online=False), qos=1, retain=True)
         kwargs = {"tls": tls} if tls is not None else {}
-        self.bus = bus_factory(mqtt_url, f"skyhop-agent-{node_id}", will=will,
-                               on_connect=self._on_connect, **kwargs)
+        self.bus = bus_factory(
+            mqtt_url, f"skyhop-agent-{node_id}", will=will, on_connect=self._on_connect, **kwargs
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -101,8 +104,14 @@ class Agent:
         for i in range(self.config.concurrency):
             self._spawn(self._work_loop, f"skyhop-worker-{i}")
         self._spawn(self._report_loop, "skyhop-reporter")
-        log.info("agent %s up: role=%s models=%s probe=%s session=%d", self.node_id, self.role,
-                 ",".join(self.runners), self.probe.kind, self.session)
+        log.info(
+            "agent %s up: role=%s models=%s probe=%s session=%d",
+            self.node_id,
+            self.role,
+            ",".join(self.runners),
+            self.probe.kind,
+            self.session,
+        )
 
     def stop(self) -> None:
         """Leave cleanly: publish death ourselves (a clean DISCONNECT suppresses the will)."""
@@ -110,8 +119,9 @@ class Agent:
         with self._cond:
             self._cond.notify_all()
         if self.bus.connected:
-            self.bus.publish(self.topics.status(self.node_id), self._status(online=False),
-                             qos=1, retain=True)
+            self.bus.publish(
+                self.topics.status(self.node_id), self._status(online=False), qos=1, retain=True
+            )
         for t in self._threads:
             t.join(timeout=5)
         self.bus.stop()
@@ -123,13 +133,20 @@ class Agent:
         self._threads.append(t)
 
     def _on_connect(self) -> None:
-        self.bus.publish(self.topics.status(self.node_id), self._status(online=True),
-                         qos=1, retain=True)
+        self.bus.publish(
+            self.topics.status(self.node_id), self._status(online=True), qos=1, retain=True
+        )
 
     def _status(self, *, online: bool) -> bytes:
-        return NodeStatus(node=self.node_id, online=online, session=self.session, role=self.role,
-                          models=tuple(self.runners), gpu=self.probe.device,
-                          concurrency=self.config.concurrency).encode()
+        return NodeStatus(
+            node=self.node_id,
+            online=online,
+            session=self.session,
+            role=self.role,
+            models=tuple(self.runners),
+            gpu=self.probe.device,
+            concurrency=self.config.concurrency,
+        ).encode()
 
     # -- intake (paho thread: keep it quick) --------------------------------------------
 
@@ -155,8 +172,9 @@ class Agent:
         work = _Work(msg.payload, reply_topic, msg.correlation, header.priority)
         with self._cond:
             try:
-                self._queue.push(header.id, now + meta.remaining_ms / 1000, now, work,
-                                 header.priority)
+                self._queue.push(
+                    header.id, now + meta.remaining_ms / 1000, now, work, header.priority
+                )
             except ProtocolError as exc:
                 self._reply_error(reply_topic, msg.correlation, header.id, exc.code, exc.message)
                 return
@@ -186,8 +204,12 @@ class Agent:
                 job, expired = self._queue.pop(time.monotonic())
                 for late in expired:
                     self.counters["expired_in_queue"] += 1
-                    self._finish(late, None, ErrorCode.DEADLINE_EXCEEDED,
-                                 "budget ran out while queued at the node")
+                    self._finish(
+                        late,
+                        None,
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        "budget ran out while queued at the node",
+                    )
                 if job is not None:
                     self._in_flight += 1
                     return job
@@ -204,8 +226,10 @@ class Agent:
             self._replay.check(h.id, h.sent_at_ms, time.time() * 1000, h.budget_ms)
             runner = self.runners.get(opened.header.model)
             if runner is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
-                                    f"node {self.node_id} does not serve {opened.header.model}")
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"node {self.node_id} does not serve {opened.header.model}",
+                )
             inputs = decode_body("inputs", opened.body)
             t0 = time.monotonic()
             outputs = runner.run(inputs)
@@ -214,8 +238,14 @@ class Agent:
             self._finish(job, None, exc.code, exc.message)
             return
         self.service[opened.header.model].observe(service_ms)
-        header = ReplyHeader(id=opened.header.id, status=OK, node=self.node_id, where=self.role,
-                             queue_ms=(started - job.received) * 1000, service_ms=service_ms)
+        header = ReplyHeader(
+            id=opened.header.id,
+            status=OK,
+            node=self.node_id,
+            where=self.role,
+            queue_ms=(started - job.received) * 1000,
+            service_ms=service_ms,
+        )
         body = encode_body("outputs", outputs)
         self._finish(job, seal_reply(header, body, opened.request_key), None, "")
 
@@ -223,19 +253,24 @@ class Agent:
         work: _Work = job.payload
         if reply is None:
             assert code is not None
-            reply = self._reply_error(work.reply_topic, work.correlation, job.request_id, code,
-                                      message)
+            reply = self._reply_error(
+                work.reply_topic, work.correlation, job.request_id, code, message
+            )
         else:
             self.counters["ok"] += 1
             self.bus.publish(work.reply_topic, reply, qos=1, correlation=work.correlation)
         self._cache.finish(job.request_id, reply)
 
-    def _reply_error(self, topic: str, correlation: bytes | None, request_id: str,
-                     code: ErrorCode, message: str) -> bytes:
+    def _reply_error(
+        self, topic: str, correlation: bytes | None, request_id: str, code: ErrorCode, message: str
+    ) -> bytes:
         self.counters[f"error_{code}"] += 1
         log.info("request %s answered %s: %s", request_id or "?", code, message)
-        reply = error_reply(ReplyHeader(id=request_id, status=code, message=message,
-                                        node=self.node_id, where=self.role))
+        reply = error_reply(
+            ReplyHeader(
+                id=request_id, status=code, message=message, node=self.node_id, where=self.role
+            )
+        )
         self.bus.publish(topic, reply, qos=1, correlation=correlation)
         return reply
 
@@ -253,10 +288,16 @@ class Agent:
             queued, running = len(self._queue), self._in_flight
         self._seq += 1
         return LoadReport(
-            node=self.node_id, session=self.session, seq=self._seq, queue=queued,
-            in_flight=running, capacity=self.config.queue_capacity + self.config.concurrency,
-            rtt_ms=self._rtt_ms, gpu_util=min(1.0, max(0.0, sample.util)),
-            mem_used_mb=sample.mem_used_mb, mem_total_mb=sample.mem_total_mb,
+            node=self.node_id,
+            session=self.session,
+            seq=self._seq,
+            queue=queued,
+            in_flight=running,
+            capacity=self.config.queue_capacity + self.config.concurrency,
+            rtt_ms=self._rtt_ms,
+            gpu_util=min(1.0, max(0.0, sample.util)),
+            mem_used_mb=sample.mem_used_mb,
+            mem_total_mb=sample.mem_total_mb,
             probe=sample.kind,
             models={m: ModelLoad(s.mean_ms, s.p95_ms, s.count) for m, s in self.service.items()},
         )
@@ -265,10 +306,15 @@ class Agent:
         while not self._stopping.wait(self.config.load_interval_s):
             try:
                 if self.bus.connected:
-                    self.bus.publish(self.topics.ping(self.node_id),
-                                     str(time.monotonic()).encode(), qos=0)
-                    self.bus.publish(self.topics.load(self.node_id), self.load_report().encode(),
-                                     qos=0, retain=True)
+                    self.bus.publish(
+                        self.topics.ping(self.node_id), str(time.monotonic()).encode(), qos=0
+                    )
+                    self.bus.publish(
+                        self.topics.load(self.node_id),
+                        self.load_report().encode(),
+                        qos=0,
+                        retain=True,
+                    )
             except Exception:
                 self.counters["report_errors"] += 1
                 log.exception("load report failed")

@@ -20,9 +20,17 @@ from skyhop.topics import Topics, check_name
 log = logging.getLogger("skyhop.agent")
 
 
-def build_agent(home: Home, *, mqtt: str, node_id: str, models: list[str], role: str = "edge",
-                providers: list[str] | None = None, concurrency: int | None = None,
-                intra_op_threads: int | None = None) -> Agent:
+def build_agent(
+    home: Home,
+    *,
+    mqtt: str,
+    node_id: str,
+    models: list[str],
+    role: str = "edge",
+    providers: list[str] | None = None,
+    concurrency: int | None = None,
+    intra_op_threads: int | None = None,
+) -> Agent:
     if role not in ("edge", "cloud"):
         raise ConfigError(f"--role must be edge or cloud, not {role!r}")
     if not models:
@@ -40,7 +48,16 @@ def build_agent(home: Home, *, mqtt: str, node_id: str, models: list[str], role:
     for name in models:
         entry = catalog.get(name)
         path = fetch(entry, home.models_dir)
-        runners[name] = OnnxRunner.load(name, path, providers, threads, warmup=3,
-                                        max_batch=entry.max_batch)
-    return Agent(node_id=node_id, mqtt_url=mqtt, runners=runners, worker_keys=keys,
-                 probe=choose_probe(), config=agent_cfg, topics=Topics(config.prefix), role=role)
+        runners[name] = OnnxRunner.load(
+            name, path, providers, threads, warmup=3, max_batch=entry.max_batch
+        )
+    return Agent(
+        node_id=node_id,
+        mqtt_url=mqtt,
+        runners=runners,
+        worker_keys=keys,
+        probe=choose_probe(),
+        config=agent_cfg,
+        topics=Topics(config.prefix),
+        role=role,
+    )

@@ -36,8 +36,9 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, request_id: str, deadline: float, now: float, payload: Any,
-             priority: int = 0) -> Job:
+    def push(
+        self, request_id: str, deadline: float, now: float, payload: Any, priority: int = 0
+    ) -> Job:
         """Queue a job; raise ProtocolError(OVERLOADED) when full."""
         if len(self._heap) >= self.capacity:
             raise ProtocolError(ErrorCode.OVERLOADED, f"queue full ({self.capacity} waiting)")

@@ -19,20 +19,31 @@ from rich.console import Console
 from skyhop.errors import ConfigError, RemoteError, SkyhopError, TransportError
 from skyhop.home import Home, default_home
 
-app = typer.Typer(help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, "
-                       "over MQTT 5.", no_args_is_help=True, pretty_exceptions_enable=False)
-models_app = typer.Typer(help="The model catalog: list, fetch and locate model files.",
-                         no_args_is_help=True)
-sla_app = typer.Typer(help="Per-model latency SLAs (retained on the MQTT server).",
-                      no_args_is_help=True)
+app = typer.Typer(
+    help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, over MQTT 5.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(
+    help="The model catalog: list, fetch and locate model files.", no_args_is_help=True
+)
+sla_app = typer.Typer(
+    help="Per-model latency SLAs (retained on the MQTT server).", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(sla_app, name="sla")
 console = Console(stderr=True)
 
-HomeOpt = Annotated[Path | None, typer.Option(
-    "--home", help="Fleet home (config and keys). Default: $SKYHOP_HOME, else ~/.skyhop.")]
-MqttOpt = Annotated[str | None, typer.Option(
-    "--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config.")]
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="Fleet home (config and keys). Default: $SKYHOP_HOME, else ~/.skyhop."
+    ),
+]
+MqttOpt = Annotated[
+    str | None,
+    typer.Option("--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config."),
+]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
 
@@ -45,8 +56,11 @@ def _mqtt(home: Home, mqtt: str | None) -> str:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
 
 
 def _run_until_signal(stop: object) -> None:
@@ -62,16 +76,19 @@ def _run_until_signal(stop: object) -> None:
 
 
 @app.command()
-def init(home: HomeOpt = None,
-         force: Annotated[bool, typer.Option(help="Replace an existing fleet key.")] = False
-         ) -> None:
+def init(
+    home: HomeOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing fleet key.")] = False,
+) -> None:
     """Create a fleet home: config.toml and the fleet's HPKE (X25519) key pair."""
     h = _home(home)
     key = h.init(force=force)
     typer.echo(f"fleet home {h.path} ready; fleet key id {key.kid}")
     typer.echo(f"  config:      {h.path / 'config.toml'}")
     typer.echo(f"  public key:  {h.keys_dir / 'fleet.json'}   (clients need this)")
-    typer.echo(f"  worker key:  {h.keys_dir}/worker-{key.kid}.pem   (agents only; never the broker)")
+    typer.echo(
+        f"  worker key:  {h.keys_dir}/worker-{key.kid}.pem   (agents only; never the broker)"
+    )
 
 
 # -- processes --------------------------------------------------------------------------
@@ -79,10 +96,15 @@ def init(home: HomeOpt = None,
 
 @app.command()
 def broker(
-    mqtt: MqttOpt = None, home: HomeOpt = None,
-    policy: Annotated[str | None, typer.Option(
-        help="deadline (default), round-robin, least-connection or weighted.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics here.")] = None,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="deadline (default), round-robin, least-connection or weighted."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics here.")
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the orchestrator: place each request on an edge or cloud node, within its budget."""
@@ -109,9 +131,13 @@ def agent(
     models: Annotated[str, typer.Option(help="Comma-separated model names to serve.")],
     node_id: Annotated[str | None, typer.Option(help="Node id (default: host name).")] = None,
     role: Annotated[str, typer.Option(help="edge or cloud.")] = "edge",
-    mqtt: MqttOpt = None, home: HomeOpt = None,
-    providers: Annotated[str | None, typer.Option(
-        help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU).")
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    providers: Annotated[
+        str | None,
+        typer.Option(
+            help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU)."
+        ),
     ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Models run in parallel.")] = None,
     log_level: LogOpt = "info",
@@ -122,10 +148,15 @@ def agent(
 
     _logging(log_level)
     h = _home(home)
-    a = build_agent(h, mqtt=_mqtt(h, mqtt), node_id=node_id or default_node_id(),
-                    models=[m for m in models.split(",") if m], role=role,
-                    providers=providers.split(",") if providers else None,
-                    concurrency=concurrency)
+    a = build_agent(
+        h,
+        mqtt=_mqtt(h, mqtt),
+        node_id=node_id or default_node_id(),
+        models=[m for m in models.split(",") if m],
+        role=role,
+        providers=providers.split(",") if providers else None,
+        concurrency=concurrency,
+    )
     a.start()
     _run_until_signal(a.stop)
 
@@ -136,14 +167,22 @@ def agent(
 @app.command()
 def infer(
     model: Annotated[str, typer.Argument(help="Model name, e.g. digits.")],
-    input: Annotated[Path, typer.Option(  # noqa: A002 (the flag's name is the contract)
-        "--input", help=".npy for the model's first input, or .npz with one array per input.")],
-    output: Annotated[Path | None, typer.Option(
-        help="Write the first output (.npy) or all outputs (.npz).")] = None,
-    budget_ms: Annotated[float | None, typer.Option(
-        help="Latency budget. Default: the model's SLA, else the catalog's default.")] = None,
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input", help=".npy for the model's first input, or .npz with one array per input."
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option(help="Write the first output (.npy) or all outputs (.npz).")
+    ] = None,
+    budget_ms: Annotated[
+        float | None,
+        typer.Option(help="Latency budget. Default: the model's SLA, else the catalog's default."),
+    ] = None,
     priority: Annotated[int, typer.Option(help="0 (normal) to 7 (most urgent).")] = 0,
-    mqtt: MqttOpt = None, home: HomeOpt = None,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
 ) -> None:
     """Send one encrypted inference request and wait for its reply."""
     from skyhop.client import Client
@@ -160,8 +199,10 @@ def infer(
         budget = budget or client.sla.get(model, entry).budget_ms
         result = client.infer(model, inputs, budget_ms=budget, priority=priority)
     h_ = result.header
-    typer.echo(f"OK {model} on {h_.node} ({h_.where}): {result.latency_ms:.1f} ms "
-               f"(queue {h_.queue_ms:.1f} ms, service {h_.service_ms:.1f} ms)")
+    typer.echo(
+        f"OK {model} on {h_.node} ({h_.where}): {result.latency_ms:.1f} ms "
+        f"(queue {h_.queue_ms:.1f} ms, service {h_.service_ms:.1f} ms)"
+    )
     _write_outputs(result.outputs, output)
 
 
@@ -187,10 +228,13 @@ def _write_outputs(outputs: dict[str, np.ndarray], path: Path | None) -> None:
 
 
 @sla_app.command("set")
-def sla_set(model: str,
-            budget_ms: Annotated[float, typer.Option(help="Latency budget in ms.")],
-            priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
-            mqtt: MqttOpt = None, home: HomeOpt = None) -> None:
+def sla_set(
+    model: str,
+    budget_ms: Annotated[float, typer.Option(help="Latency budget in ms.")],
+    priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+) -> None:
     """Publish MODEL's SLA (retained): requests without a budget get this one."""
     from skyhop.messages import SlaConfig
     from skyhop.mqtt import Bus
@@ -207,8 +251,11 @@ def sla_set(model: str,
 
 
 @app.command()
-def status(mqtt: MqttOpt = None, home: HomeOpt = None,
-           watch: Annotated[bool, typer.Option(help="Keep refreshing.")] = False) -> None:
+def status(
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    watch: Annotated[bool, typer.Option(help="Keep refreshing.")] = False,
+) -> None:
     """Show the broker's retained status: nodes, queues, placements, latency."""
     from skyhop.status_view import show_status
 
@@ -271,8 +318,15 @@ def demo(
     """Run a whole local fleet (Mosquitto, broker, edge agents, a cloud worker) under load."""
     from skyhop.demo import run_demo
 
-    run_demo(mqtt=mqtt, duration=duration, edges=edges, rate=rate, report=report,
-             wan_ms=wan_ms, home=home)
+    run_demo(
+        mqtt=mqtt,
+        duration=duration,
+        edges=edges,
+        rate=rate,
+        report=report,
+        wan_ms=wan_ms,
+        home=home,
+    )
 
 
 # -- entry points -----------------------------------------------------------------------

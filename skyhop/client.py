@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
+
 import numpy as np
 
 from skyhop.envelope import FleetPublicKey, body_size, open_reply, seal_request
@@ -44,9 +45,16 @@ class _Waiting:
 
 
 class Client:
-    def __init__(self, mqtt_url: str, fleet_key: FleetPublicKey, *,
-                 client_id: str | None = None, topics: Topics | None = None,
-                 slack_ms: float = 1000.0, tls: object | None = None) -> None:
+    def __init__(
+        self,
+        mqtt_url: str,
+        fleet_key: FleetPublicKey,
+        *,
+        client_id: str | None = None,
+        topics: Topics | None = None,
+        slack_ms: float = 1000.0,
+        tls: object | None = None,
+    ) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.topics = topics or Topics()
         self.fleet_key = fleet_key
@@ -86,18 +94,32 @@ class Client:
             return budget_ms
         if model in self.sla:
             return self.sla[model].budget_ms
-        raise ConfigError(f"no budget for {model!r}: pass budget_ms or publish its SLA "
-                          f"(skyhop sla set {model} --budget-ms N)")
+        raise ConfigError(
+            f"no budget for {model!r}: pass budget_ms or publish its SLA "
+            f"(skyhop sla set {model} --budget-ms N)"
+        )
 
-    def submit(self, model: str, inputs: dict[str, np.ndarray], *,
-               budget_ms: float | None = None, priority: int = 0) -> Future[Result]:
+    def submit(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        budget_ms: float | None = None,
+        priority: int = 0,
+    ) -> Future[Result]:
         """Publish one request; the future resolves to a Result or raises RemoteError."""
         budget = self.budget_for(model, budget_ms)
         body = encode_body("inputs", inputs)
         header = RequestHeader(
-            id=uuid.UUID(bytes=os.urandom(16)).hex, model=model, budget_ms=float(budget),
-            sent_at_ms=time.time_ns() // 1_000_000, kid=self.fleet_key.kid,
-            size=body_size(len(body)), reply=self.reply_topic, priority=priority)
+            id=uuid.UUID(bytes=os.urandom(16)).hex,
+            model=model,
+            budget_ms=float(budget),
+            sent_at_ms=time.time_ns() // 1_000_000,
+            kid=self.fleet_key.kid,
+            size=body_size(len(body)),
+            reply=self.reply_topic,
+            priority=priority,
+        )
         envelope, key = seal_request(header, body, self.fleet_key)
         return self.send_sealed(header, envelope, key)
 
@@ -105,19 +127,31 @@ class Client:
         """Publish an already sealed envelope (tests use it to send tampered ones)."""
         future: Future[Result] = Future()
         correlation = header.id.encode()
-        timer = threading.Timer((header.budget_ms + self.slack_ms) / 1000, self._expire,
-                                args=(correlation,))
+        timer = threading.Timer(
+            (header.budget_ms + self.slack_ms) / 1000, self._expire, args=(correlation,)
+        )
         timer.daemon = True
         with self._lock:
             self._waiting[correlation] = _Waiting(future, key, header.id, time.monotonic(), timer)
         timer.start()
-        self.bus.publish(self.topics.req(header.model), envelope, qos=1,
-                         response_topic=self.reply_topic, correlation=correlation,
-                         expiry_s=max(1, int(header.budget_ms / 1000) + 1))
+        self.bus.publish(
+            self.topics.req(header.model),
+            envelope,
+            qos=1,
+            response_topic=self.reply_topic,
+            correlation=correlation,
+            expiry_s=max(1, int(header.budget_ms / 1000) + 1),
+        )
         return future
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], *,
-              budget_ms: float | None = None, priority: int = 0) -> Result:
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        budget_ms: float | None = None,
+        priority: int = 0,
+    ) -> Result:
         """Run one request and wait for its result (or its RemoteError)."""
         return self.submit(model, inputs, budget_ms=budget_ms, priority=priority).result()
 
@@ -136,8 +170,9 @@ class Client:
                 raise RemoteError(header.status, header.message)
             outputs = decode_body("outputs", body)
         except (ProtocolError, RemoteError) as exc:
-            w.future.set_exception(exc if isinstance(exc, RemoteError)
-                                   else RemoteError(exc.code, exc.message))
+            w.future.set_exception(
+                exc if isinstance(exc, RemoteError) else RemoteError(exc.code, exc.message)
+            )
             return
         w.future.set_result(Result(outputs, header, latency))
 
@@ -145,8 +180,11 @@ class Client:
         with self._lock:
             w = self._waiting.pop(correlation, None)
         if w is not None and not w.future.done():
-            w.future.set_exception(RemoteError(
-                ErrorCode.DEADLINE_EXCEEDED, "no reply from the fleet within the budget"))
+            w.future.set_exception(
+                RemoteError(
+                    ErrorCode.DEADLINE_EXCEEDED, "no reply from the fleet within the budget"
+                )
+            )
 
     def _on_sla(self, msg: Message) -> None:
         if msg.payload:
@@ -155,4 +193,3 @@ class Client:
             except ProtocolError:
                 return
             self.sla[sla.model] = sla
-

@@ -72,12 +72,24 @@ def _log_to(path: Path) -> None:
     import logging
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, filename=path,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        filename=path,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        force=True,
+    )
 
 
-def run_demo(*, mqtt: str | None, duration: float, edges: int, rate: float,
-             report: Path | None, wan_ms: float, home: Path | None) -> dict[str, Any]:
+def run_demo(
+    *,
+    mqtt: str | None,
+    duration: float,
+    edges: int,
+    rate: float,
+    report: Path | None,
+    wan_ms: float,
+    home: Path | None,
+) -> dict[str, Any]:
     console = Console()
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="skyhop-demo-")))
@@ -114,8 +126,15 @@ def run_demo(*, mqtt: str | None, duration: float, edges: int, rate: float,
     return summary
 
 
-def _drive(client: Client, catalog: Catalog, mix: list[tuple[str, float]], duration: float,
-           rate: float, fleet: LocalStack, console: Console) -> list[Outcome]:
+def _drive(
+    client: Client,
+    catalog: Catalog,
+    mix: list[tuple[str, float]],
+    duration: float,
+    rate: float,
+    fleet: LocalStack,
+    console: Console,
+) -> list[Outcome]:
     """Open-loop Poisson arrivals for ``duration`` seconds; wait for every reply."""
     rng, nprng = random.Random(7), np.random.default_rng(7)
     inputs = {m: _inputs(catalog.get(m), nprng) for m, _ in mix}
@@ -128,12 +147,17 @@ def _drive(client: Client, catalog: Catalog, mix: list[tuple[str, float]], durat
             else:
                 model = rng.choices([m for m, _ in mix], [w for _, w in mix])[0]
                 budget = catalog.get(model).budget_ms
-                sent.append((Outcome(model, budget), client.submit(model, inputs[model],
-                                                                   budget_ms=budget)))
+                sent.append(
+                    (Outcome(model, budget), client.submit(model, inputs[model], budget_ms=budget))
+                )
                 next_at += rng.expovariate(rate)
             status = fleet.watcher().latest or {}
-            live.update(Group(status_table(status),
-                              Text(f"{now - start:5.1f}/{duration:.0f} s  sent {len(sent)}")))
+            live.update(
+                Group(
+                    status_table(status),
+                    Text(f"{now - start:5.1f}/{duration:.0f} s  sent {len(sent)}"),
+                )
+            )
     for outcome, future in sent:
         try:
             result = future.result()
@@ -152,9 +176,12 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         mine = [o for o in outcomes if o.model == model]
         mine_ok = [o.latency_ms for o in mine if o.code == "OK"]
         per_model[model] = {
-            "requests": len(mine), "budget_ms": mine[0].budget_ms,
-            "slo_met_fraction": sum(1 for o in mine if o.code == "OK"
-                                    and o.latency_ms <= o.budget_ms) / len(mine),
+            "requests": len(mine),
+            "budget_ms": mine[0].budget_ms,
+            "slo_met_fraction": sum(
+                1 for o in mine if o.code == "OK" and o.latency_ms <= o.budget_ms
+            )
+            / len(mine),
             "latency_ms": {"p50": percentile(mine_ok, 50), "p99": percentile(mine_ok, 99)},
         }
     return {
@@ -163,7 +190,9 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "errors": dict(Counter(o.code for o in outcomes if o.code != "OK")),
         "slo_met_fraction": met / len(outcomes) if outcomes else 0.0,
         "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
-        "placements": {"edge": sum(o.where == "edge" for o in ok),
-                       "cloud": sum(o.where == "cloud" for o in ok)},
+        "placements": {
+            "edge": sum(o.where == "edge" for o in ok),
+            "cloud": sum(o.where == "cloud" for o in ok),
+        },
         "models": per_model,
     }

@@ -215,8 +215,9 @@ def open_request(envelope: bytes, keys: Mapping[str, X25519PrivateKey]) -> Opene
         key = SUITE.decrypt(wrapped, private, info=WRAP_INFO + header.kid.encode())
         body = ChaCha20Poly1305(key).decrypt(nonce, envelope[ct_start:], envelope[:ct_start])
     except (InvalidTag, ValueError):
-        raise _bad("authentication failed: header or ciphertext was altered",
-                   ErrorCode.BAD_ENVELOPE) from None
+        raise _bad(
+            "authentication failed: header or ciphertext was altered", ErrorCode.BAD_ENVELOPE
+        ) from None
     return OpenedRequest(header, body, key)
 
 
@@ -225,13 +226,15 @@ def open_request(envelope: bytes, keys: Mapping[str, X25519PrivateKey]) -> Opene
 
 def reply_key(request_key: bytes, request_id: str) -> bytes:
     """HKDF-SHA256(ikm=request_key, salt="", info="skyhop/v1 reply " + id), 32 bytes."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=b"",
-                info=REPLY_INFO + request_id.encode())
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(), length=KEY_LEN, salt=b"", info=REPLY_INFO + request_id.encode()
+    )
     return hkdf.derive(request_key)
 
 
-def seal_reply(header: ReplyHeader, body: bytes, request_key: bytes, *,
-               nonce: bytes | None = None) -> bytes:
+def seal_reply(
+    header: ReplyHeader, body: bytes, request_key: bytes, *, nonce: bytes | None = None
+) -> bytes:
     nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     prefix = _frame_header(Kind.REPLY, header.encode()) + nonce
     key = reply_key(request_key, header.id)
@@ -244,8 +247,9 @@ def error_reply(header: ReplyHeader) -> bytes:
     return _frame_header(Kind.ERROR, header.encode())
 
 
-def open_reply(envelope: bytes, request_key: bytes,
-               request_id: str | None = None) -> tuple[ReplyHeader, bytes | None]:
+def open_reply(
+    envelope: bytes, request_key: bytes, request_id: str | None = None
+) -> tuple[ReplyHeader, bytes | None]:
     """Return (header, body); body is None for a clear error reply.
 
     With ``request_id``, a reply that names another request is refused (BAD_ENVELOPE).
@@ -261,8 +265,9 @@ def open_reply(envelope: bytes, request_key: bytes,
     ct_start = off + NONCE_LEN
     key = reply_key(request_key, header.id)
     try:
-        body = ChaCha20Poly1305(key).decrypt(envelope[off:ct_start], envelope[ct_start:],
-                                             envelope[:ct_start])
+        body = ChaCha20Poly1305(key).decrypt(
+            envelope[off:ct_start], envelope[ct_start:], envelope[:ct_start]
+        )
     except InvalidTag:
         raise _bad("reply authentication failed", ErrorCode.BAD_ENVELOPE) from None
     return header, body

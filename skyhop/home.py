@@ -136,7 +136,11 @@ class Home:
             f.write(pem)
 
     def _write_public(self, public: FleetPublicKey) -> None:
-        doc = {"kid": public.kid, "public": public.raw.hex(), "suite": "X25519/HKDF-SHA256/ChaCha20-Poly1305"}
+        doc = {
+            "kid": public.kid,
+            "public": public.raw.hex(),
+            "suite": "X25519/HKDF-SHA256/ChaCha20-Poly1305",
+        }
         (self.keys_dir / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     def config(self) -> Config:
@@ -161,9 +165,13 @@ class Home:
             doc = json.loads(path.read_text())
             key = FleetPublicKey.from_raw(bytes.fromhex(doc["public"]))
         except FileNotFoundError:
-            raise ConfigError(f"no fleet key at {path}: run `skyhop init --home {self.path}`") from None
+            raise ConfigError(
+                f"no fleet key at {path}: run `skyhop init --home {self.path}`"
+            ) from None
         except (ValueError, KeyError) as exc:
-            raise ConfigError(f"{path} is damaged ({exc}): restore it or re-run init --force") from None
+            raise ConfigError(
+                f"{path} is damaged ({exc}): restore it or re-run init --force"
+            ) from None
         if key.kid != doc.get("kid"):
             raise ConfigError(f"{path}: kid {doc.get('kid')} does not match its key ({key.kid})")
         return key
@@ -185,6 +193,4 @@ class Home:
 
 
 def _pretty(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

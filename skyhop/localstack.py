@@ -41,20 +41,43 @@ class LocalStack:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "skyhop", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "skyhop", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         self.procs[name] = proc
         return proc
 
     def broker(self, *extra: str, mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
-        return self._spawn("broker", ["broker", "--mqtt", mqtt_url or self.mqtt_url,
-                                      "--home", str(self.home.path), *extra])
+        return self._spawn(
+            "broker",
+            ["broker", "--mqtt", mqtt_url or self.mqtt_url, "--home", str(self.home.path), *extra],
+        )
 
-    def agent(self, node_id: str, models: list[str], *extra: str, role: str = "edge",
-              mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
-        return self._spawn(node_id, ["agent", "--mqtt", mqtt_url or self.mqtt_url,
-                                     "--home", str(self.home.path), "--node-id", node_id,
-                                     "--models", ",".join(models), "--role", role, *extra])
+    def agent(
+        self,
+        node_id: str,
+        models: list[str],
+        *extra: str,
+        role: str = "edge",
+        mqtt_url: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            node_id,
+            [
+                "agent",
+                "--mqtt",
+                mqtt_url or self.mqtt_url,
+                "--home",
+                str(self.home.path),
+                "--node-id",
+                node_id,
+                "--models",
+                ",".join(models),
+                "--role",
+                role,
+                *extra,
+            ],
+        )
 
     def watcher(self) -> StatusWatcher:
         if self._watcher is None:
@@ -72,8 +95,10 @@ class LocalStack:
             if set(nodes) <= live:
                 return
             time.sleep(0.1)
-        raise ConfigError(f"nodes {sorted(set(nodes))} not live after {timeout:.0f} s; "
-                          f"see the logs in {self.log_dir}")
+        raise ConfigError(
+            f"nodes {sorted(set(nodes))} not live after {timeout:.0f} s; "
+            f"see the logs in {self.log_dir}"
+        )
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -301,5 +301,7 @@ class WorkMeta:
             attempt = int(d.get("attempt", "1"))
         except (KeyError, ValueError):
             raise _bad("work message lacks a valid remaining_ms user property") from None
-        return cls(remaining_ms=_float(remaining, "remaining_ms", -MAX_BUDGET_MS, MAX_BUDGET_MS),
-                   attempt=_int(attempt, "attempt", 1, 1000))
+        return cls(
+            remaining_ms=_float(remaining, "remaining_ms", -MAX_BUDGET_MS, MAX_BUDGET_MS),
+            attempt=_int(attempt, "attempt", 1, 1000),
+        )

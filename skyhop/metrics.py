@@ -52,7 +52,7 @@ class Metrics:
             full = f"{self.namespace}_{name}"
             lines.append(f"# TYPE {full} gauge")
             value = read()
-            for labels, v in (value.items() if isinstance(value, dict) else [((), value)]):
+            for labels, v in value.items() if isinstance(value, dict) else [((), value)]:
                 lines.append(f"{full}{_labels(labels)} {v:g}")
         return "\n".join(lines) + "\n"
 
@@ -61,7 +61,7 @@ class Metrics:
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "try /metrics")
                     return

@@ -111,7 +111,11 @@ class MosquittoProcess:
         except OSError as exc:
             raise ConfigError(f"cannot read Mosquitto template {template}: {exc}") from None
         owns = workdir is None
-        wd = Path(tempfile.mkdtemp(prefix="skyhop-mosquitto-")) if owns else Path(workdir)
+        wd = (
+            Path(workdir)
+            if workdir is not None
+            else Path(tempfile.mkdtemp(prefix="skyhop-mosquitto-"))
+        )
         wd.mkdir(parents=True, exist_ok=True)
         # A port picked by free_port() can be taken by someone else before Mosquitto binds
         # it; only when we picked it is trying another one the right answer.

@@ -10,9 +10,15 @@ Callers see skyhop types and errors only (ConfigError, TransportError), never pa
     bus.stop()                                             # clean: the will is not sent
 
 Threading: paho runs one network thread per Bus. Handlers and the ``on_connect`` hook run
-on it, so they must be quick and hand real work (inference, crypto, disk) to another
-thread or queue: while a handler runs, no packet is read, acknowledged or pinged. They
-may call ``publish`` and ``subscribe`` (which then does not wait for the SUBACK).
+on it (the hook's first run is inside ``start()``, on the caller's thread), so they must
+be quick and hand real work (inference, crypto, disk) to another thread or queue: while a
+handler runs, no packet is read, acknowledged or pinged. They may call ``publish`` and
+``subscribe`` (which then does not wait for the SUBACK). The hook must not close over a
+variable assigned from ``Bus(...).start()``: it runs before ``start()`` returns.
+
+Initial connect: ``start()`` retries transient failures with tenacity (capped exponential
+backoff, full jitter) until its timeout, and fails fast with ConfigError on refusals that
+no retry can fix (bad credentials, not authorized, TLS certificates).
 
 Delivery: ``publish`` only queues. A QoS 1 PUBACK means the broker took the message,
 not that any subscriber got it or acted on it; end-to-end delivery is the reply's job.
@@ -188,6 +194,12 @@ class TlsFiles:
         return ctx
 
 
+def _system_tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()  # the system's CAs, host name checked
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
 @dataclass(frozen=True)
 class Message:
     """One received (or to be sent) MQTT 5 message."""
@@ -360,7 +372,7 @@ class Bus:
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.max_queued_messages_set(MAX_QUEUED)
         if self.url.tls:
-            c.tls_set_context(tls.context() if tls else ssl.create_default_context())
+            c.tls_set_context(tls.context() if tls else _system_tls_context())
         if will is not None:
             c.will_set(_check_topic(will.topic), bytes(will.payload), will.qos, will.retain)
         self._connect_props: Properties | None = None
@@ -433,7 +445,13 @@ class Bus:
         # The first connect's re-subscriptions and hook run here, on the caller's thread,
         # before paho's thread exists; later ones run on that thread (see _on_connect).
         self._state = "running"
-        self._after_connect()
+        # As on the network thread, a subscribe() from the hook must not wait for a
+        # SUBACK: nothing reads it until loop_start().
+        self._local.in_callback = True
+        try:
+            self._after_connect()
+        finally:
+            self._local.in_callback = False
         self._client.loop_start()
         return self
 
@@ -446,8 +464,9 @@ class Bus:
         same filter again replaces its handler. Before ``start()`` or while disconnected
         the subscription is made on the next connect. When connected, waits up to
         ``timeout`` s for the SUBACK (not when called from a handler or hook) so that a
-        publish that follows is seen; raises TransportError if none comes and ConfigError
-        if the server refuses the subscription.
+        publish that follows is seen; raises TransportError if none comes (the
+        subscription stays registered and is retried on reconnect) and ConfigError if the
+        server refuses it.
         """
         match = _match_filter(filter)
         if qos not in (0, 1, 2):

@@ -30,13 +30,17 @@ _EOF = b""
 class DelayProxy:
     """Forward TCP to ``target_host:target_port``, delaying each direction by ``delay_ms``.
 
-    This is a user-space emulation because this machine has no kernel netem (``tc qdisc
-    ... netem`` needs CAP_NET_ADMIN and the sch_netem module). Each chunk read from one
-    side is delivered to the other ``delay_ms`` later, in order; with ``bandwidth_mbps``
-    each direction is also a serial link of that rate, so a chunk waits for the ones
-    before it and then takes ``len * 8 / rate`` to "transmit". There is no jitter, loss
-    or reordering (TCP underneath would hide loss as delay anyway), and the delay applies
-    per read chunk rather than per packet, which is what an application above TCP sees.
+    This is a user-space emulation: the dev/CI machines have no kernel netem, and where
+    it exists (``tc qdisc add dev lo root netem delay ...``) it needs root and slows every
+    process on the interface, the broker's other clients included. The proxy delays only
+    the connections sent through it, so one test can mix near and far nodes.
+
+    Each chunk read from one side is delivered to the other ``delay_ms`` later, in order;
+    with ``bandwidth_mbps`` each direction is also a serial link of that rate, so a chunk
+    waits for the ones before it and then takes ``len * 8 / rate`` to "transmit". There
+    is no jitter, loss or reordering unless added (TCP underneath would turn loss into
+    delay anyway), and the delay applies per read chunk rather than per packet, which is
+    what an application above TCP sees.
 
     ``start()`` returns the listening port (``listen_port=0`` picks a free one); ``url``
     is ``mqtt://listen_host:port`` for a Bus; ``stop()`` closes every connection.

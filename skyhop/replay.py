@@ -22,8 +22,9 @@ class ReplayGuard:
         self._forget_at: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
 
-    def check(self, request_id: str, sent_at_ms: float, now_ms: float,
-              budget_ms: float = 0.0) -> None:
+    def check(
+        self, request_id: str, sent_at_ms: float, now_ms: float, budget_ms: float = 0.0
+    ) -> None:
         """Record ``request_id``; raise ProtocolError(REPLAYED) if it is not fresh."""
         self._prune(now_ms)
         age = now_ms - sent_at_ms

@@ -17,16 +17,39 @@ from skyhop.topics import Topics
 
 def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
     lat = status.get("latency_ms", {})
-    caption = (f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
-               f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
-               f"placements {status.get('placements', {})}")
-    table = Table("node", "role", "live", "device", "queue", "in flight", "util",
-                  "rtt ms", "service ms", "placed", title=title, caption=caption)
+    caption = (
+        f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
+        f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
+        f"placements {status.get('placements', {})}"
+    )
+    table = Table(
+        "node",
+        "role",
+        "live",
+        "device",
+        "queue",
+        "in flight",
+        "util",
+        "rtt ms",
+        "service ms",
+        "placed",
+        title=title,
+        caption=caption,
+    )
     for n in status.get("nodes", []):
         service = ", ".join(f"{m} {ms:.1f}" for m, ms in n.get("service_ms", {}).items())
-        table.add_row(n["node"], n["role"], "yes" if n["live"] else "[red]no[/red]", n["gpu"],
-                      str(n["queue"]), str(n["in_flight"]), f"{n['gpu_util']:.0%}",
-                      f"{n['rtt_ms']:.1f}", service, str(n["placements"]))
+        table.add_row(
+            n["node"],
+            n["role"],
+            "yes" if n["live"] else "[red]no[/red]",
+            n["gpu"],
+            str(n["queue"]),
+            str(n["in_flight"]),
+            f"{n['gpu_util']:.0%}",
+            f"{n['rtt_ms']:.1f}",
+            service,
+            str(n["placements"]),
+        )
     return table
 
 
@@ -56,13 +79,17 @@ def show_status(mqtt_url: str, prefix: str, *, watch: bool = False) -> None:
     watcher = StatusWatcher(mqtt_url, prefix).start()
     try:
         if not watcher.arrived.wait(5.0):
-            raise TransportError("no broker/status within 5 s: is a broker running on this "
-                                 "MQTT server (skyhop broker)?")
+            raise TransportError(
+                "no broker/status within 5 s: is a broker running on this "
+                "MQTT server (skyhop broker)?"
+            )
         console = Console()
         if not watch:
             console.print(status_table(watcher.latest or {}))
             return
-        with Live(status_table(watcher.latest or {}), console=console, refresh_per_second=2) as live:
+        with Live(
+            status_table(watcher.latest or {}), console=console, refresh_per_second=2
+        ) as live:
             while True:
                 watcher.arrived.wait(1.0)
                 live.update(status_table(watcher.latest or {}))

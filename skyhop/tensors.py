@@ -15,8 +15,20 @@ import numpy as np
 from skyhop.errors import ErrorCode, ProtocolError
 
 DTYPES = frozenset(
-    {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-     "float16", "float32", "float64"}
+    {
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    }
 )
 MAX_DIMS = 8
 MAX_BYTES = 256 * 1024 * 1024  # a sealed MQTT message cannot exceed 256 MiB anyway
@@ -31,8 +43,11 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     if array.dtype.name not in DTYPES:
         raise _bad(f"dtype {array.dtype.name} cannot travel; use one of {sorted(DTYPES)}")
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": array.dtype.name, "shape": list(array.shape),
-            "data": np.ascontiguousarray(little).tobytes()}
+    return {
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+        "data": np.ascontiguousarray(little).tobytes(),
+    }
 
 
 def decode_tensor(name: str, value: Any) -> np.ndarray:
@@ -41,15 +56,20 @@ def decode_tensor(name: str, value: Any) -> np.ndarray:
     dtype, shape, data = value.get("dtype"), value.get("shape"), value.get("data")
     if dtype not in DTYPES:
         raise _bad(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise _bad(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
     if not isinstance(data, bytes):
         raise _bad(f"tensor {name!r}: data must be bytes")
     dt = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * dt.itemsize  # Python ints: no overflow on absurd shapes
     if expected != len(data) or expected > MAX_BYTES:
-        raise _bad(f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
+        raise _bad(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}"
+        )
     return np.frombuffer(data, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
 
 

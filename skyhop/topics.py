@@ -39,7 +39,8 @@ class Topics:
     def __post_init__(self) -> None:
         if not self.prefix.endswith("/") or any(c in self.prefix for c in "+#"):
             raise ConfigError(
-                f"bad topic prefix {self.prefix!r}: must end with '/' and hold no wildcard")
+                f"bad topic prefix {self.prefix!r}: must end with '/' and hold no wildcard"
+            )
 
     # requests from clients, shared by broker replicas
     def req(self, model: str) -> str:

@@ -32,9 +32,12 @@ def build_slow_model(path: Path) -> None:
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])], inits)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -76,13 +79,19 @@ def make_home(root: Path, **config: str) -> Home:
     catalog_dir.mkdir(exist_ok=True)
     shutil.copy(MODELS_DIR / "digits" / "digits.onnx", catalog_dir / "digits.onnx")
     build_slow_model(catalog_dir / "slow.onnx")
-    (catalog_dir / "catalog.toml").write_text(CATALOG.format(
-        digits_sha=sha256_file(catalog_dir / "digits.onnx"),
-        slow_sha=sha256_file(catalog_dir / "slow.onnx"), side=SLOW_SIDE))
+    (catalog_dir / "catalog.toml").write_text(
+        CATALOG.format(
+            digits_sha=sha256_file(catalog_dir / "digits.onnx"),
+            slow_sha=sha256_file(catalog_dir / "slow.onnx"),
+            side=SLOW_SIDE,
+        )
+    )
     prefix = f"test-{uuid.uuid4().hex[:8]}/v1/"
     extra = "".join(f"{k} = {v}\n" for k, v in config.items())
     text = (home.path / "config.toml").read_text()
-    text = text.replace('prefix = "skyhop/v1/"',
-                        f'prefix = "{prefix}"\ncatalog = "{catalog_dir / "catalog.toml"}"\n{extra}')
+    text = text.replace(
+        'prefix = "skyhop/v1/"',
+        f'prefix = "{prefix}"\ncatalog = "{catalog_dir / "catalog.toml"}"\n{extra}',
+    )
     (home.path / "config.toml").write_text(text)
     return home

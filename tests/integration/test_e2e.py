@@ -55,25 +55,29 @@ def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[
 def client(stack: LocalStack) -> Iterator[Client]:
     from skyhop.topics import Topics
 
-    with Client(stack.mqtt_url, stack.home.fleet_public(),
-                topics=Topics(stack.home.config().prefix)) as c:
+    with Client(
+        stack.mqtt_url, stack.home.fleet_public(), topics=Topics(stack.home.config().prefix)
+    ) as c:
         yield c
 
 
 def metric(stack: LocalStack, name: str) -> float:
     url = f"http://127.0.0.1:{stack.metrics_port}/metrics"  # type: ignore[attr-defined]
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_predictions_match_local_onnx_runtime(client: Client) -> None:
     images, labels = SAMPLES["images"], SAMPLES["labels"]
-    session = ort.InferenceSession(str(Path(__file__).parents[2] / "models/digits/digits.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(Path(__file__).parents[2] / "models/digits/digits.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
     local = session.run(["label"], {"image": images})[0]
-    futures = [client.submit("digits", {"image": images[i:i + 1]}, budget_ms=1000)
-               for i in range(len(images))]
+    futures = [
+        client.submit("digits", {"image": images[i : i + 1]}, budget_ms=1000)
+        for i in range(len(images))
+    ]
     remote = np.array([f.result().outputs["label"][0] for f in futures])
     assert (remote == local).all()
     assert (remote == labels).mean() >= 0.9
@@ -83,8 +87,10 @@ def test_predictions_match_local_onnx_runtime(client: Client) -> None:
 
 
 def test_prefers_the_edge_when_it_meets_the_budget(client: Client) -> None:
-    wheres = Counter(client.infer("digits", {"image": SAMPLES["images"][:1]}, budget_ms=500)
-                     .header.where for _ in range(10))
+    wheres = Counter(
+        client.infer("digits", {"image": SAMPLES["images"][:1]}, budget_ms=500).header.where
+        for _ in range(10)
+    )
     assert wheres["edge"] >= 9
 
 
@@ -114,8 +120,16 @@ def test_broker_runs_without_the_worker_key(stack: LocalStack) -> None:
 
 
 def _raw_header(**fields: object) -> bytes:
-    base = dict(v=1, id="5" * 32, model="digits", budget_ms=100.0, sent_at_ms=0, kid="x" * 16,
-                size=16, reply="r")
+    base = dict(
+        v=1,
+        id="5" * 32,
+        model="digits",
+        budget_ms=100.0,
+        sent_at_ms=0,
+        kid="x" * 16,
+        size=16,
+        reply="r",
+    )
     base.update(fields)
     packed = msgpack.packb(base)
     return MAGIC + b"\x01" + struct.pack(">H", len(packed)) + packed + b"\x00\x00" + bytes(28)
@@ -141,8 +155,12 @@ class RawRequester:
             self.arrived.notify_all()
 
     def send(self, payload: bytes, correlation: bytes, model: str = "digits") -> None:
-        self.bus.publish(self.topics.req(model), payload, response_topic=self.reply_topic,
-                         correlation=correlation)
+        self.bus.publish(
+            self.topics.req(model),
+            payload,
+            response_topic=self.reply_topic,
+            correlation=correlation,
+        )
 
     def status_of(self, correlation: bytes, timeout: float = 10.0) -> str:
         from skyhop.envelope import peek_reply
@@ -166,9 +184,15 @@ def _sealed(stack: LocalStack, inputs: dict[str, np.ndarray], key=None, **fields
 
     fleet = key or stack.home.fleet_public()
     body = encode_body("inputs", inputs)
-    header = dict(id=uuid.UUID(bytes=os.urandom(16)).hex, model="digits", budget_ms=1000.0,
-                  sent_at_ms=time.time_ns() // 1_000_000, kid=fleet.kid,
-                  size=body_size(len(body)), reply="unused")
+    header = dict(
+        id=uuid.UUID(bytes=os.urandom(16)).hex,
+        model="digits",
+        budget_ms=1000.0,
+        sent_at_ms=time.time_ns() // 1_000_000,
+        kid=fleet.kid,
+        size=body_size(len(body)),
+        reply="unused",
+    )
     header.update(fields)
     return seal_request(RequestHeader(**header), body, fleet)[0]
 
@@ -176,23 +200,27 @@ def _sealed(stack: LocalStack, inputs: dict[str, np.ndarray], key=None, **fields
 GOOD_IMAGE = {"image": np.zeros((1, 64), np.float32)}
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("malformed", ErrorCode.BAD_REQUEST),
-    ("wrong_schema", ErrorCode.BAD_REQUEST),
-    ("negative_budget", ErrorCode.BAD_REQUEST),
-    ("nan_budget", ErrorCode.BAD_REQUEST),
-    ("huge_budget", ErrorCode.BAD_REQUEST),
-    ("unknown_model", ErrorCode.UNKNOWN_MODEL),
-    ("wrong_dtype", ErrorCode.BAD_REQUEST),
-    ("wrong_shape", ErrorCode.BAD_REQUEST),
-    ("wrong_input_name", ErrorCode.BAD_REQUEST),
-    ("tampered_header", ErrorCode.BAD_ENVELOPE),
-    ("tampered_ciphertext", ErrorCode.BAD_ENVELOPE),
-    ("unknown_key", ErrorCode.UNKNOWN_KEY),
-    ("topic_model_mismatch", ErrorCode.BAD_REQUEST),
-])
-def test_bad_input_gets_a_named_error(stack: LocalStack, raw: RawRequester, case: str,
-                                      expected: ErrorCode) -> None:
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("malformed", ErrorCode.BAD_REQUEST),
+        ("wrong_schema", ErrorCode.BAD_REQUEST),
+        ("negative_budget", ErrorCode.BAD_REQUEST),
+        ("nan_budget", ErrorCode.BAD_REQUEST),
+        ("huge_budget", ErrorCode.BAD_REQUEST),
+        ("unknown_model", ErrorCode.UNKNOWN_MODEL),
+        ("wrong_dtype", ErrorCode.BAD_REQUEST),
+        ("wrong_shape", ErrorCode.BAD_REQUEST),
+        ("wrong_input_name", ErrorCode.BAD_REQUEST),
+        ("tampered_header", ErrorCode.BAD_ENVELOPE),
+        ("tampered_ciphertext", ErrorCode.BAD_ENVELOPE),
+        ("unknown_key", ErrorCode.UNKNOWN_KEY),
+        ("topic_model_mismatch", ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_bad_input_gets_a_named_error(
+    stack: LocalStack, raw: RawRequester, case: str, expected: ErrorCode
+) -> None:
     model = "digits"
     if case == "malformed":
         payload = b"\x00garbage\xc1"
@@ -212,7 +240,7 @@ def test_bad_input_gets_a_named_error(stack: LocalStack, raw: RawRequester, case
     elif case == "tampered_header":
         env = bytearray(_sealed(stack, GOOD_IMAGE, budget_ms=1000.0))
         at = env.index(struct.pack(">d", 1000.0))
-        env[at:at + 8] = struct.pack(">d", 1500.0)  # still a valid header: only AEAD can tell
+        env[at : at + 8] = struct.pack(">d", 1500.0)  # still a valid header: only AEAD can tell
         payload = bytes(env)
     elif case == "tampered_ciphertext":
         env = bytearray(_sealed(stack, GOOD_IMAGE))
@@ -240,8 +268,9 @@ def test_stale_request_is_refused(stack: LocalStack, raw: RawRequester) -> None:
     assert raw.status_of(b"stale") == ErrorCode.REPLAYED
 
 
-def test_bad_input_is_counted_and_the_fleet_still_serves(stack: LocalStack, raw: RawRequester,
-                                                          client: Client) -> None:
+def test_bad_input_is_counted_and_the_fleet_still_serves(
+    stack: LocalStack, raw: RawRequester, client: Client
+) -> None:
     raw.send(b"junk", b"count-me")
     raw.status_of(b"count-me")
     assert metric(stack, 'skyhop_broker_refused_total{code="BAD_REQUEST"}') >= 1

@@ -64,8 +64,9 @@ def test_replay_guard() -> None:
 
 
 def _pending(rid: str, deadline: float) -> Pending:
-    h = RequestHeader(id=rid * 32, model="m", budget_ms=deadline, sent_at_ms=0, kid="k",
-                      size=0, reply="r")
+    h = RequestHeader(
+        id=rid * 32, model="m", budget_ms=deadline, sent_at_ms=0, kid="k", size=0, reply="r"
+    )
     return Pending(h, b"", "r", None, 0.0, deadline)
 
 

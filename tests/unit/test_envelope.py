@@ -22,8 +22,15 @@ BODY = b"\x81\xa6inputs\x80" + bytes(range(256))
 
 
 def _header(kp: FleetKeyPair, body: bytes = BODY, **kw: object) -> RequestHeader:
-    fields = dict(id="ab" * 16, model="digits", budget_ms=50.0, sent_at_ms=1_700_000_000_000,
-                  kid=kp.kid, size=body_size(len(body)), reply="skyhop/v1/reply/c1")
+    fields = dict(
+        id="ab" * 16,
+        model="digits",
+        budget_ms=50.0,
+        sent_at_ms=1_700_000_000_000,
+        kid=kp.kid,
+        size=body_size(len(body)),
+        reply="skyhop/v1/reply/c1",
+    )
     fields.update(kw)
     return RequestHeader(**fields)  # type: ignore[arg-type]
 
@@ -55,8 +62,11 @@ def test_every_flipped_byte_is_refused(kp: FleetKeyPair) -> None:
         bad[i] ^= 0x01
         with pytest.raises(ProtocolError) as info:
             open_request(bytes(bad), {kp.kid: kp.private})
-        assert info.value.code in (ErrorCode.BAD_REQUEST, ErrorCode.BAD_ENVELOPE,
-                                   ErrorCode.UNKNOWN_KEY), i
+        assert info.value.code in (
+            ErrorCode.BAD_REQUEST,
+            ErrorCode.BAD_ENVELOPE,
+            ErrorCode.UNKNOWN_KEY,
+        ), i
 
 
 def test_unknown_key_id(kp: FleetKeyPair) -> None:

@@ -18,17 +18,40 @@ from skyhop.messages import (
     WorkMeta,
 )
 
-GOOD = dict(id="0123456789abcdef" * 2, model="digits", budget_ms=50.0, sent_at_ms=1,
-            kid="k1", size=10, reply="skyhop/v1/reply/c")
+GOOD = dict(
+    id="0123456789abcdef" * 2,
+    model="digits",
+    budget_ms=50.0,
+    sent_at_ms=1,
+    kid="k1",
+    size=10,
+    reply="skyhop/v1/reply/c",
+)
 
 SAMPLES = [
     RequestHeader(**GOOD),  # type: ignore[arg-type]
     ReplyHeader(id="x", status="OK", node="n", where="edge", queue_ms=1.5, service_ms=2.0),
     ReplyHeader(id="x", status="DEADLINE_EXCEEDED", message="late"),
-    NodeStatus(node="cam-1", online=True, session=7, role="cloud", models=("a", "b"),
-               gpu="nvidia-h100", concurrency=4),
-    LoadReport(node="cam-1", session=7, seq=3, queue=2, in_flight=1, capacity=65, rtt_ms=3.5,
-               gpu_util=0.5, models={"digits": ModelLoad(1.0, 2.0, 10)}),
+    NodeStatus(
+        node="cam-1",
+        online=True,
+        session=7,
+        role="cloud",
+        models=("a", "b"),
+        gpu="nvidia-h100",
+        concurrency=4,
+    ),
+    LoadReport(
+        node="cam-1",
+        session=7,
+        seq=3,
+        queue=2,
+        in_flight=1,
+        capacity=65,
+        rtt_ms=3.5,
+        gpu_util=0.5,
+        models={"digits": ModelLoad(1.0, 2.0, 10)},
+    ),
     SlaConfig(model="digits", budget_ms=40, priority=2),
 ]
 
@@ -38,12 +61,28 @@ def test_round_trip(message: object) -> None:
     assert type(message).decode(message.encode()) == message  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("budget_ms", -1), ("budget_ms", 0), ("budget_ms", math.nan), ("budget_ms", math.inf),
-    ("budget_ms", 1e12), ("budget_ms", "50"), ("budget_ms", True),
-    ("id", "short"), ("id", "G" * 32), ("model", "a/b"), ("model", "+"), ("model", ""),
-    ("size", -1), ("priority", 8), ("reply", "a/#"), ("reply", ""), ("sent_at_ms", 1.5),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("budget_ms", -1),
+        ("budget_ms", 0),
+        ("budget_ms", math.nan),
+        ("budget_ms", math.inf),
+        ("budget_ms", 1e12),
+        ("budget_ms", "50"),
+        ("budget_ms", True),
+        ("id", "short"),
+        ("id", "G" * 32),
+        ("model", "a/b"),
+        ("model", "+"),
+        ("model", ""),
+        ("size", -1),
+        ("priority", 8),
+        ("reply", "a/#"),
+        ("reply", ""),
+        ("sent_at_ms", 1.5),
+    ],
+)
 def test_bad_request_header_fields(field: str, value: object) -> None:
     data = {**GOOD, field: value, "v": 1}
     with pytest.raises(ProtocolError) as info:
@@ -52,8 +91,17 @@ def test_bad_request_header_fields(field: str, value: object) -> None:
     assert field in str(info.value) or "budget" in str(info.value)
 
 
-@pytest.mark.parametrize("raw", [b"", b"\xc1", b"\x93\x01\x02\x03", msgpack.packb({"v": 2}),
-                                 msgpack.packb({**GOOD, "v": 2}), msgpack.packb({"id": 1})])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        msgpack.packb({"v": 2}),
+        msgpack.packb({**GOOD, "v": 2}),
+        msgpack.packb({"id": 1}),
+    ],
+)
 def test_malformed_or_wrong_schema(raw: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         RequestHeader.decode(raw)

@@ -49,7 +49,7 @@ def test_infeasible_at_once_when_nothing_can_make_it() -> None:
     fleet = Fleet()
     add(fleet, "edge", mean=50, p95=60)
     d = decide(fleet, budget=30)
-    assert d.node is None and d.code == ErrorCode.INFEASIBLE and "60" in d.reason or d.reason
+    assert (d.node is None and d.code == ErrorCode.INFEASIBLE and "60" in d.reason) or d.reason
 
 
 def test_counts_work_placed_since_the_last_report() -> None:

@@ -22,20 +22,12 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
         f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
         f"placements {status.get('placements', {})}"
     )
-    table = Table(
-        "node",
-        "role",
-        "live",
-        "device",
-        "queue",
-        "in flight",
-        "util",
-        "rtt ms",
-        "service ms",
-        "placed",
-        title=title,
-        caption=caption,
-    )
+    table = Table(title=title, caption=caption)
+    table.add_column("node", no_wrap=True)  # the one column an operator greps for
+    for name in ("role", "live", "device", "queue", "in flight", "util", "rtt ms"):
+        table.add_column(name)
+    table.add_column("service ms", overflow="fold")
+    table.add_column("placed")
     for n in status.get("nodes", []):
         service = ", ".join(f"{m} {ms:.1f}" for m, ms in n.get("service_ms", {}).items())
         table.add_row(

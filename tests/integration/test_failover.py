@@ -15,6 +15,7 @@ import pytest
 from skyhop.client import Client
 from skyhop.errors import ErrorCode, RemoteError
 from skyhop.localstack import LocalStack
+from skyhop.messages import NodeStatus
 from skyhop.mqtt import Bus, Message
 from skyhop.topics import Topics
 from tests.integration.fleet import SLOW_SIDE, make_home
@@ -94,3 +95,33 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: i
     assert outcomes[ErrorCode.UNAVAILABLE] >= 1
     time.sleep(0.5)
     assert sorted(counter.counts.values()) == [1] * 60
+
+
+def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from skyhop.mosquitto import MosquittoProcess
+
+    home = make_home(tmp_path)
+    topics = Topics(home.config().prefix)
+    image = {"image": np.zeros((1, 64), np.float32)}
+    with MosquittoProcess.start() as server, LocalStack(home, server.url, tmp_path / "logs") as st:
+        st.broker()
+        st.agent("edge-1", ["digits"])
+        st.wait_live(["edge-1"])
+        server.restart()  # retained state is gone (no persistence): births must be re-sent
+        with Client(server.url, home.fleet_public(), topics=topics) as client:
+            deadline = time.monotonic() + 20
+            while True:  # the first requests may find the broker still reconnecting
+                try:
+                    result = client.infer("digits", image, budget_ms=2000)
+                    break
+                except RemoteError:
+                    assert time.monotonic() < deadline, "fleet did not recover in 20 s"
+                    time.sleep(0.2)
+        assert result.header.node == "edge-1"
+        births: list[NodeStatus] = []
+        with Bus(server.url, "birth-reader") as reader:  # retained: only a re-sent birth shows
+            reader.subscribe(
+                topics.status("edge-1"), lambda m: births.append(NodeStatus.decode(m.payload))
+            )
+            time.sleep(0.5)
+        assert births and births[-1].online

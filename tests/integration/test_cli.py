@@ -1,0 +1,99 @@
+"""The command line as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skyhop.home import Home
+from skyhop.localstack import LocalStack
+from tests.integration.fleet import make_home
+
+pytestmark = pytest.mark.integration
+SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")
+
+
+def skyhop(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "skyhop", *args], capture_output=True, text=True, timeout=60
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"skyhop {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_every_command() -> None:
+    out = skyhop("--help").stdout
+    for command in ("init", "broker", "agent", "infer", "models", "sla", "status", "demo"):
+        assert command in out
+    assert "--models" in skyhop("agent", "--help").stdout
+
+
+def test_init_and_models(tmp_path: Path) -> None:
+    out = skyhop("init", "--home", str(tmp_path / "h")).stdout
+    assert "fleet key id" in out and (tmp_path / "h" / "keys" / "fleet.json").exists()
+    again = skyhop("init", "--home", str(tmp_path / "h"), check=False)
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert "digits" in skyhop("models", "list", "--home", str(tmp_path / "h")).stdout
+    path = skyhop("models", "path", "digits", "--home", str(tmp_path / "h")).stdout.strip()
+    assert path.endswith("digits.onnx") and Path(path).is_file()
+    bad = skyhop("models", "path", "nope", "--home", str(tmp_path / "h"), check=False)
+    assert bad.returncode == 1 and "digits" in bad.stderr  # lists the known models
+
+
+def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    home = Home(tmp_path / "h")
+    home.init()
+    (home.path / "config.toml").write_text("[broker]\npolicy = 'fastest'\n")
+    proc = skyhop("broker", "--home", str(home.path), check=False)
+    assert proc.returncode == 1
+    assert "broker.policy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("cli")
+    home = make_home(root)
+    with LocalStack(home, mosquitto.url, root / "logs") as st:
+        st.broker()
+        st.agent("edge-1", ["digits"])
+        st.wait_live(["edge-1"])
+        yield st
+
+
+def test_infer_writes_the_prediction(stack: LocalStack, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", SAMPLES["images"][:4])
+    common = ["--mqtt", stack.mqtt_url, "--home", str(stack.home.path)]
+    out = skyhop(
+        "infer",
+        "digits",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--budget-ms",
+        "1000",
+        "--output",
+        str(tmp_path / "y.npz"),
+        *common,
+    )
+    assert out.stdout.startswith("OK digits on edge-1 (edge)")
+    outputs = np.load(tmp_path / "y.npz")
+    assert (outputs["label"] == SAMPLES["labels"][:4]).all()
+
+
+def test_infer_exits_non_zero_with_the_error_code(stack: LocalStack, tmp_path: Path) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((1, 63), np.float32))
+    common = ["--mqtt", stack.mqtt_url, "--home", str(stack.home.path)]
+    proc = skyhop("infer", "digits", "--input", str(tmp_path / "bad.npy"), *common, check=False)
+    assert proc.returncode == 2 and "BAD_REQUEST" in proc.stderr
+
+
+def test_sla_and_status(stack: LocalStack) -> None:
+    common = ["--mqtt", stack.mqtt_url, "--home", str(stack.home.path)]
+    assert "25 ms" in skyhop("sla", "set", "digits", "--budget-ms", "25", *common).stdout
+    out = skyhop("status", *common).stdout
+    assert "edge-1" in out and "deadline" in out

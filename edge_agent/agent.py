@@ -19,17 +19,15 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edge_agent.probe import Probe, ProbeError, ProbeSample
 from edge_agent.runner import ModelRunner
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
-from skyhop.envelope import error_reply, open_request, peek_request, seal_reply
+from skyhop.envelope import OpenedRequest, error_reply, open_request, peek_request, seal_reply
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.home import AgentConfig
+from skyhop.home import AgentConfig, WorkerKeys
 from skyhop.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
 from skyhop.mqtt import Bus, Message, Will
 from skyhop.replay import ReplayGuard
@@ -38,6 +36,7 @@ from skyhop.tensors import decode_body, encode_body
 from skyhop.topics import Topics
 
 log = logging.getLogger("skyhop.agent")
+KEY_REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Agent:
         node_id: str,
         mqtt_url: str,
         runners: Mapping[str, ModelRunner],
-        worker_keys: Mapping[str, X25519PrivateKey],
+        key_source: Callable[[], WorkerKeys],
         probe: Probe,
         config: AgentConfig | None = None,
         topics: Topics | None = None,
@@ -68,7 +67,8 @@ class Agent:
         self.node_id = node_id
         self.role = role
         self.runners = dict(runners)
-        self.keys = dict(worker_keys)
+        self._key_source = key_source  # re-read every KEY_REFRESH_S: rotation needs no restart
+        self._keys = key_source()
         self.probe = probe
         self.config = config or AgentConfig()
         self.topics = topics or Topics()
@@ -221,7 +221,7 @@ class Agent:
         work: _Work = job.payload
         started = time.monotonic()
         try:
-            opened = open_request(work.envelope, self.keys)
+            opened = self._open(work.envelope)
             h = opened.header
             self._replay.check(h.id, h.sent_at_ms, time.time() * 1000, h.budget_ms)
             runner = self.runners.get(opened.header.model)
@@ -248,6 +248,20 @@ class Agent:
         )
         body = encode_body("outputs", outputs)
         self._finish(job, seal_reply(header, body, opened.request_key), None, "")
+
+    def _open(self, envelope: bytes) -> OpenedRequest:
+        keys = self._keys
+        try:
+            return open_request(envelope, keys.active)
+        except ProtocolError as exc:
+            kid = peek_request(envelope).kid if exc.code == ErrorCode.UNKNOWN_KEY else ""
+            if kid in keys.retired:
+                raise ProtocolError(
+                    ErrorCode.KEY_RETIRED,
+                    f"fleet key {kid} was rotated out and its grace period ended: seal to "
+                    f"the current key (retained on {self.topics.keys})",
+                ) from None
+            raise
 
     def _finish(self, job: Job, reply: bytes | None, code: ErrorCode | None, message: str) -> None:
         work: _Work = job.payload
@@ -303,7 +317,11 @@ class Agent:
         )
 
     def _report_loop(self) -> None:
+        next_key_refresh = time.monotonic() + KEY_REFRESH_S
         while not self._stopping.wait(self.config.load_interval_s):
+            if time.monotonic() >= next_key_refresh:
+                next_key_refresh = time.monotonic() + KEY_REFRESH_S
+                self._refresh_keys()
             try:
                 if self.bus.connected:
                     self.bus.publish(
@@ -318,6 +336,21 @@ class Agent:
             except Exception:
                 self.counters["report_errors"] += 1
                 log.exception("load report failed")
+
+    def _refresh_keys(self) -> None:
+        try:
+            keys = self._key_source()
+        except Exception as exc:  # a half-copied key file must not stop the node
+            self.counters["key_refresh_errors"] += 1
+            log.warning("keeping the current worker keys: %s", exc)
+            return
+        if keys.active.keys() != self._keys.active.keys() or keys.retired != self._keys.retired:
+            log.info(
+                "worker keys now %s (retired: %s)",
+                ",".join(keys.active),
+                ",".join(sorted(keys.retired)) or "none",
+            )
+        self._keys = keys
 
     def _on_ping(self, msg: Message) -> None:
         try:

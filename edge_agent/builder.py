@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from edge_agent.agent import Agent
 from edge_agent.probe import choose_probe
@@ -40,7 +41,7 @@ def build_agent(
     agent_cfg = config.agent
     if concurrency is not None:
         agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
-    keys = home.worker_keys()
+    home.worker_keys(time.time())  # fail at start, not at the first request
     catalog = home.catalog()
     # One ORT thread per worker slot by default: several agents may share a small board.
     threads = intra_op_threads or max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
@@ -55,9 +56,10 @@ def build_agent(
         node_id=node_id,
         mqtt_url=mqtt,
         runners=runners,
-        worker_keys=keys,
+        key_source=lambda: home.worker_keys(time.time()),
         probe=choose_probe(),
         config=agent_cfg,
+        tls=home.tls(mqtt, node_id),
         topics=Topics(config.prefix),
         role=role,
     )

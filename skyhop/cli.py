@@ -32,6 +32,11 @@ sla_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(sla_app, name="sla")
+keys_app = typer.Typer(
+    help="The fleet's HPKE key: rotate it and announce it to clients.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+__import__("skyhop.cli_security").cli_security.register(app)
 console = Console(stderr=True)
 
 HomeOpt = Annotated[
@@ -45,6 +50,14 @@ MqttOpt = Annotated[
     typer.Option("--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config."),
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+
+def _identity(default: str) -> object:
+    return typer.Option(
+        "--identity",
+        help=f"Certificate name (CN) to connect as over mqtts "
+        f"(pki/NAME.crt in the home). Default: {default}.",
+    )
 
 
 def _home(home: Path | None) -> Home:
@@ -105,6 +118,7 @@ def broker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
+    identity: Annotated[str, _identity("broker")] = "broker",
     log_level: LogOpt = "info",
 ) -> None:
     """Run the orchestrator: place each request on an edge or cloud node, within its budget."""
@@ -119,7 +133,8 @@ def broker(
     bcfg = cfg.broker.model_copy(update={"policy": policy}) if policy else cfg.broker
     from skyhop.topics import Topics
 
-    b = Broker(_mqtt(h, mqtt), config=bcfg, topics=Topics(cfg.prefix))
+    url = _mqtt(h, mqtt)
+    b = Broker(url, config=bcfg, topics=Topics(cfg.prefix), tls=h.tls(url, identity))
     b.start()
     if metrics_port:
         b.metrics.serve(metrics_port)
@@ -183,6 +198,7 @@ def infer(
     priority: Annotated[int, typer.Option(help="0 (normal) to 7 (most urgent).")] = 0,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
+    identity: Annotated[str, _identity("client")] = "client",
 ) -> None:
     """Send one encrypted inference request and wait for its reply."""
     from skyhop.client import Client
@@ -194,9 +210,20 @@ def infer(
     budget = budget_ms or (cfg.sla[model].budget_ms if model in cfg.sla else None)
     from skyhop.topics import Topics
 
-    with Client(_mqtt(h, mqtt), h.fleet_public(), topics=Topics(cfg.prefix)) as client:
-        time.sleep(0.05)  # let retained SLAs arrive: an operator's SLA beats the catalog's
-        budget = budget or client.sla.get(model, entry).budget_ms
+    url = _mqtt(h, mqtt)
+    tls = h.tls(url, identity)
+    client = Client(
+        url,
+        h.fleet_public(),
+        topics=Topics(cfg.prefix),
+        tls=tls,
+        trust=h.trust(),
+        client_id=identity if tls else None,
+    )
+    with client:
+        time.sleep(0.05)  # let retained SLAs and key announcements arrive
+        sla = client.sla.get(model)
+        budget = budget or (sla.budget_ms if sla else entry.budget_ms)
         result = client.infer(model, inputs, budget_ms=budget, priority=priority)
     h_ = result.header
     typer.echo(
@@ -234,20 +261,77 @@ def sla_set(
     priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
+    identity: Annotated[str, _identity("operator")] = "operator",
 ) -> None:
     """Publish MODEL's SLA (retained): requests without a budget get this one."""
     from skyhop.messages import SlaConfig
-    from skyhop.mqtt import Bus
     from skyhop.topics import Topics
 
     h = _home(home)
     sla = SlaConfig(model=model, budget_ms=budget_ms, priority=priority)
-    bus = Bus(_mqtt(h, mqtt), f"skyhop-operator-{int(time.time())}")
-    bus.start()
-    bus.publish(Topics(h.config().prefix).sla(model), sla.encode(), qos=1, retain=True)
-    time.sleep(0.2)  # QoS 1 in flight; stop() disconnects cleanly after it
-    bus.stop()
+    _publish_retained(h, mqtt, identity, Topics(h.config().prefix).sla(model), sla.encode())
     typer.echo(f"SLA for {model}: {budget_ms:g} ms, priority {priority}")
+
+
+def _publish_retained(h: Home, mqtt: str | None, identity: str, topic: str, data: bytes) -> None:
+    from skyhop.mqtt import Bus
+
+    url = _mqtt(h, mqtt)
+    tls = h.tls(url, identity)
+    with Bus(url, identity if tls else f"skyhop-operator-{time.time_ns()}", tls=tls) as bus:
+        bus.publish(topic, data, qos=1, retain=True)
+        time.sleep(0.2)  # let the QoS 1 PUBACK arrive before the clean disconnect
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    home: HomeOpt = None,
+    grace_s: Annotated[
+        float, typer.Option(help="How long agents keep accepting the old key.")
+    ] = 86_400.0,
+    announce: Annotated[
+        bool,
+        typer.Option(help="Also publish the signed announcement (needs --mqtt and the CA key)."),
+    ] = False,
+    mqtt: MqttOpt = None,
+    identity: Annotated[str, _identity("operator")] = "operator",
+) -> None:
+    """Make a new fleet key. Agents re-read keys/ within seconds; copy it to every agent."""
+    h = _home(home)
+    old = h.fleet_public().kid
+    key = h.rotate(grace_s=grace_s, now_s=time.time())
+    typer.echo(f"fleet key {old} -> {key.kid}; {old} accepted for {grace_s:g} s more")
+    if announce:
+        keys_announce(home=home, mqtt=mqtt, identity=identity)
+
+
+@keys_app.command("announce")
+def keys_announce(
+    home: HomeOpt = None,
+    mqtt: MqttOpt = None,
+    identity: Annotated[str, _identity("operator")] = "operator",
+) -> None:
+    """Publish the current fleet public key, signed by the fleet CA (retained)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from skyhop.announcement import sign
+    from skyhop.topics import Topics
+
+    h = _home(home)
+    ca_key_path = h.path / "pki" / "ca.key"
+    if not ca_key_path.exists():
+        raise ConfigError(
+            f"no CA key at {ca_key_path}: announce from the operator's home "
+            f"(skyhop certs init creates it)"
+        )
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_key_path} is not an EC key")
+    key = h.fleet_public()
+    announcement = sign(key, ca_key, time.time_ns() // 1_000_000)
+    _publish_retained(h, mqtt, identity, Topics(h.config().prefix).keys, announcement.encode())
+    typer.echo(f"announced fleet key {key.kid}")
 
 
 @app.command()
@@ -255,12 +339,14 @@ def status(
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
     watch: Annotated[bool, typer.Option(help="Keep refreshing.")] = False,
+    identity: Annotated[str, _identity("operator")] = "operator",
 ) -> None:
     """Show the broker's retained status: nodes, queues, placements, latency."""
     from skyhop.status_view import show_status
 
     h = _home(home)
-    show_status(_mqtt(h, mqtt), h.config().prefix, watch=watch)
+    url = _mqtt(h, mqtt)
+    show_status(url, h.config().prefix, watch=watch, tls=h.tls(url, identity))
 
 
 # -- models -----------------------------------------------------------------------------

@@ -11,21 +11,27 @@ locally with ``RemoteError(DEADLINE_EXCEEDED)``, so a caller never waits forever
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from skyhop.announcement import verify as announcement_verify
 from skyhop.envelope import FleetPublicKey, body_size, open_reply, seal_request
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
-from skyhop.messages import ReplyHeader, RequestHeader, SlaConfig
+from skyhop.messages import KeyAnnouncement, ReplyHeader, RequestHeader, SlaConfig
 from skyhop.mqtt import Bus, Message
 from skyhop.tensors import decode_body, encode_body
 from skyhop.topics import Topics
+
+log = logging.getLogger("skyhop.client")
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,16 @@ class Client:
         topics: Topics | None = None,
         slack_ms: float = 1000.0,
         tls: object | None = None,
+        trust: ec.EllipticCurvePublicKey | None = None,
     ) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.topics = topics or Topics()
         self.fleet_key = fleet_key
         self.slack_ms = slack_ms
         self.sla: dict[str, SlaConfig] = {}
+        self.trust = trust  # the fleet CA's key: announcements signed by it move fleet_key
+        self.counters: Counter[str] = Counter()
+        self._key_issued_at = -1
         self._waiting: dict[bytes, _Waiting] = {}
         self._lock = threading.Lock()
         kwargs = {"tls": tls} if tls is not None else {}
@@ -69,6 +79,8 @@ class Client:
     def start(self, timeout: float = 10.0) -> Client:
         self.bus.subscribe(self.reply_topic, self._on_reply, qos=1)
         self.bus.subscribe(self.topics.sla_all, self._on_sla, qos=1)
+        if self.trust is not None:
+            self.bus.subscribe(self.topics.keys, self._on_key_announcement, qos=1)
         self.bus.start(timeout=timeout)
         return self
 
@@ -193,3 +205,21 @@ class Client:
             except ProtocolError:
                 return
             self.sla[sla.model] = sla
+
+    def _on_key_announcement(self, msg: Message) -> None:
+        """Follow a fleet key rotation; ignore (and count) anything not signed by the CA."""
+        assert self.trust is not None
+        try:
+            announcement = KeyAnnouncement.decode(msg.payload)
+            key = announcement_verify(announcement, self.trust)
+        except ProtocolError as exc:
+            self.counters["bad_key_announcements"] += 1
+            log.warning("ignored a key announcement on %s: %s", msg.topic, exc.message)
+            return
+        if announcement.issued_at_ms <= self._key_issued_at:
+            self.counters["stale_key_announcements"] += 1
+            return  # a replay of an older announcement must not roll the key back
+        self._key_issued_at = announcement.issued_at_ms
+        if key.kid != self.fleet_key.kid:
+            log.info("fleet key rotated: %s -> %s", self.fleet_key.kid, key.kid)
+        self.fleet_key = key

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "BAD_REQUEST"  # malformed message, wrong schema, dtype or shape, bad budget
     UNKNOWN_MODEL = "UNKNOWN_MODEL"  # no such model anywhere in the fleet
     UNKNOWN_KEY = "UNKNOWN_KEY"  # sealed to a key id the workers do not hold
+    KEY_RETIRED = "KEY_RETIRED"  # sealed to a rotated-out key whose grace period ended
     BAD_ENVELOPE = "BAD_ENVELOPE"  # tampered header or ciphertext: authentication failed
     REPLAYED = "REPLAYED"  # request id already seen, or sent too long ago to tell
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the budget ran out before a result

@@ -13,16 +13,20 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skyhop.envelope import FleetKeyPair, FleetPublicKey
 from skyhop.errors import ConfigError
 from skyhop.models import Catalog, load_catalog
+from skyhop.mqtt import MqttUrl, TlsFiles
 from skyhop.topics import DEFAULT_PREFIX
 
 
@@ -47,7 +51,6 @@ class AgentConfig(_Strict):
     load_interval_s: float = Field(0.5, gt=0)
     replay_window_s: float = Field(60.0, gt=0)
     result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")
-    key_grace_s: float = Field(86_400.0, ge=0, description="keep accepting a rotated-out key")
 
 
 class SlaEntry(_Strict):
@@ -159,6 +162,28 @@ class Home:
         path = self.config().catalog
         return load_catalog(self.path / path if path is not None else None)
 
+    def tls(self, mqtt_url: str, identity: str) -> TlsFiles | None:
+        """TLS files for connecting as ``identity`` (its certificate's CN) to ``mqtt_url``.
+
+        None for ``mqtt://``; for ``mqtts://`` the CA and ``pki/IDENTITY.crt``/``.key``,
+        or a ConfigError that says which ``skyhop certs issue`` to run.
+        """
+        if not MqttUrl.parse(mqtt_url).tls:
+            return None
+        from skyhop.pki import Pki
+
+        return TlsFiles(*Pki(self.path).credentials(identity))
+
+    def trust(self) -> ec.EllipticCurvePublicKey | None:
+        """The fleet CA's public key (verifies key announcements), if the home has a CA."""
+        path = self.path / "pki" / "ca.crt"
+        if not path.exists():
+            return None
+        key = x509.load_pem_x509_certificate(path.read_bytes()).public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ConfigError(f"{path}: the fleet CA must have an EC key")
+        return key
+
     def fleet_public(self) -> FleetPublicKey:
         path = self.keys_dir / "fleet.json"
         try:
@@ -176,20 +201,48 @@ class Home:
             raise ConfigError(f"{path}: kid {doc.get('kid')} does not match its key ({key.kid})")
         return key
 
-    def worker_keys(self) -> dict[str, X25519PrivateKey]:
-        """All worker private keys in the home, by key id (agents only)."""
+    def rotate(self, *, grace_s: float, now_s: float) -> FleetPublicKey:
+        """Make a new fleet key the current one; the old one stays valid ``grace_s`` more."""
+        old = self.fleet_public()
+        pair = FleetKeyPair.generate()
+        self._write_private(pair)
+        retired = self._retired()
+        retired[old.kid] = now_s + grace_s
+        (self.keys_dir / "retired.json").write_text(json.dumps(retired, indent=2) + "\n")
+        self._write_public(pair.public)  # last: a crash before leaves the old key current
+        return pair.public
+
+    def _retired(self) -> dict[str, float]:
+        """Rotated-out key ids -> the Unix time their grace ends."""
+        path = self.keys_dir / "retired.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def worker_keys(self, now_s: float) -> WorkerKeys:
+        """The worker private keys usable at ``now_s`` (agents only), by key id."""
+        retired = self._retired()
         keys: dict[str, X25519PrivateKey] = {}
         for path in sorted(self.keys_dir.glob("worker-*.pem")):
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(private, X25519PrivateKey):
                 raise ConfigError(f"{path} is not an X25519 key")
-            keys[FleetKeyPair(private).kid] = private
+            kid = FleetKeyPair(private).kid
+            if retired.get(kid, float("inf")) > now_s:
+                keys[kid] = private
         if not keys:
             raise ConfigError(
                 f"no worker keys in {self.keys_dir}: copy the fleet's keys/ from the "
                 f"home made by `skyhop init`"
             )
-        return keys
+        expired = frozenset(k for k, until in retired.items() if until <= now_s)
+        return WorkerKeys(keys, expired)
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """What an agent opens envelopes with, and which key ids it must call retired."""
+
+    active: dict[str, X25519PrivateKey]
+    retired: frozenset[str] = frozenset()
 
 
 def _pretty(exc: ValidationError) -> str:

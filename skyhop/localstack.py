@@ -20,6 +20,7 @@ from pathlib import Path
 
 from skyhop.errors import ConfigError
 from skyhop.home import Home
+from skyhop.mqtt import MqttUrl
 from skyhop.status_view import StatusWatcher
 
 
@@ -47,7 +48,18 @@ class LocalStack:
         self.procs[name] = proc
         return proc
 
+    def credentials(self, name: str, role: str) -> None:
+        """Over mqtts, make sure ``name`` has a certificate with ``role`` in the home."""
+        if not MqttUrl.parse(self.mqtt_url).tls:
+            return
+        from skyhop.pki import Pki
+
+        pki = Pki(self.home.path)
+        if not pki.cert_path(name).exists():
+            pki.issue(name, role)
+
     def broker(self, *extra: str, mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
+        self.credentials("broker", "broker")
         return self._spawn(
             "broker",
             ["broker", "--mqtt", mqtt_url or self.mqtt_url, "--home", str(self.home.path), *extra],
@@ -61,6 +73,7 @@ class LocalStack:
         role: str = "edge",
         mqtt_url: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        self.credentials(node_id, role)
         return self._spawn(
             node_id,
             [
@@ -81,7 +94,9 @@ class LocalStack:
 
     def watcher(self) -> StatusWatcher:
         if self._watcher is None:
-            self._watcher = StatusWatcher(self.mqtt_url, self.home.config().prefix).start()
+            self.credentials("operator", "operator")
+            tls = self.home.tls(self.mqtt_url, "operator")
+            self._watcher = StatusWatcher(self.mqtt_url, self.home.config().prefix, tls).start()
         return self._watcher
 
     def wait_live(self, nodes: list[str], timeout: float = 60.0) -> None:

@@ -305,3 +305,32 @@ class WorkMeta:
             remaining_ms=_float(remaining, "remaining_ms", -MAX_BUDGET_MS, MAX_BUDGET_MS),
             attempt=_int(attempt, "attempt", 1, 1000),
         )
+
+
+@dataclass(frozen=True)
+class KeyAnnouncement(_Message):
+    """Retained on ``keys/fleet``: the current fleet public key, signed by the fleet CA.
+
+    ``signature`` is ECDSA P-256 / SHA-256 (DER) over ``signed_bytes()``, the msgpack
+    map of every other field; see skyhop/announcement.py.
+    """
+
+    KIND: ClassVar[str] = "key announcement"
+    kid: str
+    public: bytes  # raw 32-byte X25519 public key
+    issued_at_ms: int  # newer announcements win; an older one is a rollback
+    signature: bytes = b""
+    v: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        _str(self.kid, "kid", 64)
+        if not isinstance(self.public, bytes) or len(self.public) != 32:
+            raise _bad("public must be 32 bytes (a raw X25519 key)")
+        _int(self.issued_at_ms, "issued_at_ms")
+        if not isinstance(self.signature, bytes) or len(self.signature) > 128:
+            raise _bad("signature must be at most 128 bytes")
+
+    def signed_bytes(self) -> bytes:
+        return packb(
+            {"v": self.v, "kid": self.kid, "public": self.public, "issued_at_ms": self.issued_at_ms}
+        )

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from skyhop.errors import TransportError
 from skyhop.messages import unpackb
-from skyhop.mqtt import Bus, Message
+from skyhop.mqtt import Bus, Message, TlsFiles
 from skyhop.topics import Topics
 
 
@@ -48,10 +48,11 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
 class StatusWatcher:
     """Keeps the latest ``broker/status`` document from the MQTT server."""
 
-    def __init__(self, mqtt_url: str, prefix: str) -> None:
+    def __init__(self, mqtt_url: str, prefix: str, tls: TlsFiles | None = None) -> None:
         self.latest: dict[str, Any] | None = None
         self.arrived = threading.Event()
-        self._bus = Bus(mqtt_url, f"skyhop-status-{threading.get_ident()}")
+        # Over mqtts the server forces the client id to the certificate's CN anyway.
+        self._bus = Bus(mqtt_url, f"skyhop-status-{threading.get_ident()}", tls=tls)
         self._bus.subscribe(Topics(prefix).broker_status, self._on_status, qos=0)
 
     def start(self) -> StatusWatcher:
@@ -67,8 +68,10 @@ class StatusWatcher:
             self.arrived.set()
 
 
-def show_status(mqtt_url: str, prefix: str, *, watch: bool = False) -> None:
-    watcher = StatusWatcher(mqtt_url, prefix).start()
+def show_status(
+    mqtt_url: str, prefix: str, *, watch: bool = False, tls: TlsFiles | None = None
+) -> None:
+    watcher = StatusWatcher(mqtt_url, prefix, tls).start()
     try:
         if not watcher.arrived.wait(5.0):
             raise TransportError(

@@ -82,6 +82,11 @@ class Topics:
         return f"{self.prefix}config/sla/+"
 
     @property
+    def keys(self) -> str:
+        """Retained, CA-signed announcement of the current fleet public key."""
+        return f"{self.prefix}keys/fleet"
+
+    @property
     def broker_status(self) -> str:
         return f"{self.prefix}broker/status"
 

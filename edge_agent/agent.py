@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from skyhop.envelope import OpenedRequest, error_reply, open_request, peek_reque
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import AgentConfig, WorkerKeys
 from skyhop.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
+from skyhop.metrics import Metrics
 from skyhop.mqtt import Bus, Message, Will
 from skyhop.replay import ReplayGuard
 from skyhop.stats import ServiceTime
@@ -74,7 +74,9 @@ class Agent:
         self.topics = topics or Topics()
         # bdSeq: grows with each start so a stale death cannot kill a newer birth.
         self.session = time.time_ns() // 1_000_000
-        self.counters: Counter[str] = Counter()
+        self.metrics = Metrics("skyhop_agent")
+        self.metrics.gauge("queue_depth", lambda: len(self._queue))
+        self.metrics.gauge("in_flight", lambda: self._in_flight)
         self.service = {
             m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
             for m, r in self.runners.items()
@@ -154,7 +156,7 @@ class Agent:
         now = time.monotonic()
         reply_topic = msg.response_topic
         if not reply_topic:
-            self.counters["no_reply_topic"] += 1
+            self.metrics.inc("no_reply_topic_total")
             log.warning("work without a response topic dropped: nobody could be answered")
             return
         try:
@@ -165,7 +167,7 @@ class Agent:
             return
         seen, cached = self._cache.lookup(header.id)
         if seen:
-            self.counters["duplicates"] += 1
+            self.metrics.inc("duplicates_total")
             if cached is not None:
                 self.bus.publish(reply_topic, cached, qos=1, correlation=msg.correlation)
             return
@@ -180,7 +182,7 @@ class Agent:
                 return
             self._cache.begin(header.id)
             self._cond.notify()
-        self.counters["accepted"] += 1
+        self.metrics.inc("accepted_total")
 
     # -- workers ------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class Agent:
             while True:
                 job, expired = self._queue.pop(time.monotonic())
                 for late in expired:
-                    self.counters["expired_in_queue"] += 1
+                    self.metrics.inc("expired_in_queue_total")
                     self._finish(
                         late,
                         None,
@@ -271,14 +273,14 @@ class Agent:
                 work.reply_topic, work.correlation, job.request_id, code, message
             )
         else:
-            self.counters["ok"] += 1
+            self.metrics.inc("replies_total", code="OK")
             self.bus.publish(work.reply_topic, reply, qos=1, correlation=work.correlation)
         self._cache.finish(job.request_id, reply)
 
     def _reply_error(
         self, topic: str, correlation: bytes | None, request_id: str, code: ErrorCode, message: str
     ) -> bytes:
-        self.counters[f"error_{code}"] += 1
+        self.metrics.inc("replies_total", code=code)
         log.info("request %s answered %s: %s", request_id or "?", code, message)
         reply = error_reply(
             ReplyHeader(
@@ -295,7 +297,7 @@ class Agent:
             sample = self._sample = self.probe.sample()
         except ProbeError as exc:
             # A failed read must not silence the node: the broker would think it dead.
-            self.counters["probe_errors"] += 1
+            self.metrics.inc("probe_errors_total")
             log.warning("telemetry probe failed (%s); reporting the last sample", exc)
             sample = self._sample
         with self._cond:
@@ -334,14 +336,14 @@ class Agent:
                         retain=True,
                     )
             except Exception:
-                self.counters["report_errors"] += 1
+                self.metrics.inc("report_errors_total")
                 log.exception("load report failed")
 
     def _refresh_keys(self) -> None:
         try:
             keys = self._key_source()
         except Exception as exc:  # a half-copied key file must not stop the node
-            self.counters["key_refresh_errors"] += 1
+            self.metrics.inc("key_refresh_errors_total")
             log.warning("keeping the current worker keys: %s", exc)
             return
         if keys.active.keys() != self._keys.active.keys() or keys.retired != self._keys.retired:

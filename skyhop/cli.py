@@ -155,6 +155,9 @@ def agent(
         ),
     ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Models run in parallel.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics here.")
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run an agent: serve MODELS with ONNX Runtime and publish this node's load."""
@@ -173,6 +176,8 @@ def agent(
         concurrency=concurrency,
     )
     a.start()
+    if metrics_port:
+        a.metrics.serve(metrics_port)
     _run_until_signal(a.stop)
 
 

@@ -45,8 +45,15 @@ def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[
         st.home = broker_home
         st.broker("--metrics-port", str(metrics_port))
         st.home = home
-        st.agent("edge-1", ["digits", "slow"])
-        st.agent("cloud-1", ["digits", "slow"], role="cloud")
+        st.agent_ports = {n: free_port() for n in ("edge-1", "cloud-1")}  # type: ignore[attr-defined]
+        st.agent("edge-1", ["digits", "slow"], "--metrics-port", str(st.agent_ports["edge-1"]))  # type: ignore[attr-defined]
+        st.agent(
+            "cloud-1",
+            ["digits", "slow"],
+            "--metrics-port",
+            str(st.agent_ports["cloud-1"]),  # type: ignore[attr-defined]
+            role="cloud",
+        )
         st.wait_live(["edge-1", "cloud-1"])
         yield st
 
@@ -61,8 +68,9 @@ def client(stack: LocalStack) -> Iterator[Client]:
         yield c
 
 
-def metric(stack: LocalStack, name: str) -> float:
-    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"  # type: ignore[attr-defined]
+def metric(stack: LocalStack, name: str, port: int | None = None) -> float:
+    port = port or stack.metrics_port  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
@@ -274,6 +282,13 @@ def test_bad_input_is_counted_and_the_fleet_still_serves(
     raw.send(b"junk", b"count-me")
     raw.status_of(b"count-me")
     assert metric(stack, 'skyhop_broker_refused_total{code="BAD_REQUEST"}') >= 1
+    raw.send(_sealed(stack, {"image": np.zeros((1, 64), np.int64)}), b"count-me-too")
+    assert raw.status_of(b"count-me-too") == ErrorCode.BAD_REQUEST
+    counted = sum(
+        metric(stack, 'skyhop_agent_replies_total{code="BAD_REQUEST"}', port)
+        for port in stack.agent_ports.values()
+    )  # type: ignore[attr-defined]
+    assert counted >= 1
     assert metric(stack, "skyhop_broker_handler_errors_total") == 0
     for proc in stack.procs.values():
         assert proc.poll() is None

@@ -244,6 +244,8 @@ class Broker:
         if not msg.payload:
             return  # a cleared retained status
         status = NodeStatus.decode(msg.payload)
+        if not self._from_its_node(msg, status.node):
+            return
         if self.fleet.on_status(status, _now_ms()):
             log.warning("node %s went offline (session %d)", status.node, status.session)
             self._rescue(status.node)
@@ -257,7 +259,17 @@ class Broker:
 
     def _on_load(self, msg: Message) -> None:
         if msg.payload:
-            self.fleet.on_load(LoadReport.decode(msg.payload), _now_ms())
+            load = LoadReport.decode(msg.payload)
+            if self._from_its_node(msg, load.node):
+                self.fleet.on_load(load, _now_ms())
+
+    def _from_its_node(self, msg: Message, node: str) -> bool:
+        """The ACL binds a node to its own topics, not to what its payload claims."""
+        if self.topics.node_of(msg.topic) == node:
+            return True
+        self.metrics.inc("spoofed_node_messages_total")
+        log.warning("dropped a message on %s that claims to be from node %s", msg.topic, node)
+        return False
 
     def _on_sla(self, msg: Message) -> None:
         if msg.payload:

@@ -84,8 +84,9 @@ HEADER = """\
 assert set(GRANTS) == set(ROLES)
 
 
-def grants(name: str, role: str, topics: Topics, *,
-           agents_reply_to_clients: bool = False) -> list[tuple[str, str]]:
+def grants(
+    name: str, role: str, topics: Topics, *, agents_reply_to_clients: bool = False
+) -> list[tuple[str, str]]:
     """The (access, topic filter) lines of ``name`` in ``role``, prefix included."""
     check_cert_name(name)
     if role not in GRANTS:
@@ -96,8 +97,13 @@ def grants(name: str, role: str, topics: Topics, *,
     return [(access, topics.prefix + topic.format(name=name)) for access, topic in lines]
 
 
-def render(entries: Iterable[Issued], topics: Topics, *, now: dt.datetime,
-           agents_reply_to_clients: bool = False) -> str:
+def render(
+    entries: Iterable[Issued],
+    topics: Topics,
+    *,
+    now: dt.datetime,
+    agents_reply_to_clients: bool = False,
+) -> str:
     """The ACL file for every name with an active certificate at ``now``.
 
     Revoked and expired certificates grant nothing; a name renewed under the same role
@@ -111,6 +117,8 @@ def render(entries: Iterable[Issued], topics: Topics, *, now: dt.datetime,
     order = sorted(roles.items(), key=lambda kv: (ROLES.index(kv[1]), kv[0]))
     blocks = [HEADER]
     for name, role in order:
+        if not GRANTS[role]:
+            continue  # a server certificate logs in as nobody: no block, no rights
         lines = grants(name, role, topics, agents_reply_to_clients=agents_reply_to_clients)
         block = [f"# {role}", f"user {name}", *(f"topic {a} {t}" for a, t in lines)]
         blocks.append("\n".join(block) + "\n")
@@ -121,5 +129,7 @@ def _check_prefix(prefix: str) -> None:
     # Mosquitto reads the rest of an ACL line as the topic, and a '%' would be taken
     # for a pattern substitution in some versions; keep prefixes plain.
     if any(c.isspace() or c in "%\0" or ord(c) < 0x20 for c in prefix):
-        raise ConfigError(f"topic prefix {prefix!r} cannot go in a Mosquitto ACL: "
-                          "no spaces, control characters or '%'")
+        raise ConfigError(
+            f"topic prefix {prefix!r} cannot go in a Mosquitto ACL: "
+            "no spaces, control characters or '%'"
+        )

@@ -37,7 +37,7 @@ keys_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 __import__("skyhop.cli_security").cli_security.register(app)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable
 
 HomeOpt = Annotated[
     Path | None,
@@ -134,7 +134,11 @@ def broker(
     from skyhop.topics import Topics
 
     url = _mqtt(h, mqtt)
-    b = Broker(url, config=bcfg, topics=Topics(cfg.prefix), tls=h.tls(url, identity))
+    tls = h.tls(url, identity)
+    # Over mqtts the ACL lets a broker read only broker/<its CN>/replies.
+    b = Broker(
+        url, config=bcfg, topics=Topics(cfg.prefix), tls=tls, broker_id=identity if tls else None
+    )
     b.start()
     if metrics_port:
         b.metrics.serve(metrics_port)
@@ -404,6 +408,13 @@ def demo(
     rate: Annotated[float, typer.Option(help="Requests per second.")] = 40.0,
     report: Annotated[Path | None, typer.Option(help="Write the summary as JSON.")] = None,
     wan_ms: Annotated[float, typer.Option(help="Emulated one-way edge↔server delay.")] = 10.0,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            help="Mutual TLS 1.3 with a fresh fleet CA and per-identity ACLs (when the demo "
+            "starts its own Mosquitto)."
+        ),
+    ] = True,
     home: HomeOpt = None,
 ) -> None:
     """Run a whole local fleet (Mosquitto, broker, edge agents, a cloud worker) under load."""
@@ -417,6 +428,7 @@ def demo(
         report=report,
         wan_ms=wan_ms,
         home=home,
+        tls=tls,
     )
 
 

@@ -173,7 +173,8 @@ class Client:
         with self._lock:
             w = self._waiting.pop(msg.correlation or b"", None)
         if w is None:
-            return  # a reply after our local deadline, or not ours
+            self.counters["unmatched_replies"] += 1  # after our local deadline, or a duplicate
+            return
         w.timer.cancel()
         latency = (time.monotonic() - w.sent) * 1000
         try:

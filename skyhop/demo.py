@@ -29,7 +29,8 @@ from skyhop.errors import ConfigError, RemoteError
 from skyhop.home import Home
 from skyhop.localstack import LocalStack
 from skyhop.models import Catalog, ModelEntry, fetch
-from skyhop.mosquitto import MosquittoProcess
+from skyhop.mosquitto import MosquittoProcess, TlsMosquitto
+from skyhop.mqtt import MqttUrl
 from skyhop.netem import DelayProxy
 from skyhop.stats import percentile
 from skyhop.status_view import status_table
@@ -80,6 +81,22 @@ def _log_to(path: Path) -> None:
     )
 
 
+# Who the demo connects as over mqtts (agents get certificates named after their node id).
+IDENTITIES = {"broker": "broker", "monitor": "operator", "demo-client": "client"}
+
+
+def _issue(home: Home, identities: dict[str, str]) -> None:
+    """A fleet CA and a certificate for each identity, all before the server starts."""
+    from skyhop.pki import Pki
+
+    pki = Pki(home.path)
+    if not pki.ca_path.exists():
+        pki.init()
+    for name, role in identities.items():
+        if not pki.cert_path(name).exists():
+            pki.issue(name, role)
+
+
 def run_demo(
     *,
     mqtt: str | None,
@@ -89,6 +106,7 @@ def run_demo(
     report: Path | None,
     wan_ms: float,
     home: Path | None,
+    tls: bool = True,
 ) -> dict[str, Any]:
     console = Console()
     with ExitStack() as stack:
@@ -97,27 +115,35 @@ def run_demo(
         h = Home(home or workdir / "home")
         if not (h.keys_dir / "fleet.json").exists():
             h.init()
+        nodes = {f"edge-{i + 1}": "edge" for i in range(edges)} | {"cloud-1": "cloud"}
+        server = None
         if mqtt is None:
-            server = stack.enter_context(MosquittoProcess.start(workdir=workdir / "mosquitto"))
-            mqtt = server.url
-        host, port = mqtt.removeprefix("mqtt://").rsplit(":", 1)
-        wan = DelayProxy(host, int(port), delay_ms=wan_ms, bandwidth_mbps=100.0)
+            if tls:
+                _issue(h, {**IDENTITIES, **nodes})
+                server = stack.enter_context(TlsMosquitto.start(h.path, prefix=h.config().prefix))
+                mqtt = server.url
+            else:
+                mqtt = stack.enter_context(MosquittoProcess.start(workdir=workdir / "mqtt")).url
+        url = MqttUrl.parse(mqtt)
+        wan = DelayProxy(url.host, url.port, delay_ms=wan_ms, bandwidth_mbps=100.0)
         wan.start()
         stack.callback(wan.stop)
+        wan_url = f"{url.scheme}://127.0.0.1:{wan.port}"  # the edges' side of the WAN
         mix = _models(h, console)
         names = [m for m, _ in mix]
-        fleet = stack.enter_context(LocalStack(h, mqtt, workdir / "logs"))
+        fleet = stack.enter_context(LocalStack(h, mqtt, workdir / "logs", server))
         fleet.broker()
-        for i in range(edges):
-            fleet.agent(f"edge-{i + 1}", names, mqtt_url=wan.url)
-        fleet.agent("cloud-1", names, role="cloud")
-        nodes = [f"edge-{i + 1}" for i in range(edges)] + ["cloud-1"]
-        with console.status(f"starting broker and {len(nodes)} agents…"):
-            fleet.wait_live(nodes, timeout=120)
-        client = stack.enter_context(Client(mqtt, h.fleet_public()))
+        for node, role in nodes.items():
+            fleet.agent(node, names, role=role, mqtt_url=wan_url if role == "edge" else mqtt)
+        with console.status(f"starting broker and {len(nodes)} agents over {url.scheme}…"):
+            fleet.wait_live(list(nodes), timeout=120)
+        client = stack.enter_context(
+            Client(mqtt, h.fleet_public(), client_id="demo-client", tls=h.tls(mqtt, "demo-client"))
+        )
         outcomes = _drive(client, h.catalog(), mix, duration, rate, fleet, console)
         summary = summarize(outcomes)
         summary["wan_one_way_ms"] = wan_ms
+        summary["transport"] = url.scheme
         console.print(status_table(fleet.watcher().latest or {}, "skyhop fleet (final)"))
     console.print_json(data=summary)
     if report:

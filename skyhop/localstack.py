@@ -20,14 +20,17 @@ from pathlib import Path
 
 from skyhop.errors import ConfigError
 from skyhop.home import Home
+from skyhop.mosquitto import TlsMosquitto
 from skyhop.mqtt import MqttUrl
 from skyhop.status_view import StatusWatcher
 
 
 class LocalStack:
-    def __init__(self, home: Home, mqtt_url: str, log_dir: Path) -> None:
+    def __init__(self, home: Home, mqtt_url: str, log_dir: Path,
+                 server: TlsMosquitto | None = None) -> None:
         self.home = home
         self.mqtt_url = mqtt_url
+        self.server = server  # told to reload its ACL when an identity is issued here
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -57,6 +60,9 @@ class LocalStack:
         pki = Pki(self.home.path)
         if not pki.cert_path(name).exists():
             pki.issue(name, role)
+            if self.server is not None:
+                self.server.refresh()
+                time.sleep(0.3)  # SIGHUP is asynchronous; a birth sent before it is denied
 
     def broker(self, *extra: str, mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
         self.credentials("broker", "broker")
@@ -94,8 +100,8 @@ class LocalStack:
 
     def watcher(self) -> StatusWatcher:
         if self._watcher is None:
-            self.credentials("operator", "operator")
-            tls = self.home.tls(self.mqtt_url, "operator")
+            self.credentials("monitor", "operator")  # "operator" is left to the CLI tools
+            tls = self.home.tls(self.mqtt_url, "monitor")
             self._watcher = StatusWatcher(self.mqtt_url, self.home.config().prefix, tls).start()
         return self._watcher
 

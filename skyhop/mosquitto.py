@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -189,6 +190,11 @@ class MosquittoProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its CRL and ACL (and only on this signal)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGHUP)
+
     def restart(self, timeout: float = 10.0) -> Self:
         """Stop and start again on the same port with the same config (keeps the workdir)."""
         self._terminate()
@@ -228,3 +234,56 @@ class MosquittoProcess:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"MosquittoProcess({self.url}, {state}, config={self.config})"
+
+
+class TlsMosquitto:
+    """A private Mosquitto with the fleet's mutual-TLS config, ACL and CRL.
+
+        with TlsMosquitto.start(home) as server:    # server.url is mqtts://127.0.0.1:PORT
+            ...
+            server.refresh()                       # after issuing or revoking certificates
+
+    Its files live in a fresh directory under /tmp that the ``mosquitto`` user can
+    enter: started as root, Mosquitto drops to that user before reading them.
+    """
+
+    def __init__(self, home: Path, prefix: str, files: Path, process: MosquittoProcess) -> None:
+        self.home, self.prefix, self.files, self.process = home, prefix, files, process
+
+    @classmethod
+    def start(cls, home: Path | str, *, prefix: str = "skyhop/v1/",
+              workdir: Path | str | None = None) -> TlsMosquitto:
+        from skyhop.broker_config import prepare, render
+
+        home = Path(home)
+        files = Path(tempfile.mkdtemp(prefix="skyhop-mqtt-files-"))
+        files.chmod(0o755)  # prepare() puts a root:mosquitto 0750 directory inside
+        prepared = prepare(home, files_dir=files / "tls", prefix=prefix)
+        port = free_port()
+        wd = Path(workdir) if workdir is not None else files / "run"
+        wd.mkdir(parents=True, exist_ok=True)
+        conf = wd / "skyhop-tls.conf"
+        conf.write_text(render(prepared.dir, port, bind="127.0.0.1"))
+        process = MosquittoProcess.start(conf, port=port, workdir=wd)
+        return cls(home, prefix, files, process)
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.process.port}"
+
+    def refresh(self) -> None:
+        """Re-render the ACL and CRL from the home's PKI and make Mosquitto reload them."""
+        from skyhop.broker_config import prepare
+
+        prepare(self.home, files_dir=self.files / "tls", prefix=self.prefix)
+        self.process.reload()
+
+    def stop(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.files, ignore_errors=True)
+
+    def __enter__(self) -> TlsMosquitto:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -297,7 +297,10 @@ def _is_certificate_problem(text: str) -> bool:
     # OpenSSL's words for a handshake that no retry will fix: our certificate was refused
     # (tlsv13 alert certificate required, bad certificate, unknown ca) or the server's was.
     text = text.lower()
-    return "certificate" in text or "unknown ca" in text or "verify failed" in text
+    return any(words in text for words in (
+        "certificate", "unknown ca", "verify failed",
+        "protocol version", "unsupported protocol",  # a TLS 1.2-only peer: retrying won't help
+    ))
 
 
 # --------------------------------------------------------------------------- the bus
@@ -351,6 +354,7 @@ class Bus:
             "callback_errors": 0,
             "reconnects": 0,
             "dropped": 0,
+            "publish_refused": 0,  # PUBACK >= 0x80, e.g. denied by the ACL
         }
         self._local = threading.local()  # .in_callback: are we on the network thread?
         self._connack = threading.Event()
@@ -385,6 +389,7 @@ class Bus:
         c.on_disconnect = self._guard(self._on_disconnect)
         c.on_message = self._guard(self._on_message)
         c.on_subscribe = self._guard(self._on_subscribe)
+        c.on_publish = self._guard(self._on_publish)
         # Lazy %-formatting through logging; on_log (which formats every packet's debug
         # line) is only installed while start() needs it.
         c.enable_logger(_paho_log)
@@ -836,6 +841,13 @@ class Bus:
             )
             log.warning("%s: %s from %s; reconnecting", self.client_id, why, self.url)
         self._schedule_reconnect()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # A PUBACK >= 0x80 is a refusal (0x87: the ACL denied it); the message is gone.
+        if getattr(reason, "is_failure", False):
+            self._count("publish_refused")
+            log.warning("%s: a publish was refused by the server: %s", self.client_id,
+                        _reason_name(reason))
 
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any

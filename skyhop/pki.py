@@ -32,10 +32,10 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -59,8 +59,10 @@ ORGANIZATION = "skyhop"
 CA_NAME = "skyhop fleet CA"
 # File names in HOME/pki/ that a certificate NAME.crt/NAME.key must not shadow.
 _RESERVED = frozenset({"ca"})
-_DNS_RE = re.compile(r"\A(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-                     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_DNS_RE = re.compile(
+    r"\A(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z"
+)
 
 
 class Credentials(NamedTuple):
@@ -94,7 +96,7 @@ class Issued:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, object]) -> Issued:
+    def from_json(cls, doc: Mapping[str, Any]) -> Issued:
         revoked_at = doc.get("revoked_at")
         return cls(
             name=str(doc["name"]),
@@ -149,21 +151,29 @@ def _name(common: str, role: str | None = None) -> x509.Name:
 
 def _key_usage(*, sign: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+        digital_signature=sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
-def make_ca(*, now: dt.datetime, days: int = CA_DAYS, name: str = CA_NAME
-            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(
+    *, now: dt.datetime, days: int = CA_DAYS, name: str = CA_NAME
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed fleet CA: EC P-256, CA:true with pathlen 0 (it signs leaves only)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = _name(name)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - NOT_BEFORE_SLACK)
@@ -199,11 +209,11 @@ def make_leaf(
     if sans and role != "server":
         raise ConfigError("--san is for server certificates only (clients are named by CN)")
     key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else \
-        ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(name, role)).issuer_name(ca_cert.subject)
+        .subject_name(_name(name, role))
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - NOT_BEFORE_SLACK)
@@ -211,10 +221,10 @@ def make_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(sign=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if role == "server":
         names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -241,8 +251,9 @@ def make_crl(
         .last_update(now - NOT_BEFORE_SLACK)
         .next_update(now + dt.timedelta(days=days))
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     for item in revoked:
         builder = builder.add_revoked_certificate(
@@ -261,7 +272,18 @@ def role_of(cert: x509.Certificate) -> str | None:
 
 
 def name_of(cert: x509.Certificate) -> str:
+    """The CN: the MQTT username and client id Mosquitto gives this certificate."""
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def read_identity(cert_path: Path | str) -> tuple[str, str | None]:
+    """(name, role) of a certificate file: a component checks its node, broker or
+    client id against the name before connecting, since the ACL grants by name."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read certificate {cert_path}: {exc}") from None
+    return name_of(cert), role_of(cert)
 
 
 def pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
@@ -269,8 +291,9 @@ def pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -338,18 +361,22 @@ class Pki:
         if missing:
             raise ConfigError(
                 f"no certificate for {name!r} ({', '.join(missing)} missing): run "
-                f"`skyhop certs issue {name} --role ROLE --home {self.home}`")
+                f"`skyhop certs issue {name} --role ROLE --home {self.home}`"
+            )
         return creds
 
     # writing
-    def init(self, *, now: dt.datetime | None = None, days: int = CA_DAYS,
-             force: bool = False) -> x509.Certificate:
+    def init(
+        self, *, now: dt.datetime | None = None, days: int = CA_DAYS, force: bool = False
+    ) -> x509.Certificate:
         """Create the CA, an empty CRL and registry. Refuses to replace a CA unless
         ``force`` (which orphans every certificate it signed)."""
         now = now or _utcnow()
         if self.ca_key_path.exists() and not force:
-            raise ConfigError(f"{self.dir} already holds a fleet CA (use --force to replace "
-                              "it; every certificate it issued then stops working)")
+            raise ConfigError(
+                f"{self.dir} already holds a fleet CA (use --force to replace "
+                "it; every certificate it issued then stops working)"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         cert, key = make_ca(now=now, days=days)
@@ -359,8 +386,16 @@ class Pki:
         self.refresh_crl(now=now)
         return cert
 
-    def issue(self, name: str, role: str, *, sans: Sequence[str] = (), days: int = LEAF_DAYS,
-              now: dt.datetime | None = None, renew: bool = False) -> Issued:
+    def issue(
+        self,
+        name: str,
+        role: str,
+        *,
+        sans: Sequence[str] = (),
+        days: int = LEAF_DAYS,
+        now: dt.datetime | None = None,
+        renew: bool = False,
+    ) -> Issued:
         """Issue ``name``'s certificate and key (NAME.crt, NAME.key, 0600) and record it.
 
         A name holds one role: while it has an active certificate, issuing again needs
@@ -373,18 +408,27 @@ class Pki:
         ca_cert, ca_key = self._ca()
         entries = self.entries()
         live = [e for e in entries if e.name == name and e.active(now)]
-        clash = [e for e in entries if e.name != name and e.name.lower() == name.lower()
-                 and e.active(now)]
+        clash = [
+            e
+            for e in entries
+            if e.name != name and e.name.lower() == name.lower() and e.active(now)
+        ]
         if clash:
-            raise ConfigError(f"{name!r} differs from the existing {clash[0].name!r} only by "
-                              "case; pick another name")
+            raise ConfigError(
+                f"{name!r} differs from the existing {clash[0].name!r} only by "
+                "case; pick another name"
+            )
         if live and live[-1].role != role:
-            raise ConfigError(f"{name!r} is a {live[-1].role} (serial {live[-1].serial:x}); "
-                              f"revoke it before issuing it as a {role}")
+            raise ConfigError(
+                f"{name!r} is a {live[-1].role} (serial {live[-1].serial:x}); "
+                f"revoke it before issuing it as a {role}"
+            )
         if live and not renew:
-            raise ConfigError(f"{name!r} already has a certificate valid until "
-                              f"{live[-1].not_after:%Y-%m-%d}: pass --renew for another, "
-                              "or revoke it first")
+            raise ConfigError(
+                f"{name!r} already has a certificate valid until "
+                f"{live[-1].not_after:%Y-%m-%d}: pass --renew for another, "
+                "or revoke it first"
+            )
         cert, key = make_leaf(ca_cert, ca_key, name, role, now=now, days=days, sans=sans)
         write_private(self.key_path(name), key_pem(key))
         write_public(self.cert_path(name), pem(cert))
@@ -401,21 +445,30 @@ class Pki:
         hit = [e for e in entries if e.name == name and not e.revoked]
         if not hit:
             known = any(e.name == name for e in entries)
-            raise ConfigError(f"{name!r} has no certificate to revoke" +
-                              (" (already revoked)" if known else f" in {self.index_path}"))
+            raise ConfigError(
+                f"{name!r} has no certificate to revoke"
+                + (" (already revoked)" if known else f" in {self.index_path}")
+            )
         done = [replace(e, revoked=True, revoked_at=now) if e in hit else e for e in entries]
         self._save(done)
         self.refresh_crl(now=now)
         return [replace(e, revoked=True, revoked_at=now) for e in hit]
 
-    def refresh_crl(self, *, now: dt.datetime | None = None, days: int = CRL_DAYS
-                    ) -> x509.CertificateRevocationList:
+    def refresh_crl(
+        self, *, now: dt.datetime | None = None, days: int = CRL_DAYS
+    ) -> x509.CertificateRevocationList:
         """Re-sign crl.pem (a new CRL number, nextUpdate ``days`` from now)."""
         now = now or _utcnow()
         ca_cert, ca_key = self._ca()
         number = self._crl_number() + 1
-        crl = make_crl(ca_cert, ca_key, [e for e in self.entries() if e.revoked], now=now,
-                       number=number, days=days)
+        crl = make_crl(
+            ca_cert,
+            ca_key,
+            [e for e in self.entries() if e.revoked],
+            now=now,
+            number=number,
+            days=days,
+        )
         write_public(self.crl_path, pem(crl))
         self._save(self.entries(), crl_number=number)
         return crl
@@ -423,7 +476,10 @@ class Pki:
     # reading
     def entries(self) -> list[Issued]:
         """Every certificate issued, oldest first (empty before ``init``)."""
-        return [Issued.from_json(d) for d in self._load().get("certs", [])]  # type: ignore[union-attr]
+        try:
+            return [Issued.from_json(d) for d in self._load().get("certs", [])]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{self.index_path} is damaged: {exc!r}") from None
 
     def active(self, now: dt.datetime | None = None) -> list[Issued]:
         """Certificates neither revoked nor expired: the identities the ACL grants."""
@@ -433,12 +489,18 @@ class Pki:
     def ca_certificate(self) -> x509.Certificate:
         return self._ca()[0]
 
+    def ca_private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The CA's private key, for signing what the fleet must trust (key
+        announcements). Only the operator's home holds it."""
+        return self._ca()[1]
+
     def crl(self) -> x509.CertificateRevocationList:
         try:
             return x509.load_pem_x509_crl(self.crl_path.read_bytes())
         except FileNotFoundError:
-            raise ConfigError(f"no CRL at {self.crl_path}: run `skyhop certs crl --home "
-                              f"{self.home}`") from None
+            raise ConfigError(
+                f"no CRL at {self.crl_path}: run `skyhop certs crl --home {self.home}`"
+            ) from None
 
     # internals
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -446,15 +508,16 @@ class Pki:
             cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
             key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), None)
         except FileNotFoundError:
-            raise ConfigError(f"no fleet CA in {self.dir}: run `skyhop certs init --home "
-                              f"{self.home}` first") from None
+            raise ConfigError(
+                f"no fleet CA in {self.dir}: run `skyhop certs init --home {self.home}` first"
+            ) from None
         except ValueError as exc:
             raise ConfigError(f"{self.dir}: damaged CA files ({exc})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{self.ca_key_path} is not an EC key")
         return cert, key
 
-    def _load(self) -> dict[str, object]:
+    def _load(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.index_path.read_text())
         except FileNotFoundError:
@@ -466,7 +529,7 @@ class Pki:
         return doc
 
     def _crl_number(self) -> int:
-        return int(self._load().get("crl_number", 0))  # type: ignore[call-overload]
+        return int(self._load().get("crl_number", 0))
 
     def _save(self, entries: list[Issued], *, crl_number: int | None = None) -> None:
         number = self._crl_number() if crl_number is None else crl_number

@@ -56,10 +56,13 @@ def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("cli")
     home = make_home(root)
-    with LocalStack(home, mosquitto.url, root / "logs") as st:
+    with (
+        fleet_server(home, {"edge-1": "edge"}) as (url, server),
+        LocalStack(home, url, root / "logs", server) as st,
+    ):
         st.broker()
         st.agent("edge-1", ["digits"])
         st.wait_live(["edge-1"])

@@ -3,6 +3,7 @@ sealed envelopes. Every bad input gets its named error, and the fleet keeps serv
 
 from __future__ import annotations
 
+import shutil
 import struct
 import threading
 import urllib.request
@@ -18,11 +19,13 @@ import pytest
 from skyhop.client import Client
 from skyhop.envelope import MAGIC, FleetKeyPair, body_size, seal_request
 from skyhop.errors import ErrorCode, RemoteError
+from skyhop.home import Home
 from skyhop.localstack import LocalStack
 from skyhop.messages import RequestHeader
 from skyhop.mosquitto import free_port
-from skyhop.mqtt import Bus, Message
+from skyhop.mqtt import Bus, Message, MqttUrl
 from skyhop.tensors import encode_body
+from skyhop.topics import Topics
 from tests.integration.fleet import make_home
 
 pytestmark = pytest.mark.integration
@@ -30,40 +33,49 @@ SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")
 
 
 @pytest.fixture(scope="module")
-def stack(mosquitto, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("e2e")
     home = make_home(root)
-    # The broker runs from a home that holds no worker key: it must not need one.
-    broker_home = make_home(root / "broker-side")
+    agents = {"edge-1": "edge", "cloud-1": "cloud"}
+    with fleet_server(home, agents) as (url, server):
+        broker_home = _broker_side_home(root, home)
+        with LocalStack(home, url, root / "logs", server) as st:
+            st.metrics_port = free_port()  # type: ignore[attr-defined]
+            st.home = broker_home
+            st.broker("--metrics-port", str(st.metrics_port))  # type: ignore[attr-defined]
+            st.home = home
+            st.agent_ports = {n: free_port() for n in agents}  # type: ignore[attr-defined]
+            for node, role in agents.items():
+                port = str(st.agent_ports[node])  # type: ignore[attr-defined]
+                st.agent(node, ["digits", "slow"], "--metrics-port", port, role=role)
+            st.wait_live(list(agents))
+            yield st
+
+
+def _broker_side_home(root: Path, home: Home) -> Home:
+    """What an orchestrator host holds: config, the fleet's public key, its own
+    certificate — and no worker key, which it must not need."""
+    broker_home = Home(root / "broker-side")
+    broker_home.keys_dir.mkdir(parents=True)
     (broker_home.keys_dir / "fleet.json").write_bytes((home.keys_dir / "fleet.json").read_bytes())
-    for pem in broker_home.keys_dir.glob("worker-*.pem"):
-        pem.unlink()
     (broker_home.path / "config.toml").write_text((home.path / "config.toml").read_text())
-    metrics_port = free_port()
-    with LocalStack(home, mosquitto.url, root / "logs") as st:
-        st.metrics_port = metrics_port  # type: ignore[attr-defined]
-        st.home = broker_home
-        st.broker("--metrics-port", str(metrics_port))
-        st.home = home
-        st.agent_ports = {n: free_port() for n in ("edge-1", "cloud-1")}  # type: ignore[attr-defined]
-        st.agent("edge-1", ["digits", "slow"], "--metrics-port", str(st.agent_ports["edge-1"]))  # type: ignore[attr-defined]
-        st.agent(
-            "cloud-1",
-            ["digits", "slow"],
-            "--metrics-port",
-            str(st.agent_ports["cloud-1"]),  # type: ignore[attr-defined]
-            role="cloud",
-        )
-        st.wait_live(["edge-1", "cloud-1"])
-        yield st
+    if (home.path / "pki" / "broker.crt").exists():
+        (broker_home.path / "pki").mkdir()
+        for name in ("ca.crt", "broker.crt", "broker.key"):
+            shutil.copy(home.path / "pki" / name, broker_home.path / "pki" / name)
+    return broker_home
 
 
 @pytest.fixture(scope="module")
 def client(stack: LocalStack) -> Iterator[Client]:
-    from skyhop.topics import Topics
-
+    home = stack.home
+    tls = home.tls(stack.mqtt_url, "client-1")
     with Client(
-        stack.mqtt_url, stack.home.fleet_public(), topics=Topics(stack.home.config().prefix)
+        stack.mqtt_url,
+        home.fleet_public(),
+        topics=Topics(home.config().prefix),
+        client_id="client-1",
+        tls=tls,
     ) as c:
         yield c
 
@@ -103,6 +115,12 @@ def test_prefers_the_edge_when_it_meets_the_budget(client: Client) -> None:
 
 
 def test_no_plaintext_on_the_wire(stack: LocalStack, client: Client) -> None:
+    """What the MQTT server sees: everything published, on its plain listener."""
+    if MqttUrl.parse(stack.mqtt_url).tls:
+        pytest.skip(
+            "over mqtts the ACL rightly refuses a '#' reader; the server's own view "
+            "is checked on the plain listener, where a '#' subscriber sees it all"
+        )
     seen: list[bytes] = []
     spy = Bus(stack.mqtt_url, "spy-everything")
     spy.subscribe("#", lambda m: seen.append(m.payload), qos=1)
@@ -121,7 +139,10 @@ def test_no_plaintext_on_the_wire(stack: LocalStack, client: Client) -> None:
 
 
 def test_broker_runs_without_the_worker_key(stack: LocalStack) -> None:
-    assert not list(Path(stack.procs["broker"].args[5]).glob("keys/worker-*.pem"))
+    args = stack.procs["broker"].args
+    broker_home = Path(args[args.index("--home") + 1])
+    assert broker_home.name == "broker-side" and (broker_home / "keys" / "fleet.json").exists()
+    assert not list(broker_home.glob("keys/worker-*.pem"))
 
 
 # -- bad input: each gets a named error, a counter, and nothing dies ----------------------
@@ -147,13 +168,12 @@ class RawRequester:
     """Publishes arbitrary bytes as requests and collects the replies by correlation."""
 
     def __init__(self, stack: LocalStack) -> None:
-        from skyhop.topics import Topics
-
         self.topics = Topics(stack.home.config().prefix)
         self.reply_topic = self.topics.reply("raw-requester")
         self.replies: dict[bytes, list[Message]] = {}
         self.arrived = threading.Condition()
-        self.bus = Bus(stack.mqtt_url, "raw-requester")
+        tls = stack.home.tls(stack.mqtt_url, "raw-requester")
+        self.bus = Bus(stack.mqtt_url, "raw-requester", tls=tls)
         self.bus.subscribe(self.reply_topic, self._on_reply)
         self.bus.start()
 

@@ -4,7 +4,6 @@ named error."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from skyhop.client import Client
 from skyhop.errors import ErrorCode, RemoteError
 from skyhop.localstack import LocalStack
 from skyhop.messages import NodeStatus
-from skyhop.mqtt import Bus, Message
+from skyhop.mqtt import Bus
 from skyhop.topics import Topics
 from tests.integration.fleet import SLOW_SIDE, make_home
 
@@ -24,31 +23,23 @@ pytestmark = pytest.mark.integration
 X = {"x": np.ones((SLOW_SIDE, SLOW_SIDE), np.float32) / SLOW_SIDE}
 
 
-class ReplyCounter:
-    """Counts every reply published on a client's reply topic, by correlation."""
-
-    def __init__(self, url: str, topic: str) -> None:
-        self.counts: Counter[bytes] = Counter()
-        self._lock = threading.Lock()
-        self.bus = Bus(url, f"reply-counter-{time.monotonic_ns()}")
-        self.bus.subscribe(topic, self._on, qos=1)
-        self.bus.start()
-
-    def _on(self, msg: Message) -> None:
-        with self._lock:
-            self.counts[msg.correlation or b""] += 1
+AGENTS = {"edge-1": "edge", "edge-2": "edge", "solo": "edge"}
 
 
 @pytest.fixture
-def fleet(mosquitto, tmp_path) -> Iterator[tuple[LocalStack, Client, ReplyCounter]]:  # type: ignore[no-untyped-def]
+def fleet(fleet_server, tmp_path) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
     home = make_home(tmp_path)
-    with LocalStack(home, mosquitto.url, tmp_path / "logs") as st:
+    with (
+        fleet_server(home, AGENTS) as (url, server),
+        LocalStack(home, url, tmp_path / "logs", server) as st,
+    ):
         st.broker()
         topics = Topics(home.config().prefix)
-        with Client(mosquitto.url, home.fleet_public(), topics=topics) as client:
-            counter = ReplyCounter(mosquitto.url, client.reply_topic)
-            yield st, client, counter
-            counter.bus.stop()
+        tls = home.tls(url, "client-1")
+        with Client(
+            url, home.fleet_public(), topics=topics, client_id="client-1", tls=tls
+        ) as client:
+            yield st, client
 
 
 def _outcomes(futures: list) -> Counter[str]:  # type: ignore[type-arg]
@@ -62,8 +53,12 @@ def _outcomes(futures: list) -> Counter[str]:  # type: ignore[type-arg]
     return out
 
 
+def _errors(futures: list) -> list[str]:  # type: ignore[type-arg]
+    return [str(f.exception()) for f in futures if f.exception() is not None]
+
+
 def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[no-untyped-def]
-    stack, client, counter = fleet
+    stack, client = fleet
     stack.agent("edge-1", ["slow"])
     stack.agent("edge-2", ["slow"])
     stack.wait_live(["edge-1", "edge-2"])
@@ -71,9 +66,9 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[
     time.sleep(0.15)  # both agents are busy with a queue of ~0.5 s each
     stack.kill("edge-1")
     outcomes = _outcomes(futures)
-    assert outcomes == {"OK": 60}
+    assert outcomes == {"OK": 60}, _errors(futures)
     time.sleep(0.5)  # a second reply, if any, would arrive by now
-    assert sorted(counter.counts.values()) == [1] * 60
+    assert client.counters["unmatched_replies"] == 0  # exactly one reply each
     wheres = Counter(f.result().header.node for f in futures)
     print("served by", dict(wheres))
     assert wheres["edge-2"] > wheres["edge-1"]  # edge-2 finished edge-1's queue
@@ -82,7 +77,7 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[
 
 
 def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: ignore[no-untyped-def]
-    stack, client, counter = fleet
+    stack, client = fleet
     stack.agent("solo", ["slow"])
     stack.wait_live(["solo"])
     futures = [client.submit("slow", X, budget_ms=20_000) for _ in range(60)]
@@ -94,7 +89,7 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: i
     assert outcomes["OK"] + outcomes[ErrorCode.UNAVAILABLE] == 60
     assert outcomes[ErrorCode.UNAVAILABLE] >= 1
     time.sleep(0.5)
-    assert sorted(counter.counts.values()) == [1] * 60
+    assert client.counters["unmatched_replies"] == 0
 
 
 def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]

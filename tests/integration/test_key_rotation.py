@@ -26,21 +26,27 @@ GRACE_S = 4.0
 
 
 @pytest.fixture
-def stack(mosquitto, tmp_path) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
     home = make_home(tmp_path)
-    Pki(home.path).init()
-    with LocalStack(home, mosquitto.url, tmp_path / "logs") as st:
+    Pki(home.path).init()  # the CA signs key announcements, over mqtt and mqtts alike
+    agents = {"edge-1": "edge", "client-2": "client"}
+    with (
+        fleet_server(home, agents) as (url, server),
+        LocalStack(home, url, tmp_path / "logs", server) as st,
+    ):
         st.broker()
         st.agent("edge-1", ["digits"])
         st.wait_live(["edge-1"])
         yield st
 
 
-def _client(stack: LocalStack, key=None) -> Client:  # type: ignore[no-untyped-def]
+def _client(stack: LocalStack, name: str, key=None) -> Client:  # type: ignore[no-untyped-def]
     home = stack.home
     return Client(
         stack.mqtt_url,
         key or home.fleet_public(),
+        client_id=name,
+        tls=home.tls(stack.mqtt_url, name),
         topics=Topics(home.config().prefix),
         trust=home.trust(),
     )
@@ -60,7 +66,7 @@ def _eventually_ok(client: Client, timeout: float = 8.0) -> None:
 
 
 def _announce(stack: LocalStack, ann: announcement.KeyAnnouncement) -> None:
-    with Bus(stack.mqtt_url, f"operator-{time.monotonic_ns()}") as bus:
+    with Bus(stack.mqtt_url, "operator", tls=stack.home.tls(stack.mqtt_url, "operator")) as bus:
         bus.publish(Topics(stack.home.config().prefix).keys, ann.encode(), retain=True)
 
 
@@ -77,7 +83,7 @@ def _ca_key(stack: LocalStack) -> ec.EllipticCurvePrivateKey:
 def test_rotation_with_grace_and_announcements(stack: LocalStack) -> None:
     home = stack.home
     old = home.fleet_public()
-    with _client(stack) as follower, _client(stack, old) as pinned:
+    with _client(stack, "client-1") as follower, _client(stack, "client-2", old) as pinned:
         pinned.trust = None  # keeps sealing to the old key whatever is announced
         _eventually_ok(follower)
         new = home.rotate(grace_s=GRACE_S, now_s=time.time())
@@ -99,7 +105,7 @@ def test_rotation_with_grace_and_announcements(stack: LocalStack) -> None:
 
 def test_forged_and_stale_announcements_are_ignored(stack: LocalStack) -> None:
     home = stack.home
-    with _client(stack) as client:
+    with _client(stack, "client-1") as client:
         current = client.fleet_key.kid
         mallory = FleetKeyPair.generate().public
         forged = announcement.sign(

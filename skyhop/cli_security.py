@@ -1,0 +1,273 @@
+"""``skyhop certs``, ``skyhop acl`` and ``skyhop mosquitto-config``: the fleet's PKI, its
+Mosquitto ACL and a mutual-TLS Mosquitto config. ``register(app)`` adds them to the CLI.
+
+Errors are ConfigError with one line that says what to do; skyhop.cli.main prints them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from skyhop.home import Home, default_home
+from skyhop.pki import CA_DAYS, CRL_DAYS, LEAF_DAYS, ROLES, Pki
+
+certs_app = typer.Typer(
+    help="The fleet's certificate authority: issue, revoke and list the "
+    "certificates that devices, brokers and clients log in with.",
+    no_args_is_help=True,
+)
+acl_app = typer.Typer(
+    help="The Mosquitto ACL rendered from the certificates' roles.", no_args_is_help=True
+)
+
+# Same option as skyhop.cli's HomeOpt (not imported: skyhop.cli imports this module).
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="Fleet home (config and keys). Default: $SKYHOP_HOME, else ~/.skyhop."
+    ),
+]
+PrefixOpt = Annotated[
+    str | None, typer.Option(help="Topic prefix. Default: the home's config.toml (skyhop/v1/).")
+]
+AgentRepliesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--agents-reply-to-clients",
+        help="Also let agents publish to client reply topics (off: only brokers may, "
+        "see docs/security.md).",
+    ),
+]
+_APPLY = "apply it: `skyhop mosquitto-config --home {home} ...` again, then send Mosquitto SIGHUP"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``certs``, ``acl`` and ``mosquitto-config`` to the ``skyhop`` app."""
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(acl_app, name="acl")
+    app.command("mosquitto-config")(mosquitto_config)
+
+
+def _home(home: Path | None) -> Home:
+    return Home(home or default_home())
+
+
+def _prefix(home: Home, prefix: str | None) -> str:
+    return prefix if prefix is not None else home.config().prefix
+
+
+def _err(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+# -- certs ----------------------------------------------------------------------------
+
+
+@certs_app.command("init")
+def certs_init(
+    home: HomeOpt = None,
+    days: Annotated[int, typer.Option(help="CA validity in days.")] = CA_DAYS,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace an existing CA (every certificate it issued stops working)."),
+    ] = False,
+) -> None:
+    """Create the fleet CA (EC P-256) under HOME/pki/: ca.crt, ca.key, crl.pem."""
+    pki = Pki(_home(home).path)
+    cert = pki.init(days=days, force=force)
+    typer.echo(f"fleet CA ready in {pki.dir}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+    typer.echo(f"  {pki.ca_path}   (every component and Mosquitto need this)")
+    typer.echo(f"  {pki.ca_key_path}   (the CA key: keep it here, offline if you can)")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The identity: node id, broker id, client id or operator name (becomes the CN)."
+        ),
+    ],
+    role: Annotated[str, typer.Option(help=" | ".join(ROLES))],
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", help="Extra DNS name or IP of a server certificate (repeatable)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = LEAF_DAYS,
+    renew: Annotated[
+        bool, typer.Option(help="Issue another certificate for a name that has one (same role).")
+    ] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Issue NAME's certificate and key: HOME/pki/NAME.crt and NAME.key (0600)."""
+    pki = Pki(_home(home).path)
+    item = pki.issue(name, role, sans=san or (), days=days, renew=renew)
+    creds = pki.credentials(name)
+    typer.echo(
+        f"issued {item.name} ({item.role}), serial {item.serial:x}, "
+        f"valid until {item.not_after:%Y-%m-%d}"
+    )
+    typer.echo(f"  copy to {name}'s machine: {creds.ca} {creds.cert} {creds.key}")
+    if role == "server":
+        _err(f"use it with `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
+    else:
+        _err(f"the ACL grants {name} nothing until you {_APPLY.format(home=pki.home)}")
+
+
+@certs_app.command("revoke")
+def certs_revoke(name: str, home: HomeOpt = None) -> None:
+    """Revoke every certificate of NAME and re-sign HOME/pki/crl.pem."""
+    pki = Pki(_home(home).path)
+    done = pki.revoke(name)
+    serials = ", ".join(f"{e.serial:x}" for e in done)
+    typer.echo(f"revoked {name} (serial {serials}); CRL {pki.crl_path} updated")
+    _err(f"Mosquitto still accepts {name} until you {_APPLY.format(home=pki.home)}")
+
+
+@certs_app.command("crl")
+def certs_crl(
+    days: Annotated[int, typer.Option(help="Days until the CRL's nextUpdate.")] = CRL_DAYS,
+    home: HomeOpt = None,
+) -> None:
+    """Re-sign the CRL. Past its nextUpdate Mosquitto refuses EVERY client: run this (and
+    mosquitto-config, SIGHUP) well before then, e.g. monthly from cron."""
+    pki = Pki(_home(home).path)
+    crl = pki.refresh_crl(days=days)
+    typer.echo(
+        f"CRL {pki.crl_path} re-signed: {len(list(crl))} revoked, "
+        f"next update {crl.next_update_utc:%Y-%m-%d}"
+    )
+
+
+@certs_app.command("list")
+def certs_list(
+    home: HomeOpt = None,
+    active: Annotated[
+        bool, typer.Option("--active", help="Only certificates neither revoked nor expired.")
+    ] = False,
+) -> None:
+    """List the certificates issued: name, role, serial, expiry, revoked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    pki = Pki(_home(home).path)
+    pki.ca_certificate()  # a clear error before `certs init`
+    now = dt.datetime.now(dt.UTC)
+    table = Table(
+        "name", "role", "serial", "expires", "revoked", title=f"certificates in {pki.dir}"
+    )
+    for e in pki.entries():
+        if active and not e.active(now):
+            continue
+        expires = f"{e.not_after:%Y-%m-%d}" + (" (expired)" if e.not_after <= now else "")
+        revoked = (
+            f"{e.revoked_at:%Y-%m-%d}"
+            if e.revoked and e.revoked_at
+            else ("yes" if e.revoked else "no")
+        )
+        table.add_row(e.name, e.role, f"{e.serial:x}", expires, revoked)
+    Console().print(table)
+
+
+# -- acl ------------------------------------------------------------------------------
+
+
+@acl_app.command("render")
+def acl_render(
+    home: HomeOpt = None,
+    prefix: PrefixOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    agents_reply_to_clients: AgentRepliesOpt = False,
+) -> None:
+    """Print the Mosquitto ACL for every name with an active certificate."""
+    from skyhop.acl import render
+    from skyhop.topics import Topics
+
+    h = _home(home)
+    pki = Pki(h.path)
+    pki.ca_certificate()
+    text = render(
+        pki.entries(),
+        Topics(_prefix(h, prefix)),
+        now=dt.datetime.now(dt.UTC),
+        agents_reply_to_clients=agents_reply_to_clients,
+    )
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        _err(f"ACL written to {out}")
+
+
+# -- mosquitto ------------------------------------------------------------------------
+
+
+def mosquitto_config(
+    port: Annotated[int, typer.Option(help="TLS listener port (8883 is MQTT over TLS).")],
+    home: HomeOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the config here instead of stdout.")
+    ] = None,
+    files_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where Mosquitto reads its certificate, key, CRL and ACL. Default: "
+            "HOME/mosquitto (it must be reachable by the user Mosquitto drops to)."
+        ),
+    ] = None,
+    bind: Annotated[
+        str | None, typer.Option(help="Listen on this address only (default: every interface).")
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Server certificate name (default: the newest; issues mqtt-server if none)."
+        ),
+    ] = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--san", help="DNS name or IP for a server certificate issued now (repeatable)."
+        ),
+    ] = None,
+    user: Annotated[
+        str, typer.Option(help="The user Mosquitto drops to when started as root.")
+    ] = "mosquitto",
+    persistence: Annotated[
+        Path | None,
+        typer.Option(help="Keep retained messages in this directory (default: no persistence)."),
+    ] = None,
+    prefix: PrefixOpt = None,
+    agents_reply_to_clients: AgentRepliesOpt = False,
+) -> None:
+    """Print a complete Mosquitto config for the fleet: mutual TLS 1.3, CRL, ACL.
+
+    Also writes the files it names (server certificate and key, CA, CRL, ACL) to
+    --files-dir. Run `mosquitto -c` on the result; rerun this after every certs issue or
+    revoke and send Mosquitto SIGHUP.
+    """
+    from skyhop.broker_config import prepare, render
+
+    h = _home(home)
+    persistence = persistence.absolute() if persistence else None
+    files = prepare(
+        h.path,
+        files_dir=files_dir,
+        prefix=_prefix(h, prefix),
+        server=server,
+        sans=san or (),
+        user=user,
+        persistence=persistence,
+        agents_reply_to_clients=agents_reply_to_clients,
+    )
+    text = render(files.dir, port, bind=bind, user=user, persistence=persistence)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        _err(f"Mosquitto config written to {out}; run: mosquitto -c {out}")
+    _err(f"server certificate {files.server}, CRL and ACL in {files.dir}")

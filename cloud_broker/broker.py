@@ -143,6 +143,7 @@ class Broker:
             p.remaining_ms(now),
             p.header.priority,
             frozenset(p.tried),
+            origin=p.reply_topic,  # one client's requests are one stream (hysteresis)
         )
         decision = place(
             self.fleet,
@@ -164,7 +165,7 @@ class Broker:
     def _send(self, p: Pending, decision: Decision, now: float) -> None:
         assert decision.node is not None
         self.tracker.assign(p.header.id, decision.node, now)
-        self.fleet.dispatched(decision.node)
+        self.fleet.dispatched(decision.node, p.deadline_ms, decision.service_ms)
         remaining = p.remaining_ms(now)
         self.bus.publish(
             self.topics.work(decision.node),
@@ -213,7 +214,7 @@ class Broker:
     def _release(self, p: Pending, network_ms: float | None = None, size: int = 0) -> None:
         """Give the node back the credit ``p`` held (once), learning the link if we can."""
         if p.node is not None:
-            self.fleet.answered(p.node, network_ms, size)
+            self.fleet.answered(p.node, network_ms, size, p.deadline_ms)
             p.node = None
 
     def _answer_error(self, p: Pending, code: ErrorCode, message: str) -> None:

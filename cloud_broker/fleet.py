@@ -24,12 +24,15 @@ import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
 from skyhop.messages import LoadReport, NodeStatus
 
 DEFAULT_MS_PER_BYTE = 8 / 50_000  # 50 Mbit/s until a link is measured
 RTT_ALPHA = 0.2
 PRIOR_ALPHA = 0.1  # class priors move slowly: one odd node must not reprice its class
+MIN_SAMPLES = 20  # a node's own p95 is trusted from this many runs on; before, its class's
+WARMUP_P95 = 1.5  # p95 ÷ mean assumed from a warm-up run alone (a cv ≈ 0.3 lognormal's)
 
 # Declared relative capability per GPU class (desktop RTX 3060 class = 1.0). The
 # ``weighted`` baseline weighs nodes by it, as users configure nginx/HAProxy weights.
@@ -55,12 +58,15 @@ class Link:
 
     ``observed = (reply received - dispatched) - queue_ms - service_ms`` is pure network
     time on the broker's own clock, so no clock sync is needed. Small payloads teach
-    the round trip, large ones the per-byte cost.
+    the round trip, large ones the per-byte cost. The best values seen are kept too
+    (slowly forgetting): ``relax()`` drifts back toward them while a node gets no work.
     """
 
     rtt_ms: float = 0.0
     ms_per_byte: float = DEFAULT_MS_PER_BYTE
     samples: int = 0
+    best_rtt_ms: float = float("inf")
+    best_ms_per_byte: float = float("inf")
 
     def predict_ms(self, size: int) -> float:
         return self.rtt_ms + size * self.ms_per_byte
@@ -69,10 +75,30 @@ class Link:
         network_ms = max(0.0, network_ms)
         self.samples += 1
         transfer = network_ms - self.rtt_ms
-        if size < 16_384 or self.samples == 1:
-            self.rtt_ms += RTT_ALPHA * (network_ms - self.rtt_ms) if self.samples > 1 else network_ms
+        if self.samples == 1:
+            self.rtt_ms = network_ms
+        elif size < 16_384:
+            self.rtt_ms += RTT_ALPHA * (network_ms - self.rtt_ms)
         elif transfer > 0:
             self.ms_per_byte += RTT_ALPHA * (transfer / size - self.ms_per_byte)
+        self.best_rtt_ms = _low(self.best_rtt_ms, self.rtt_ms)
+        self.best_ms_per_byte = _low(self.best_ms_per_byte, self.ms_per_byte)
+
+    def relax(self) -> None:
+        """The node got no work for a report interval: move toward the best seen.
+
+        Estimates are learnt only from work sent, so a slow spell that priced a node out
+        of every budget would otherwise exclude it for good (it is never measured again).
+        """
+        if self.best_rtt_ms < self.rtt_ms:
+            self.rtt_ms += RTT_ALPHA * (self.best_rtt_ms - self.rtt_ms)
+        if self.best_ms_per_byte < self.ms_per_byte:
+            self.ms_per_byte += RTT_ALPHA * (self.best_ms_per_byte - self.ms_per_byte)
+
+
+def _low(best: float, value: float) -> float:
+    """A low envelope: follows a fall at once, a rise at 1 % per sample."""
+    return value if value < best else best + 0.01 * (value - best)
 
 
 class IndexedSet:
@@ -121,25 +147,92 @@ class ClassPriors:
     """
 
     def __init__(self) -> None:
-        self._by_class: dict[tuple[str, str], list[float]] = {}  # -> [mean, p95]
+        self._by_class: dict[tuple[str, str], list[float]] = {}  # -> [mean, p95, measured]
         self._slowest: dict[str, tuple[float, float]] = {}
 
-    def observe(self, gpu: str, model: str, mean_ms: float, p95_ms: float) -> None:
+    def observe(self, gpu: str, model: str, mean_ms: float, p95_ms: float,
+                warmup: bool = False) -> None:
+        """Learn from a node's report. A ``warmup`` figure (a run before any request)
+        only seeds a class nobody has measured, with an assumed tail; the first real
+        measurement replaces the seed."""
         cur = self._by_class.get((gpu, model))
-        if cur is None:
-            cur = self._by_class[(gpu, model)] = [mean_ms, p95_ms]
+        if warmup:
+            if cur is None:
+                self._by_class[(gpu, model)] = [mean_ms, mean_ms * WARMUP_P95, 0.0]
+                self._note(model, mean_ms, mean_ms * WARMUP_P95)
+            return
+        if cur is None or not cur[2]:
+            cur = self._by_class[(gpu, model)] = [mean_ms, p95_ms, 1.0]
         else:
             cur[0] += PRIOR_ALPHA * (mean_ms - cur[0])
             cur[1] += PRIOR_ALPHA * (p95_ms - cur[1])
+        self._note(model, cur[0], cur[1])
+
+    def _note(self, model: str, mean_ms: float, p95_ms: float) -> None:
         slow = self._slowest.get(model)
-        if slow is None or cur[0] >= slow[0]:
-            self._slowest[model] = (cur[0], cur[1])
+        if slow is None or mean_ms >= slow[0]:
+            self._slowest[model] = (mean_ms, p95_ms)
 
     def get(self, gpu: str, model: str) -> tuple[float, float]:
         cur = self._by_class.get((gpu, model))
         if cur is not None:
             return cur[0], cur[1]
         return self._slowest.get(model, (0.0, 0.0))
+
+
+class Backlog:
+    """Our outstanding work at one node, by deadline (the agent's run order) and by age.
+
+    Entries are (deadline, seq, expected service ms); ``seq`` grows per dispatch, and
+    the dict keeps dispatch order, so the oldest entries are O(1) to find.
+    """
+
+    __slots__ = ("_seq", "by_age", "by_deadline")
+
+    def __init__(self) -> None:
+        self.by_deadline: list[tuple[float, int, float]] = []
+        self.by_age: dict[int, tuple[float, int, float]] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self.by_deadline)
+
+    def add(self, deadline_ms: float, service_ms: float) -> None:
+        self._seq += 1
+        entry = (deadline_ms, self._seq, service_ms)
+        insort(self.by_deadline, entry)
+        self.by_age[self._seq] = entry
+
+    def remove(self, deadline_ms: float | None) -> None:
+        """Drop the entry due at ``deadline_ms`` (None, or not found: the oldest)."""
+        if not self.by_deadline:
+            return
+        i = 0 if deadline_ms is None else bisect_left(self.by_deadline, (deadline_ms, -1, 0.0))
+        if i >= len(self.by_deadline) or self.by_deadline[i][0] != deadline_ms:
+            oldest = next(iter(self.by_age.values()))
+            i = bisect_left(self.by_deadline, oldest)
+        entry = self.by_deadline.pop(i)
+        del self.by_age[entry[1]]
+
+    def ahead_of(self, deadline_ms: float | None, slots: int,
+                 fallback_ms: float) -> tuple[int, float]:
+        """(count, expected ms) of our work that runs before a request due at
+        ``deadline_ms``: the ``slots`` oldest (taken to be running), the rest due
+        earlier, and one job due later — non-preemptive EDF's blocking term: a job due
+        later that reaches a free slot before ours does runs first. Entries placed
+        without an expected time cost ``fallback_ms``."""
+        busy = {e[1] for e in islice(self.by_age.values(), slots)}
+        k = len(self.by_deadline) if deadline_ms is None else \
+            bisect_right(self.by_deadline, (deadline_ms, 1 << 62, 0.0))
+        n, work, blocking = 0, 0.0, 0.0
+        for i, (_, seq, ms) in enumerate(self.by_deadline):
+            ms = ms or fallback_ms
+            if i < k or seq in busy:
+                n += 1
+                work += ms
+            elif ms > blocking:
+                blocking = ms
+        return n + (blocking > 0), work + blocking
 
 
 @dataclass(eq=False)
@@ -150,14 +243,22 @@ class NodeView:
     last_seen_ms: float = 0.0
     outstanding: int = 0  # dispatched by us, not yet answered
     dispatched_since_load: int = 0  # placed since the node's last report
+    answered_since_load: int = 0  # of ours answered since then
     link: Link = field(default_factory=Link)
     placements: int = 0
-    # Deadlines of our outstanding work, sorted: the agent's queue is earliest-deadline
-    # first, so a new request waits only for work due before it (see ``ahead``).
-    deadlines: list[float] = field(default_factory=list)
+    work: Backlog = field(default_factory=lambda: Backlog())
     priors: ClassPriors | None = None
     version: int = 0  # bumped on every change of load; the least-loaded heap checks it
-    mix_ms: float = 0.0  # mean service time over the node's model mix, from its report
+    # Derived from the latest status and load, once per report rather than per request:
+    idle: bool = False  # has a free slot: it is in its groups' ``free`` sets
+    mix_ms: float = 0.0  # mean service time over the node's model mix
+    reported: int = 0  # queue + in flight at the last report
+    capacity: int = 1  # most requests it accepts (queued + running)
+    measured: dict[str, tuple[float, float]] = field(default_factory=dict)  # (mean, p95)
+    warmup: dict[str, tuple[float, float]] = field(default_factory=dict)  # too few runs yet
+
+    def __post_init__(self) -> None:
+        self.capacity = self.status.concurrency
 
     @property
     def role(self) -> str:
@@ -167,42 +268,61 @@ class NodeView:
     def concurrency(self) -> int:
         return self.status.concurrency
 
-    @property
-    def capacity(self) -> int:
-        return self.load.capacity if self.load else self.status.concurrency
+    def apply(self, load: LoadReport | None) -> None:
+        """Take a new report (None: forget the last one, the agent restarted)."""
+        self.load = load
+        self.dispatched_since_load = self.answered_since_load = 0
+        self.reported = load.queue + load.in_flight if load else 0
+        self.capacity = load.capacity if load else self.status.concurrency
+        models = load.models if load else {}
+        self.measured = {m: (s.mean_ms, s.p95_ms) for m, s in models.items()
+                         if s.count >= MIN_SAMPLES}
+        self.warmup = {m: (s.mean_ms, s.mean_ms * WARMUP_P95) for m, s in models.items()
+                       if s.count < MIN_SAMPLES and s.mean_ms > 0}
 
-    def ahead(self, deadline_ms: float | None = None) -> int:
-        """Requests ahead of a new one: the larger of reported-plus-since and our own count.
+    def ahead(self) -> int:
+        """Requests at the node: its last report, plus what we placed there since, less
+        what of ours it answered since; at least what we have outstanding there."""
+        total = self.reported + self.dispatched_since_load - self.answered_since_load
+        return self.outstanding if self.outstanding > total else total
 
-        With ``deadline_ms``, only work that the node's earliest-deadline-first queue
-        runs first counts: what is running (it is not preempted), our queued work due
-        earlier, and work we know nothing of (another broker's, or finished since the
-        report: counted, to stay on the safe side).
+    def wait_ms(self, model: str, deadline_ms: float | None = None) -> float:
+        """Expected wait for a free slot, for a request of ``model`` due at ``deadline_ms``.
+
+        Counts what runs first. The agent's queue is earliest-deadline-first and does
+        not preempt: our oldest work is taken to be running, our queued work due
+        earlier (all of it without ``deadline_ms``) runs first, and work we know
+        nothing of (another broker's, or finished since the report) counts too, to stay
+        on the safe side. Ours is costed at the service time expected when it was
+        placed, the rest at the node's mean over its model mix.
         """
-        reported = (self.load.queue + self.load.in_flight) if self.load else 0
-        total = max(reported + self.dispatched_since_load, self.outstanding)
-        if deadline_ms is None or total <= self.status.concurrency:
-            return total
-        running = self.status.concurrency
-        earlier = bisect_right(self.deadlines, deadline_ms)
-        unknown = total - len(self.deadlines)
-        return min(total, running + max(0, earlier - running) + max(0, unknown))
+        total, slots = self.ahead(), self.status.concurrency
+        if total < slots:
+            return 0.0
+        fallback = self.mix_ms or self.service_ms(model)[0]
+        n, work = self.work.ahead_of(deadline_ms, slots, fallback)
+        unknown = total - len(self.work)
+        n += unknown
+        if n < slots:
+            return 0.0
+        work += unknown * fallback
+        return (n - slots + 1) / slots * (work / n)
 
     def has_credit(self) -> bool:
         return self.outstanding < self.capacity
 
     def service_ms(self, model: str) -> tuple[float, float]:
-        """(mean, p95) service time of ``model`` here; the class prior if unmeasured."""
-        stats = self.load.models.get(model) if self.load else None
-        if stats is not None and (stats.count > 0 or stats.mean_ms > 0):
-            return stats.mean_ms, stats.p95_ms
+        """(mean, p95) service time of ``model`` here: measured on this node if it has
+        run it ``MIN_SAMPLES`` times, else its GPU class's, else its warm-up run's."""
+        own = self.measured.get(model)
+        if own is not None:
+            return own
         if self.priors is not None:
-            return self.priors.get(self.status.gpu, model)
-        return 0.0, 0.0
+            prior = self.priors.get(self.status.gpu, model)
+            if prior[0] > 0:
+                return prior
+        return self.warmup.get(model, (0.0, 0.0))
 
-    def per_job_ms(self, model: str) -> float:
-        """Mean time one queued job holds a slot: the node's model mix, else ``model``."""
-        return self.mix_ms or self.service_ms(model)[0]
 
 
 @dataclass(eq=False)
@@ -214,6 +334,7 @@ class Group:
     members: IndexedSet = field(default_factory=IndexedSet)
     min_rtt_ms: float = float("inf")  # best case of any member seen: a lower bound
     min_ms_per_byte: float = DEFAULT_MS_PER_BYTE
+    free: IndexedSet = field(default_factory=IndexedSet)  # members with a free slot
 
 
 @dataclass(eq=False)
@@ -226,6 +347,8 @@ class ModelIndex:
     cursor: int = 0  # round-robin position
     # Least-loaded heap: (load ratio, node, version) entries, stale ones skipped.
     heap: list[tuple[float, str, int]] | None = None
+    # Placement's cost order of the groups per role, and when it was computed.
+    order: dict[str, tuple[float, int, list[Group]]] = field(default_factory=dict)
 
     def group(self, role: str, gpu: str) -> Group:
         g = self.groups.get((role, gpu))
@@ -257,10 +380,13 @@ class Fleet:
             view = self.nodes[status.node] = NodeView(status.node, status, priors=self.priors)
         else:
             self._unindex(view)  # its models, class or role may have changed
-            if status.session > view.status.session:
-                view.load = None  # a restarted agent: old telemetry means nothing
-                view.mix_ms = 0.0
+            restarted = status.session > view.status.session
             view.status = status
+            if restarted:
+                view.apply(None)  # a restarted agent: old telemetry means nothing
+                view.mix_ms = 0.0
+            elif view.load is None:
+                view.capacity = status.concurrency
         self._seen(view, now_ms)
         self._index(view)
         return was_live and not status.online
@@ -271,8 +397,9 @@ class Fleet:
             return  # load before its birth, or from an older run: wait for the birth
         if view.load is not None and load.seq <= view.load.seq:
             return  # reordered or retained duplicate
-        view.load = load
-        view.dispatched_since_load = 0
+        if view.load is not None and view.dispatched_since_load == 0:
+            view.link.relax()
+        view.apply(load)
         self._seen(view, now_ms)
         self._learn(view, load)
         if not view.status.online:  # a load report proves the session is alive
@@ -287,8 +414,10 @@ class Fleet:
     def _learn(self, view: NodeView, load: LoadReport) -> None:
         total = weighted = 0.0
         for model, stats in load.models.items():
+            if stats.count >= MIN_SAMPLES or stats.mean_ms > 0:
+                self.priors.observe(view.status.gpu, model, stats.mean_ms, stats.p95_ms,
+                                    warmup=stats.count < MIN_SAMPLES)
             if stats.count > 0:
-                self.priors.observe(view.status.gpu, model, stats.mean_ms, stats.p95_ms)
                 total += stats.count
                 weighted += stats.count * stats.mean_ms
         view.mix_ms = weighted / total if total else 0.0
@@ -313,9 +442,12 @@ class Fleet:
     def _unindex(self, view: NodeView) -> None:
         for model in view.status.models:
             idx = self.indexes.get(model)
-            if idx is not None:
+            if idx is not None and view.node in idx.all:
                 idx.all.discard(view.node)
-                idx.group(view.status.role, view.status.gpu).members.discard(view.node)
+                g = idx.group(view.status.role, view.status.gpu)
+                g.members.discard(view.node)
+                g.free.discard(view.node)
+        view.idle = False
 
     def _bound(self, view: NodeView, model: str) -> None:
         idx = self.indexes.get(model)
@@ -326,21 +458,33 @@ class Fleet:
         g.min_ms_per_byte = min(g.min_ms_per_byte, view.link.ms_per_byte)
 
     def _touch(self, view: NodeView) -> None:
-        """The node's load changed: feed the least-loaded heaps that exist."""
+        """The node's load changed: recount its groups' idle nodes, feed the heaps."""
         view.version += 1
+        idle = view.status.online and view.ahead() < view.status.concurrency
+        flip, view.idle = idle != view.idle, idle
         for model in view.status.models:
             idx = self.indexes.get(model)
-            if idx is not None and idx.heap is not None and view.node in idx.all:
+            if idx is None or view.node not in idx.all:
+                continue
+            if flip:
+                free = idx.group(view.status.role, view.status.gpu).free
+                if idle:
+                    free.add(view)
+                else:
+                    free.discard(view.node)
+            if idx.heap is not None:
                 heapq.heappush(idx.heap, (load_ratio(view), view.node, view.version))
 
-    def dispatched(self, node: str, deadline_ms: float | None = None) -> None:
-        """Count work placed on ``node``; pass its deadline for the EDF-aware estimate."""
+    def dispatched(self, node: str, deadline_ms: float | None = None,
+                   service_ms: float = 0.0) -> None:
+        """Count work placed on ``node``. Pass its deadline and expected service time
+        (``Decision.service_ms``) for the earliest-deadline-first wait estimate."""
         view = self.nodes[node]
         view.outstanding += 1
         view.dispatched_since_load += 1
         view.placements += 1
         # Unknown deadline: file it first, so that it counts ahead of everything.
-        insort(view.deadlines, float("-inf") if deadline_ms is None else deadline_ms)
+        view.work.add(float("-inf") if deadline_ms is None else deadline_ms, service_ms)
         self._touch(view)
 
     def answered(self, node: str, network_ms: float | None = None, size: int = 0,
@@ -349,7 +493,8 @@ class Fleet:
         if view is None:
             return
         view.outstanding = max(0, view.outstanding - 1)
-        _remove(view.deadlines, deadline_ms)
+        view.answered_since_load += 1
+        view.work.remove(deadline_ms)
         if network_ms is not None:
             view.link.observe(network_ms, size)
             for model in view.status.models:
@@ -418,14 +563,3 @@ def load_ratio(view: NodeView) -> float:
     return view.ahead() / view.status.concurrency
 
 
-def _remove(deadlines: list[float], deadline_ms: float | None) -> None:
-    if not deadlines:
-        return
-    if deadline_ms is None:
-        del deadlines[0]
-        return
-    i = bisect_left(deadlines, deadline_ms)
-    if i < len(deadlines) and deadlines[i] == deadline_ms:
-        del deadlines[i]
-    else:
-        del deadlines[0]  # dispatched without a deadline: the -inf placeholder goes

@@ -62,7 +62,7 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[
     stack.agent("edge-1", ["slow"])
     stack.agent("edge-2", ["slow"])
     stack.wait_live(["edge-1", "edge-2"])
-    futures = [client.submit("slow", X, budget_ms=20_000) for _ in range(60)]
+    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(60)]
     time.sleep(0.15)  # both agents are busy with a queue of ~0.5 s each
     stack.kill("edge-1")
     outcomes = _outcomes(futures)
@@ -80,12 +80,12 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: i
     stack, client = fleet
     stack.agent("solo", ["slow"])
     stack.wait_live(["solo"])
-    futures = [client.submit("slow", X, budget_ms=20_000) for _ in range(60)]
+    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(60)]
     time.sleep(0.15)
     started = time.monotonic()
     stack.kill("solo")
     outcomes = _outcomes(futures)
-    assert time.monotonic() - started < 10  # answered on the will, not at the 20 s budget
+    assert time.monotonic() - started < 10  # answered on the will, not at the 60 s budget
     assert outcomes["OK"] + outcomes[ErrorCode.UNAVAILABLE] == 60
     assert outcomes[ErrorCode.UNAVAILABLE] >= 1
     time.sleep(0.5)

@@ -1,0 +1,324 @@
+"""How many cloud GPUs the pool should have: ``scale(ctx, state) -> (target, state)``. Pure.
+
+Call it every ``ScaleConfig.interval_ms`` with what happened since the last call (a
+``ScaleContext``: per-model demand, the pool's size, cold starts observed) and the
+state it returned last time (``None`` the first time); start or stop workers to reach
+the returned target. No clock, no I/O: the simulator and a live pool backend call the
+same function.
+
+Policies (``ScaleConfig.policy``):
+
+- ``predictive`` (default): forecast each model's cloud demand with Holt's linear
+  (trend-aware) smoothing, damped, ``lead`` = the measured cold start + one interval
+  ahead; a rise in *all* of a model's requests counts as cloud demand too, because the
+  edges absorb a crowd's start and overflow later, at once. Size the pool with an M/M/c
+  (Erlang C) model so that the SLO quantile of requests waits less than the budget's
+  slack (margin × budget − p95 service − network), with ``headroom``; scale up at
+  once, scale down only after ``downscale_delay_ms`` below target by more than the
+  hysteresis band, to the highest need seen in that window. Min/max size, a cost cap,
+  optional scale-to-zero after ``idle_to_zero_ms`` without demand.
+- ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
+  ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
+  persisted ``upscale_delay_ms`` (30 s) up or ``reactive_downscale_delay_ms`` (600 s)
+  down.
+- ``static-peak``: a fixed pool of ``static_size`` (sized for the scenario's peak).
+
+Demand is *cloud demand*: requests the placement sent to the cloud, pulled back to an
+edge, or refused while the cloud could have made it (``Decision.cloud_wanted``). A pool
+sized for the requests it happened to receive would never grow past its own size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+AUTOSCALERS = ("predictive", "reactive", "static-peak")
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """One model's demand over the last interval, and what serving it on the cloud costs."""
+
+    model: str
+    cloud_requests: int  # requests that wanted the cloud (Decision.cloud_wanted)
+    requests: int = 0  # all requests of the model (their trend is the early warning)
+    service_ms: float = 0.0  # mean service on a cloud worker (measured; 0: never measured)
+    p95_ms: float = 0.0
+    budget_ms: float = 1000.0  # the model's SLA budget
+    network_ms: float = 0.0  # round trip + transfer to a cloud worker
+
+
+@dataclass(frozen=True)
+class PoolView:
+    ready: int  # workers serving
+    starting: int  # workers booting (paid for, not serving)
+    slots: int = 1  # requests a worker runs in parallel
+    ongoing: int = 0  # requests running or queued on ready workers now
+    cold_starts_ms: tuple[float, ...] = ()  # start-to-ready times observed since last call
+
+    @property
+    def size(self) -> int:
+        return self.ready + self.starting
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    policy: str = "predictive"
+    interval_ms: float = 5_000.0
+    min_size: int = 1
+    max_size: int = 100
+    scale_to_zero: bool = False  # allow 0 workers after ``idle_to_zero_ms`` without demand
+    idle_to_zero_ms: float = 300_000.0
+    price_per_gpu_hour: float = 1.0
+    cost_cap_per_hour: float | None = None  # most the pool may cost per hour
+    slo_quantile: float = 0.99
+    margin: float = 0.9  # the placement's margin: plan to finish in margin × budget
+    cold_start_prior_ms: float = 60_000.0  # until a cold start is measured
+    # predictive
+    alpha: float = 0.5  # level smoothing
+    beta: float = 0.3  # trend smoothing
+    damping: float = 0.95  # trend damping per interval (a slope counts ~20 intervals at most)
+    headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
+    downscale_delay_ms: float = 60_000.0
+    hysteresis: float = 0.1  # scale down only when the need is this share below target
+    # reactive (Ray Serve defaults where it has them)
+    target_utilization: float = 0.7
+    look_back_ms: float = 30_000.0
+    upscale_delay_ms: float = 30_000.0
+    reactive_downscale_delay_ms: float = 600_000.0
+    # static-peak
+    static_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in AUTOSCALERS:
+            raise ValueError(f"unknown autoscaler {self.policy!r}; choose one of {AUTOSCALERS}")
+        if not 0 <= self.min_size <= self.max_size:
+            raise ValueError(f"need 0 <= min_size <= max_size, got {self.min_size}, "
+                             f"{self.max_size}")
+
+
+@dataclass(frozen=True)
+class ScaleContext:
+    now_ms: float
+    models: tuple[ModelDemand, ...]
+    pool: PoolView
+    config: ScaleConfig = ScaleConfig()
+
+
+@dataclass(frozen=True)
+class Holt:
+    """Level and trend (requests per second, per second) of one model's demand."""
+
+    level: float
+    trend: float = 0.0
+
+    def update(self, rate: float, dt_s: float, alpha: float, beta: float) -> Holt:
+        guess = self.level + self.trend * dt_s
+        level = alpha * rate + (1 - alpha) * guess
+        trend = beta * (level - self.level) / dt_s + (1 - beta) * self.trend
+        return Holt(level, trend)
+
+    def rise(self, ahead_s: float, step_s: float, damping: float) -> float:
+        """How much higher the rate is expected ``ahead_s`` from now (never negative).
+
+        The trend is damped (Gardner & McKenzie): step k adds ``damping**k`` of it, so a
+        burst's slope is not extrapolated for a whole cold start. A fall is not
+        extrapolated at all: scaling down early costs SLOs, late only money.
+        """
+        if self.trend <= 0:
+            return 0.0
+        steps = ahead_s / step_s
+        damped = damping * (1 - damping ** steps) / (1 - damping) if damping < 1 else steps
+        return self.trend * step_s * damped
+
+    def forecast(self, ahead_s: float, step_s: float, damping: float) -> float:
+        return max(0.0, self.level) + self.rise(ahead_s, step_s, damping)
+
+
+@dataclass(frozen=True)
+class ScaleState:
+    target: int
+    cold_start_ms: float
+    demand: dict[str, Holt] = field(default_factory=dict)  # cloud demand; never mutated
+    arrivals: dict[str, Holt] = field(default_factory=dict)  # all requests; never mutated
+    below_since_ms: float | None = None  # when the need first fell below the target
+    below_peak: int = 0  # the highest need since then
+    above_since_ms: float | None = None  # reactive: when the wish to grow began
+    history: tuple[tuple[float, float], ...] = ()  # reactive look-back: (time, slots)
+    idle_since_ms: float | None = None
+    last_ms: float | None = None
+
+
+def initial_state(config: ScaleConfig, size: int) -> ScaleState:
+    """The state to start from when the pool has ``size`` workers."""
+    return ScaleState(target=size, cold_start_ms=config.cold_start_prior_ms)
+
+
+def scale(ctx: ScaleContext, state: ScaleState | None = None) -> tuple[int, ScaleState]:
+    """The pool size to aim for now, and the state to pass next time."""
+    cfg = ctx.config
+    state = state or initial_state(cfg, ctx.pool.size)
+    state = _learn_cold_start(state, ctx.pool.cold_starts_ms)
+    if cfg.policy == "static-peak":
+        target = _bounds(cfg.static_size, cfg, allow_zero=cfg.static_size == 0)
+        return target, replace(state, target=target, last_ms=ctx.now_ms)
+    if cfg.policy == "reactive":
+        return _reactive(ctx, state)
+    return _predictive(ctx, state)
+
+
+def _learn_cold_start(state: ScaleState, observed: tuple[float, ...]) -> ScaleState:
+    estimate = state.cold_start_ms
+    for ms in observed:  # EWMA: a pool's cold start drifts with image and node caches
+        estimate += 0.3 * (ms - estimate)
+    return replace(state, cold_start_ms=estimate)
+
+
+def _interval_s(ctx: ScaleContext, state: ScaleState) -> float:
+    """Seconds the counts in ``ctx`` cover: since the last call, else one interval."""
+    if state.last_ms is None or ctx.now_ms - state.last_ms < 0.1 * ctx.config.interval_ms:
+        return ctx.config.interval_ms / 1000
+    return (ctx.now_ms - state.last_ms) / 1000
+
+
+# -- predictive ----------------------------------------------------------------------------
+
+
+def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
+    cfg, dt = ctx.config, _interval_s(ctx, state)
+    demand = _smooth(state.demand, {m.model: m.cloud_requests / dt for m in ctx.models}, dt, cfg)
+    arrivals = _smooth(state.arrivals, {m.model: m.requests / dt for m in ctx.models}, dt, cfg)
+    ahead_s = (state.cold_start_ms + cfg.interval_ms) / 1000
+    step_s = cfg.interval_ms / 1000
+
+    # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
+    # So the rise expected in *all* requests by the time a worker started now is up is
+    # counted as cloud demand too. (Crediting the edges' idle capacity against it was
+    # tried: it saved money and lost SLO on bursty load, see docs/simulator.md.)
+    def rate(m: ModelDemand) -> float:
+        cloud = demand[m.model]
+        rise = arrivals[m.model].rise(ahead_s, step_s, cfg.damping)
+        return max(cloud.forecast(ahead_s, step_s, cfg.damping), max(0.0, cloud.level) + rise)
+
+    rates = {m.model: rate(m) for m in ctx.models}
+    need = workers_needed(ctx.models, rates, ctx.pool.slots, cfg)
+    idle_since = _idle_since(state, ctx.now_ms, sum(rates.values()) > 1e-9)
+    allow_zero = cfg.scale_to_zero and idle_since is not None \
+        and ctx.now_ms - idle_since >= cfg.idle_to_zero_ms
+    need = _bounds(need, cfg, allow_zero)
+    state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
+                    last_ms=ctx.now_ms)
+    return _settle(need, state, ctx.now_ms, cfg.downscale_delay_ms, cfg.hysteresis)
+
+
+def _smooth(prev: dict[str, Holt], rates: dict[str, float], dt: float,
+            cfg: ScaleConfig) -> dict[str, Holt]:
+    out = {}
+    for model, rate in rates.items():
+        h = prev.get(model)
+        out[model] = Holt(rate) if h is None else h.update(rate, dt, cfg.alpha, cfg.beta)
+    return out
+
+
+def _idle_since(state: ScaleState, now_ms: float, busy: bool) -> float | None:
+    if busy:
+        return None
+    return state.idle_since_ms if state.idle_since_ms is not None else now_ms
+
+
+def _settle(need: int, state: ScaleState, now_ms: float, delay_ms: float,
+            hysteresis: float) -> tuple[int, ScaleState]:
+    """Up at once; down only after ``delay_ms`` clearly below, to the window's peak."""
+    target = state.target
+    if need >= target or target - need < max(1.0, hysteresis * target):
+        new = max(target, need)
+        return new, replace(state, target=new, below_since_ms=None, below_peak=0)
+    since = state.below_since_ms if state.below_since_ms is not None else now_ms
+    peak = max(need, state.below_peak if state.below_since_ms is not None else 0)
+    if now_ms - since >= delay_ms:
+        return peak, replace(state, target=peak, below_since_ms=None, below_peak=0)
+    return target, replace(state, below_since_ms=since, below_peak=peak)
+
+
+def workers_needed(models: tuple[ModelDemand, ...], rates: dict[str, float], slots: int,
+                   cfg: ScaleConfig) -> int:
+    """Workers for ``rates`` (requests/s per model) to meet the SLO quantile, pooled.
+
+    The models share workers, so they are one M/M/c queue: the mean service is the
+    rate-weighted mean, and the allowed wait is the tightest slack among them.
+    """
+    total = sum(rates.get(m.model, 0.0) for m in models)
+    if total <= 1e-9:
+        return 0
+    known = [m for m in models if rates.get(m.model, 0.0) > 0 and m.service_ms > 0]
+    if not known:
+        return 1  # demand for a model never measured on the cloud: one worker learns it
+    lam = sum(rates[m.model] for m in known)
+    mean_s = sum(rates[m.model] * m.service_ms for m in known) / lam / 1000
+    slack_s = min(cfg.margin * m.budget_ms - m.p95_ms - m.network_ms for m in known) / 1000
+    servers = servers_needed(lam * cfg.headroom, mean_s, max(0.0, slack_s), cfg.slo_quantile)
+    return math.ceil(servers / slots)
+
+
+def servers_needed(rate: float, service_s: float, wait_s: float, quantile: float,
+                   limit: int = 100_000) -> int:
+    """Fewest M/M/c servers with P(wait > ``wait_s``) <= 1 − ``quantile``.
+
+    P(W > t) = C(c, a)·exp(−(c·μ − λ)·t), with Erlang C from the Erlang B recursion.
+    """
+    a = rate * service_s
+    if a <= 0:
+        return 0
+    mu = 1 / service_s
+    c = max(1, math.floor(a) + 1)
+    b = _erlang_b(c, a)
+    while c < limit:
+        erlang_c = c * b / (c - a * (1 - b))
+        if erlang_c * math.exp(-(c * mu - rate) * wait_s) <= 1 - quantile:
+            return c
+        c += 1
+        b = a * b / (c + a * b)
+    return limit
+
+
+def _erlang_b(c: int, a: float) -> float:
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return b
+
+
+def _bounds(n: int, cfg: ScaleConfig, allow_zero: bool = False) -> int:
+    cap = cfg.max_size
+    if cfg.cost_cap_per_hour is not None and cfg.price_per_gpu_hour > 0:
+        cap = min(cap, int(cfg.cost_cap_per_hour // cfg.price_per_gpu_hour))
+    floor = 0 if allow_zero else max(cfg.min_size, 0 if cfg.scale_to_zero else 1)
+    return max(0, min(cap, max(n, floor)))
+
+
+# -- reactive ------------------------------------------------------------------------------
+
+
+def _reactive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
+    cfg, dt, now = ctx.config, _interval_s(ctx, state), ctx.now_ms
+    # Offered load in busy slots (Little's law), the quantity Ray Serve calls ongoing.
+    offered = sum(m.cloud_requests / dt * m.service_ms / 1000 for m in ctx.models)
+    history = tuple(h for h in state.history if now - h[0] < cfg.look_back_ms)
+    history += ((now, offered),)
+    mean = sum(v for _, v in history) / len(history)
+    wish = _bounds(math.ceil(mean / (ctx.pool.slots * cfg.target_utilization) - 1e-9), cfg,
+                   allow_zero=cfg.scale_to_zero)
+    state = replace(state, history=history, last_ms=now)
+    target = state.target
+    if wish == target:
+        return target, replace(state, above_since_ms=None, below_since_ms=None)
+    grow = wish > target
+    since_field = "above_since_ms" if grow else "below_since_ms"
+    other = "below_since_ms" if grow else "above_since_ms"
+    since = getattr(state, since_field)
+    since = now if since is None else since
+    delay = cfg.upscale_delay_ms if grow else cfg.reactive_downscale_delay_ms
+    if now - since >= delay:
+        return wish, replace(state, target=wish, above_since_ms=None, below_since_ms=None)
+    return target, replace(state, **{since_field: since, other: None})

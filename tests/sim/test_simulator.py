@@ -1,0 +1,163 @@
+"""The simulator: deterministic, faithful to the scenario, and running the broker's own
+placement. Small scenarios only: each run here takes well under a second."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cloud_broker.broker as broker
+import cloud_broker.placement as placement
+import cloud_broker.sim.engine as engine
+from cloud_broker.sim import BUILTIN, dumps, load_scenario, simulate
+from cloud_broker.sim.arrivals import make_process
+from cloud_broker.sim.planner import static_peak_size
+from cloud_broker.sim.scenario import Flash, Mmpp, Poisson
+from skyhop.errors import ConfigError
+
+HERE = Path(__file__).parent
+SMALL = str(HERE / "small.toml")
+ROOT = HERE.parents[1]
+
+
+@pytest.fixture(scope="module")
+def small() -> dict:  # type: ignore[type-arg]
+    return simulate(load_scenario(SMALL), seed=3)
+
+
+def test_one_placement_implementation() -> None:
+    assert engine.place is placement.place and broker.place is placement.place
+
+
+def test_same_seed_same_report_byte_for_byte(small: dict) -> None:  # type: ignore[type-arg]
+    assert dumps(simulate(load_scenario(SMALL), seed=3)) == dumps(small)
+    assert dumps(simulate(load_scenario(SMALL), seed=4)) != dumps(small)
+
+
+def test_same_bytes_in_another_process_with_another_hash_seed(tmp_path: Path,
+                                                             small: dict) -> None:  # type: ignore[type-arg]
+    out = tmp_path / "r.json"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "skyhop", "simulate", "--scenario", SMALL,
+                    "--seed", "3", "--report", str(out)], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    assert out.read_text() == dumps(small)
+
+
+def test_report_has_the_promised_fields(small: dict) -> None:  # type: ignore[type-arg]
+    for key in ("requests", "slo_met_fraction", "feasible_fraction", "latency_ms",
+                "offload_fraction", "cloud_gpu_seconds", "scale_events", "placement_flaps",
+                "series", "models", "windows"):
+        assert key in small
+    assert set(small["latency_ms"]) == {"p50", "p99"}
+    assert sum(small["outcomes"].values()) == small["requests"] > 2000  # every one answered
+    assert small["slo_met_fraction"] <= small["feasible_fraction"] <= 1
+    series = small["series"]
+    assert len(series["t_s"]) == len(series["slo_met_fraction"]) == 8  # 40 s in 5 s steps
+    assert set(series["arrivals_per_s"]) == {"detect", "ocr", "caption"}
+    assert small["windows"]["crowd"]["requests"] > 0
+    assert small["cloud_gpu_seconds"] >= 40 * 1  # at least min_gpus for the whole run
+
+
+def test_deadline_beats_round_robin_on_the_same_arrivals(small: dict) -> None:  # type: ignore[type-arg]
+    rr = simulate(load_scenario(SMALL), policy="round-robin", seed=3)
+    assert rr["requests"] == small["requests"]
+    assert small["slo_met_fraction"] > rr["slo_met_fraction"]
+
+
+def test_failures_are_rescued(small: dict) -> None:  # type: ignore[type-arg]
+    assert small["redispatched"] > 0  # work of the nodes that died was placed again
+
+
+@pytest.mark.parametrize("autoscaler", ["reactive", "static-peak"])
+def test_autoscaler_baselines_run(autoscaler: str) -> None:
+    r = simulate(load_scenario(SMALL), autoscaler=autoscaler, seed=3)
+    assert r["autoscaler"] == autoscaler and r["requests"] > 2000
+    if autoscaler == "static-peak":
+        assert r["scale_events"] == 0 and r["static_pool"] >= 1
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+def expected_requests(spec) -> float:  # type: ignore[no-untyped-def]
+    total = 0.0
+    for a in spec.arrivals:
+        if isinstance(a, Poisson):
+            total += a.rate * spec.duration_s
+        elif isinstance(a, Mmpp):  # stationary mix of the states
+            total += sum(r * d for r, d in zip(a.rates, a.dwell_s, strict=True)) \
+                / sum(a.dwell_s) * spec.duration_s
+        elif isinstance(a, Flash):
+            total += a.base * spec.duration_s + (a.peak - a.base) * (
+                a.ramp_s / 2 + a.hold_s + a.decay_s / 2)
+        else:  # diurnal over whole periods: the mean
+            total += a.mean * spec.duration_s
+    return total
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_scenarios_have_the_promised_size(name: str) -> None:
+    spec = load_scenario(name)
+    assert sum(e.count for e in spec.edges) >= 1000
+    assert 0 < spec.cloud.max_gpus <= 100
+    assert len(spec.models) == 3 and len({m.budget_ms for m in spec.models}) >= 2
+    assert expected_requests(spec) >= 100_000
+    assert spec.cloud.min_gpus <= static_peak_size(spec) <= spec.cloud.max_gpus
+
+
+def test_bad_scenarios_fail_with_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no scenario"):
+        load_scenario("no-such-scenario")
+    bad = tmp_path / "bad.toml"
+    bad.write_text((HERE / "small.toml").read_text().replace('model = "ocr"', 'model = "ghost"'))
+    with pytest.raises(ConfigError, match="unknown model 'ghost'"):
+        load_scenario(bad)
+    bad.write_text("name = 1")
+    with pytest.raises(ConfigError, match="name"):
+        load_scenario(bad)
+
+
+# -- arrival processes ----------------------------------------------------------------------
+
+
+def arrivals(spec, seed: int = 1, end_s: float = 2000) -> list[float]:  # type: ignore[no-untyped-def]
+    import random
+
+    proc = make_process(spec, random.Random(seed), end_s * 1000, str(HERE))
+    out = []
+    while (nxt := proc.next()) is not None:
+        out.append(nxt[0])
+    return out
+
+
+def test_poisson_and_mmpp_rates() -> None:
+    n = len(arrivals(Poisson(kind="poisson", model="m", rate=20)))
+    assert abs(n - 40_000) < 4 * math.sqrt(40_000)
+    mm = Mmpp(kind="mmpp", model="m", rates=(10.0, 50.0), dwell_s=(30.0, 10.0))
+    n = len(arrivals(mm))
+    assert 0.8 * 40_000 < n < 1.2 * 40_000  # (10 × 30 + 50 × 10) / 40 = 20 per second
+
+
+def test_flash_crowd_shape() -> None:
+    f = Flash(kind="flash", model="m", base=10, peak=100, start_s=100, ramp_s=100, hold_s=100,
+              decay_s=100)
+    times = arrivals(f, end_s=500)
+    per_100s = [sum(1 for t in times if i * 1e5 <= t < (i + 1) * 1e5) for i in range(5)]
+    assert per_100s[0] == pytest.approx(1000, rel=0.15)  # base
+    assert per_100s[2] == pytest.approx(10_000, rel=0.05)  # held at the peak
+    assert per_100s[1] == pytest.approx(5_500, rel=0.08)  # linear ramp: the mean
+    assert per_100s[4] == pytest.approx(1000, rel=0.15)
+
+
+def test_trace_replay() -> None:
+    spec = load_scenario(SMALL).arrivals[-1]
+    times = arrivals(spec, end_s=40)
+    rows = (HERE / "small_trace.csv").read_text().splitlines()[1:]
+    assert len(times) == sum(1 for r in rows if float(r.split(",")[0]) < 40)
+    assert times == sorted(times)

@@ -113,7 +113,9 @@ def broker(
     home: HomeOpt = None,
     policy: Annotated[
         str | None,
-        typer.Option(help="deadline (default), round-robin, least-connection or weighted."),
+        typer.Option(
+            help="deadline (default), round-robin, least-connection, weighted or power-of-two."
+        ),
     ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
@@ -437,13 +439,19 @@ def demo(
 
 @app.command()
 def simulate(
-    scenario: Annotated[str, typer.Option(
-        help="A built-in scenario (steady, bursty, flash-crowd, diurnal, edge-outage) or a "
-             "scenario file (docs/simulator.md).")],
-    policy: Annotated[str, typer.Option(
-        help="deadline, round-robin, least-connection, weighted or power-of-two.")] = "deadline",
-    autoscaler: Annotated[str, typer.Option(
-        help="predictive, reactive or static-peak.")] = "predictive",
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="A built-in scenario (steady, bursty, flash-crowd, diurnal, edge-outage) or a "
+            "scenario file (docs/simulator.md)."
+        ),
+    ],
+    policy: Annotated[
+        str, typer.Option(help="deadline, round-robin, least-connection, weighted or power-of-two.")
+    ] = "deadline",
+    autoscaler: Annotated[
+        str, typer.Option(help="predictive, reactive or static-peak.")
+    ] = "predictive",
     seed: Annotated[int, typer.Option(help="Same seed, same report, byte for byte.")] = 1,
     report: Annotated[Path | None, typer.Option(help="Write the full report (JSON).")] = None,
 ) -> None:
@@ -457,8 +465,9 @@ def simulate(
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if autoscaler not in AUTOSCALERS:
-        raise ConfigError(f"unknown autoscaler {autoscaler!r}; choose one of "
-                          f"{', '.join(AUTOSCALERS)}")
+        raise ConfigError(
+            f"unknown autoscaler {autoscaler!r}; choose one of {', '.join(AUTOSCALERS)}"
+        )
     spec = load_scenario(scenario)
     started = time.perf_counter()
     with console.status(f"simulating {spec.name}…"):
@@ -467,12 +476,14 @@ def simulate(
     if report is not None:
         report.write_text(dumps(result))
     lat = result["latency_ms"]
-    typer.echo(f"{spec.name} policy={policy} autoscaler={autoscaler} seed={seed}: "
-               f"{result['requests']} requests, SLO met {result['slo_met_fraction']:.4%} "
-               f"(feasible {result['feasible_fraction']:.4%}), p50 {lat['p50']:.1f} ms, "
-               f"p99 {lat['p99']:.1f} ms, offloaded {result['offload_fraction']:.1%}, "
-               f"cloud {result['cloud_gpu_seconds']:.0f} GPU-s, "
-               f"{result['requests'] / wall:,.0f} simulated requests/s")
+    typer.echo(
+        f"{spec.name} policy={policy} autoscaler={autoscaler} seed={seed}: "
+        f"{result['requests']} requests, SLO met {result['slo_met_fraction']:.4%} "
+        f"(feasible {result['feasible_fraction']:.4%}), p50 {lat['p50']:.1f} ms, "
+        f"p99 {lat['p99']:.1f} ms, offloaded {result['offload_fraction']:.1%}, "
+        f"cloud {result['cloud_gpu_seconds']:.0f} GPU-s, "
+        f"{result['requests'] / wall:,.0f} simulated requests/s"
+    )
 
 
 # -- entry points -----------------------------------------------------------------------

@@ -35,7 +35,9 @@ class _Strict(BaseModel):
 
 
 class BrokerConfig(_Strict):
-    policy: Literal["deadline", "round-robin", "least-connection", "weighted"] = "deadline"
+    policy: Literal["deadline", "round-robin", "least-connection", "weighted", "power-of-two"] = (
+        "deadline"  # cloud_broker.placement.POLICIES; a unit test keeps the two equal
+    )
     margin: float = Field(0.9, gt=0, le=1, description="plan to finish within margin × budget")
     node_timeout_s: float = Field(5.0, gt=0, description="a node silent this long is dead")
     replay_window_s: float = Field(60.0, gt=0)

@@ -89,3 +89,12 @@ def test_service_time_estimator() -> None:
         s.observe(100.0 if i % 20 == 19 else 10.0)
     assert 10 <= s.mean_ms < 60 and s.p95_ms == 100.0
     assert percentile([1, 2, 3, 4], 50) == 2 and percentile([], 99) == 0.0
+
+
+def test_config_accepts_exactly_the_placement_policies() -> None:
+    import typing
+
+    from cloud_broker.placement import POLICIES
+    from skyhop.home import BrokerConfig
+
+    assert typing.get_args(BrokerConfig.model_fields["policy"].annotation) == POLICIES

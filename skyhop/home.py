@@ -76,7 +76,7 @@ prefix = "skyhop/v1/"
 # catalog = "/etc/skyhop/catalog.toml"   # your own models; default: the bundled catalog
 
 [broker]
-policy = "deadline"        # deadline | round-robin | least-connection | weighted
+policy = "deadline"        # deadline | round-robin | least-connection | weighted | power-of-two
 margin = 0.9               # plan to finish within margin × budget
 node_timeout_s = 5.0       # a node that has not reported for this long is dead
 replay_window_s = 60.0

@@ -135,13 +135,18 @@ def markdown(results: list[dict], g: dict[str, Any], seed: int) -> str:  # type:
 
 
 def plots(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
+    plot_slo(results, out)
+    plot_pools(results, out)
+
+
+def plot_slo(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scenarios = sorted({r["scenario"] for r in results}, key=_order)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     width = 0.8 / len(POLICIES)
     for i, p in enumerate(POLICIES):
         ys = [find(results, s, p)["slo_met_fraction"] for s in scenarios]
@@ -150,11 +155,19 @@ def plots(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
     ax.set_ylabel("SLO met (fraction of requests)")
     ax.set_ylim(0, 1.02)
     ax.set_title("SLO attainment per placement policy (predictive autoscaler)")
-    ax.legend(fontsize=8, ncol=len(POLICIES), loc="lower center")
+    ax.legend(fontsize=8, ncol=len(POLICIES), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(out / "policies_slo.png", dpi=120)
     plt.close(fig)
-    for s in scenarios:
+
+
+def plot_pools(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for s in sorted({r["scenario"] for r in results}, key=_order):
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
         series = find(results, s)["series"]
         t = series["t_s"]

@@ -10,8 +10,9 @@ Policies (``ScaleConfig.policy``):
 
 - ``predictive`` (default): forecast each model's cloud demand with Holt's linear
   (trend-aware) smoothing, damped, ``lead`` = the measured cold start + one interval
-  ahead; a rise in *all* of a model's requests counts as cloud demand too, because the
-  edges absorb a crowd's start and overflow later, at once. Size the pool with an M/M/c
+  ahead; half the expected rise in *all* of a model's requests counts as cloud demand
+  too (``early_warning``), because the edges absorb a crowd's start and overflow later,
+  at once. Size the pool with an M/M/c
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
   slack (margin × budget − p95 service − network), with ``headroom``; scale up at
   once, scale down only after ``downscale_delay_ms`` below target by more than the
@@ -79,6 +80,10 @@ class ScaleConfig:
     alpha: float = 0.5  # level smoothing
     beta: float = 0.3  # trend smoothing
     damping: float = 0.95  # trend damping per interval (a slope counts ~20 intervals at most)
+    # Share of the expected rise in *all* of a model's requests counted as cloud demand:
+    # 1 holds the SLO through any ramp, 0 waits for the cloud to see the overflow;
+    # docs/performance.md measures the trade-off.
+    early_warning: float = 0.5
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
     downscale_delay_ms: float = 60_000.0
     hysteresis: float = 0.1  # scale down only when the need is this share below target
@@ -193,12 +198,12 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     step_s = cfg.interval_ms / 1000
 
     # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
-    # So the rise expected in *all* requests by the time a worker started now is up is
-    # counted as cloud demand too. (Crediting the edges' idle capacity against it was
-    # tried: it saved money and lost SLO on bursty load, see docs/simulator.md.)
+    # So part of the rise expected in *all* requests by the time a worker started now is
+    # up is counted as cloud demand too. (Crediting the edges' idle capacity against it
+    # was tried: it saved money and lost SLO on bursty load, see docs/simulator.md.)
     def rate(m: ModelDemand) -> float:
         cloud = demand[m.model]
-        rise = arrivals[m.model].rise(ahead_s, step_s, cfg.damping)
+        rise = cfg.early_warning * arrivals[m.model].rise(ahead_s, step_s, cfg.damping)
         return max(cloud.forecast(ahead_s, step_s, cfg.damping), max(0.0, cloud.level) + rise)
 
     rates = {m.model: rate(m) for m in ctx.models}
@@ -314,11 +319,11 @@ def _reactive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     if wish == target:
         return target, replace(state, above_since_ms=None, below_since_ms=None)
     grow = wish > target
-    since_field = "above_since_ms" if grow else "below_since_ms"
-    other = "below_since_ms" if grow else "above_since_ms"
-    since = getattr(state, since_field)
+    since = state.above_since_ms if grow else state.below_since_ms
     since = now if since is None else since
     delay = cfg.upscale_delay_ms if grow else cfg.reactive_downscale_delay_ms
     if now - since >= delay:
         return wish, replace(state, target=wish, above_since_ms=None, below_since_ms=None)
-    return target, replace(state, **{since_field: since, other: None})
+    if grow:
+        return target, replace(state, above_since_ms=since, below_since_ms=None)
+    return target, replace(state, above_since_ms=None, below_since_ms=since)

@@ -27,6 +27,7 @@ import heapq
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -158,11 +159,11 @@ class Simulation:
     def run(self) -> dict[str, Any]:
         """Run to the end (every request answered) and return the report."""
         self._start()
-        handlers = {ARRIVE: self._arrive, RECV: self._recv, DONE: self._done,
-                    REPLY: self._reply, LOAD: self._load, STATUS: self._status,
-                    TICK: self._tick, AUTOSCALE: self._autoscale, READY: self._ready,
-                    FAIL: self._fail, RECOVER: self._recover, SAMPLE: self._sample,
-                    BROKER_LOAD: self._broker_load}
+        handlers: dict[int, Callable[[Any, Any], None]] = {
+            ARRIVE: self._arrive, RECV: self._recv, DONE: self._done, REPLY: self._reply,
+            LOAD: self._load, STATUS: self._status, TICK: self._tick,
+            AUTOSCALE: self._autoscale, READY: self._ready, FAIL: self._fail,
+            RECOVER: self._recover, SAMPLE: self._sample, BROKER_LOAD: self._broker_load}
         end = self.s.duration_s * 1000
         q, pop = self.q, heapq.heappop
         while q:
@@ -390,8 +391,9 @@ class Simulation:
             mean, p95 = self.fleet.priors.get(c.gpu, m.name)
             rtt, per_byte = idx_network
             network = rtt + (m.request_kb + m.reply_kb) * 1000 * per_byte
-            out.append(ModelDemand(m.name, self.demand[m.name], self.arrived[m.name], mean, p95,
-                                   m.budget_ms, network))
+            out.append(ModelDemand(model=m.name, cloud_requests=self.demand[m.name],
+                                   requests=self.arrived[m.name], service_ms=mean, p95_ms=p95,
+                                   budget_ms=m.budget_ms, network_ms=network))
         return tuple(out)
 
     def _cloud_link(self) -> tuple[float, float]:

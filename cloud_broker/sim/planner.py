@@ -100,8 +100,9 @@ def _cloud_rates(s: Scenario, rates: dict[str, float], alive: dict[str, float],
 def _workers(s: Scenario, cloud: dict[str, float], margin: float) -> int:
     c = s.cloud
     demand = tuple(
-        ModelDemand(m.name, 0, m.service_ms / c.speed, m.service_ms / c.speed * (1 + P95_Z * m.cv),
-                    m.budget_ms, c.rtt_ms + (m.request_kb + m.reply_kb) * 8 / c.bandwidth_mbps)
+        ModelDemand(model=m.name, cloud_requests=0, service_ms=m.service_ms / c.speed,
+                    p95_ms=m.service_ms / c.speed * (1 + P95_Z * m.cv), budget_ms=m.budget_ms,
+                    network_ms=c.rtt_ms + (m.request_kb + m.reply_kb) * 8 / c.bandwidth_mbps)
         for m in s.models)
     cfg = ScaleConfig(margin=margin, max_size=c.max_gpus)
     return workers_needed(demand, cloud, c.concurrency, cfg)

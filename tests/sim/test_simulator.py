@@ -14,7 +14,8 @@ import pytest
 import cloud_broker.broker as broker
 import cloud_broker.placement as placement
 import cloud_broker.sim.engine as engine
-from cloud_broker.sim import BUILTIN, dumps, load_scenario, simulate
+from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
+from cloud_broker.sim import BUILTIN, Scenario, dumps, load_scenario, simulate
 from cloud_broker.sim.arrivals import make_process
 from cloud_broker.sim.planner import static_peak_size
 from cloud_broker.sim.scenario import Flash, Mmpp, Poisson
@@ -109,6 +110,26 @@ def test_builtin_scenarios_have_the_promised_size(name: str) -> None:
     assert len(spec.models) == 3 and len({m.budget_ms for m in spec.models}) >= 2
     assert expected_requests(spec) >= 100_000
     assert spec.cloud.min_gpus <= static_peak_size(spec) <= spec.cloud.max_gpus
+
+
+def test_static_peak_planner() -> None:
+    """With no edges the planner is the autoscaler's queueing model at the peak rate; edges
+    that can make the budget take load off the cloud; more load needs more workers."""
+    base = {"name": "p", "duration_s": 100, "cloud": {"speed": 2.0, "concurrency": 2,
+                                                       "rtt_ms": 5.0, "max_gpus": 100},
+            "models": [{"name": "m", "budget_ms": 400, "service_ms": 100, "cv": 0.2,
+                        "request_kb": 0, "reply_kb": 0}]}
+
+    def size(rate: float, edges: int = 0) -> int:
+        spec = Scenario.model_validate(base | {
+            "arrivals": [{"kind": "poisson", "model": "m", "rate": rate}],
+            "edges": [{"gpu": "e", "count": edges, "speed": 1.0}] if edges else []})
+        return static_peak_size(spec)
+
+    demand = ModelDemand(model="m", cloud_requests=0, service_ms=50, p95_ms=50 * 1.33,
+                         budget_ms=400, network_ms=5)
+    assert size(100) == workers_needed((demand,), {"m": 100.0}, 2, ScaleConfig())
+    assert size(100, edges=20) < size(100) < size(200)
 
 
 def test_bad_scenarios_fail_with_one_line(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ from cloud_broker.sim import load_scenario, simulate
 COLD_STARTS = (15.0, 30.0, 45.0, 60.0)
 HYSTERESIS = ((0.0, 0.0), (0.15, 0.0), (0.15, 3_000.0), (0.15, 10_000.0))
 # (early_warning, downscale_delay_ms) of the predictive autoscaler, on three scenarios
-PREDICTIVE = ((1.0, 60_000.0), (0.5, 60_000.0), (0.5, 30_000.0), (0.0, 60_000.0))
+PREDICTIVE = ((1.0, 30_000.0), (1.0, 60_000.0), (0.5, 30_000.0), (0.5, 60_000.0),
+              (0.0, 30_000.0))
 PREDICTIVE_SCENARIOS = ("bursty", "flash-crowd", "diurnal")
 
 

@@ -10,9 +10,9 @@ Policies (``ScaleConfig.policy``):
 
 - ``predictive`` (default): forecast each model's cloud demand with Holt's linear
   (trend-aware) smoothing, damped, ``lead`` = the measured cold start + one interval
-  ahead; half the expected rise in *all* of a model's requests counts as cloud demand
-  too (``early_warning``), because the edges absorb a crowd's start and overflow later,
-  at once. Size the pool with an M/M/c
+  ahead; the expected rise in *all* of a model's requests counts as cloud demand too
+  (``early_warning``), because the edges absorb a crowd's start and overflow later, at
+  once. Size the pool with an M/M/c
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
   slack (margin × budget − p95 service − network), with ``headroom``; scale up at
   once, scale down only after ``downscale_delay_ms`` below target by more than the
@@ -81,11 +81,11 @@ class ScaleConfig:
     beta: float = 0.3  # trend smoothing
     damping: float = 0.95  # trend damping per interval (a slope counts ~20 intervals at most)
     # Share of the expected rise in *all* of a model's requests counted as cloud demand:
-    # 1 holds the SLO through any ramp, 0 waits for the cloud to see the overflow;
-    # docs/performance.md measures the trade-off.
-    early_warning: float = 0.5
+    # 1 holds the SLO through a ramp whatever the cold start; less saves GPU-seconds and
+    # loses SLO when bursts or cold starts are long (docs/performance.md, Sensitivity).
+    early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
-    downscale_delay_ms: float = 60_000.0
+    downscale_delay_ms: float = 30_000.0
     hysteresis: float = 0.1  # scale down only when the need is this share below target
     # reactive (Ray Serve defaults where it has them)
     target_utilization: float = 0.7
@@ -198,9 +198,9 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     step_s = cfg.interval_ms / 1000
 
     # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
-    # So part of the rise expected in *all* requests by the time a worker started now is
-    # up is counted as cloud demand too. (Crediting the edges' idle capacity against it
-    # was tried: it saved money and lost SLO on bursty load, see docs/simulator.md.)
+    # So the rise expected in *all* requests by the time a worker started now is up is
+    # counted as cloud demand too (``early_warning`` of it). Crediting the edges' idle
+    # capacity against it was tried: it saved money and lost SLO on bursty load.
     def rate(m: ModelDemand) -> float:
         cloud = demand[m.model]
         rise = cfg.early_warning * arrivals[m.model].rise(ahead_s, step_s, cfg.damping)

@@ -16,9 +16,19 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from dataclasses import replace
 
+from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, Decision, PlacementState, place
+from cloud_broker.pool import PoolBackend, Worker, plan
+from cloud_broker.scaling import (
+    DemandCounter,
+    reason,
+    scale_config,
+    scale_context,
+    wanted_cloud,
+)
 from cloud_broker.tracker import Pending, Tracker
 from skyhop.envelope import error_reply, peek_reply, peek_request
 from skyhop.errors import ErrorCode, ProtocolError
@@ -50,6 +60,7 @@ class Broker:
         broker_id: str | None = None,
         seed: int | None = None,
         tls: object | None = None,
+        pool: PoolBackend | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
         self.topics = topics or Topics()
@@ -70,6 +81,26 @@ class Broker:
         self._ticker: threading.Thread | None = None
         kwargs = {"tls": tls} if tls is not None else {}
         self.bus = Bus(mqtt_url, self.broker_id, **kwargs)
+        # The cloud pool, when this broker sizes one (docs/architecture.md).
+        self.pool = pool
+        self.demand = DemandCounter()
+        self.scaling = scale_config(self.config.autoscale, self.config.margin)
+        self._scale_state: ScaleState | None = None
+        self._next_scale_ms = 0.0  # the first call sizes the pool at once (min_size)
+        # What the pool gauges read: scrapes come from another thread, so they read
+        # these numbers, refreshed by the ticker, rather than the pool itself.
+        self.pool_gauges = dict.fromkeys(
+            ("target", "ready", "starting", "stopping", "last_cold_start_seconds"), 0.0
+        )
+        if pool is not None:
+            for name in self.pool_gauges:
+                self.metrics.gauge(f"pool_{name}", lambda n=name: self.pool_gauges[n])
+            for counter in ("pool_worker_crashes_total", "pool_workers_started_total",
+                            "pool_workers_stopped_total"):
+                self.metrics.inc(counter, 0)  # scraped as 0 rather than missing
+            # Known before any worker is up: a request for them is UNAVAILABLE (the pool
+            # will serve it), not UNKNOWN_MODEL.
+            self.fleet.known_models.update(pool.models)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -90,6 +121,8 @@ class Broker:
         if self._ticker:
             self._ticker.join(timeout=5)
         self.bus.stop()
+        if self.pool is not None:
+            self.pool.close()  # after the bus: no handler can touch the pool any more
 
     def _guard(self, handler):  # type: ignore[no-untyped-def]
         """Run a handler under the lock; a bug costs one message, never the thread."""
@@ -154,6 +187,10 @@ class Broker:
             margin=self.config.margin,
             state=self._placement_state,
         )
+        if p.attempt == 0:  # demand is counted once per request, as the simulator does
+            models = self.pool.models if self.pool is not None else ()
+            wanted = wanted_cloud(decision, p.header.model, models, int(self.pool_gauges["ready"]))
+            self.demand.request(p.header.model, p.header.budget_ms, wanted)
         if not decision.placed:
             code = decision.code or ErrorCode.INTERNAL
             if after is not None and code == ErrorCode.UNAVAILABLE:
@@ -196,7 +233,10 @@ class Broker:
             self.metrics.inc("late_replies_total")  # answered already (deadline or re-dispatch)
             return
         network = now - p.dispatched_ms - header.queue_ms - header.service_ms
-        self._release(p, network if header.ok else None, p.header.size + len(msg.payload))
+        size = p.header.size + len(msg.payload)
+        self._release(p, network if header.ok else None, size)
+        if header.ok:
+            self.demand.reply(p.header.model, size)
         if not header.ok and ErrorCode(header.status) in RETRYABLE and p.remaining_ms(now) > 0:
             self.tracker.accept(p)
             self.metrics.inc("redispatched_total", reason=header.status)
@@ -248,7 +288,9 @@ class Broker:
         if not self._from_its_node(msg, status.node):
             return
         if self.fleet.on_status(status, _now_ms()):
-            log.warning("node %s went offline (session %d)", status.node, status.session)
+            stopped = self.pool is not None and status.node in self.pool.stopping()
+            level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
+            log.log(level, "node %s went offline (session %d)", status.node, status.session)
             self._rescue(status.node)
         elif status.online:
             log.info(
@@ -257,6 +299,8 @@ class Broker:
                 status.role,
                 ",".join(status.models),
             )
+            if self.pool is not None:
+                self._pool_born(status.node)
 
     def _on_load(self, msg: Message) -> None:
         if msg.payload:
@@ -314,6 +358,8 @@ class Broker:
                 f"no reply within {p.header.budget_ms:.0f} ms"
                 + (f" from node {p.node}" if p.node else ""),
             )
+        if self.pool is not None:
+            self._pool_tick(now)
         if now >= next_status:
             self.bus.publish(self.topics.broker_status, packb(self.status(now)), qos=0, retain=True)
             next_status = now + self.config.status_interval_s * 1000
@@ -334,6 +380,7 @@ class Broker:
             "pending": len(self.tracker),
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
             "placements": dict(self.where),
+            **({"pool": self._pool_status()} if self.pool is not None else {}),
             "nodes": [
                 {
                     "node": v.node,
@@ -352,4 +399,83 @@ class Broker:
                 }
                 for v in sorted(self.fleet.nodes.values(), key=lambda v: v.node)
             ],
+        }
+
+    # -- cloud pool ---------------------------------------------------------------------
+
+    def _pool_tick(self, now: float) -> None:
+        """Notice lost workers and finish stops every tick; size the pool every interval."""
+        assert self.pool is not None
+        lost = self.pool.poll(now)  # the pool logs each, with its exit code
+        self.metrics.inc("pool_worker_crashes_total", len(lost))
+        if now >= self._next_scale_ms:
+            self._next_scale_ms = now + self.scaling.interval_ms
+            self._scale(now)
+        ready, starting = self._pool_counts()
+        self.pool_gauges.update(ready=ready, starting=starting,
+                                stopping=len(self.pool.stopping()))
+
+    def _pool_counts(self) -> tuple[int, int]:
+        assert self.pool is not None
+        workers = self.pool.workers()
+        ready = sum(w.ready for w in workers)
+        return ready, len(workers) - ready
+
+    def _scale(self, now: float) -> None:
+        """One autoscaler call: what was counted since the last one in, workers out."""
+        assert self.pool is not None
+        workers = self.pool.workers()
+        busy = {w.name: v.outstanding for w in workers if (v := self.fleet.nodes.get(w.name))}
+        ctx = self._scale_context(now, workers, busy)
+        old = self._scale_state.target if self._scale_state else ctx.pool.size
+        target, self._scale_state = scale(ctx, self._scale_state)
+        self.pool_gauges["target"] = target
+        self._resize(target, workers, busy, now)
+        if target != old:
+            self.metrics.inc("pool_scale_events_total", direction="up" if target > old else "down")
+            ready, starting = self._pool_counts()
+            why = reason(ctx, old, target, self._scale_state)
+            log.info("scale target=%d ready=%d starting=%d reason=%s", target, ready, starting, why)
+
+    def _scale_context(self, now: float, workers: list[Worker],
+                       busy: dict[str, int]) -> ScaleContext:
+        assert self.pool is not None
+        ongoing = sum(busy.get(w.name, 0) for w in workers if w.ready)
+        view = replace(self.pool.view(), ongoing=ongoing)
+        counts = self.demand.take(self.fleet.known_models)
+        return scale_context(now, counts, self.fleet, self.sla, view, self.scaling)
+
+    def _resize(self, target: int, workers: list[Worker], busy: dict[str, int],
+                now: float) -> None:
+        assert self.pool is not None
+        start, stop = plan(target, workers, busy)
+        self.pool.stop(stop, now)
+        started = self.pool.start(start, now)
+        self.metrics.inc("pool_workers_started_total", len(started))
+        self.metrics.inc("pool_workers_stopped_total", len(stop))
+        if stop or started:
+            log.info("pool: started %s, stopping %s", started or "none", stop or "none")
+
+    def _pool_born(self, node: str) -> None:
+        assert self.pool is not None
+        cold_ms = self.pool.born(node, _now_ms())
+        if cold_ms is not None:
+            self.pool_gauges["last_cold_start_seconds"] = cold_ms / 1000
+            log.info("pool worker %s ready after a %.1f s cold start", node, cold_ms / 1000)
+
+    def _pool_status(self) -> dict[str, object]:
+        assert self.pool is not None
+        g = self.pool_gauges
+        return {
+            "backend": self.pool.kind,
+            "policy": self.scaling.policy,
+            "target": int(g["target"]),
+            "min_size": self.scaling.min_size,
+            "max_size": self.scaling.max_size,
+            "ready": int(g["ready"]),
+            "starting": int(g["starting"]),
+            "stopping": int(g["stopping"]),
+            "crashes": int(self.metrics.get("pool_worker_crashes_total")),
+            "last_cold_start_ms": round(g["last_cold_start_seconds"] * 1000, 1),
+            "workers": [{"node": w.name, "ready": w.ready} for w in self.pool.workers()],
         }

@@ -10,14 +10,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from skyhop.errors import ConfigError, RemoteError, SkyhopError, TransportError
-from skyhop.home import Home, default_home
+from skyhop.home import AutoscaleConfig, BrokerConfig, Home, default_home, updated
+
+if TYPE_CHECKING:
+    from cloud_broker.pool import PoolBackend
 
 app = typer.Typer(
     help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, over MQTT 5.",
@@ -120,10 +124,29 @@ def broker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Cloud GPU pool to size with the autoscaler: none (cloud agents are "
+            "started by hand) or local (cloud agents started and stopped here as "
+            "`skyhop agent --role cloud` processes, logs in HOME/logs/pool/). "
+            "Default: \\[broker.autoscale] backend in the home's config, else none."
+        ),
+    ] = None,
+    pool_models: Annotated[
+        str | None,
+        typer.Option(
+            help="Models a pool worker serves, comma-separated. "
+            "Default: \\[broker.autoscale] models."
+        ),
+    ] = None,
     identity: Annotated[str, _identity("broker")] = "broker",
     log_level: LogOpt = "info",
 ) -> None:
-    """Run the orchestrator: place each request on an edge or cloud node, within its budget."""
+    """Run the orchestrator: place each request on an edge or cloud node, within its budget.
+
+    With --pool local it also starts, sizes and stops cloud workers on this machine.
+    """
     from cloud_broker.broker import Broker
     from cloud_broker.placement import POLICIES
 
@@ -133,18 +156,46 @@ def broker(
     if policy is not None and policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     bcfg = cfg.broker.model_copy(update={"policy": policy}) if policy else cfg.broker
+    bcfg = _with_pool(bcfg, pool, pool_models)
     from skyhop.topics import Topics
 
     url = _mqtt(h, mqtt)
     tls = h.tls(url, identity)
+    backend = _pool_backend(h, url, bcfg.autoscale)
     # Over mqtts the ACL lets a broker read only broker/<its CN>/replies.
     b = Broker(
-        url, config=bcfg, topics=Topics(cfg.prefix), tls=tls, broker_id=identity if tls else None
+        url,
+        config=bcfg,
+        topics=Topics(cfg.prefix),
+        tls=tls,
+        broker_id=identity if tls else None,
+        pool=backend,
     )
     b.start()
     if metrics_port:
         b.metrics.serve(metrics_port)
     _run_until_signal(b.stop)
+
+
+def _with_pool(bcfg: BrokerConfig, pool: str | None, models: str | None) -> BrokerConfig:
+    """The broker config with the --pool and --pool-models overrides, validated."""
+    changes: dict[str, object] = {}
+    if pool is not None:
+        changes["backend"] = pool
+    if models is not None:
+        changes["models"] = [m for m in models.split(",") if m]
+    if not changes:
+        return bcfg
+    autoscale = updated(bcfg.autoscale, "--pool/[broker.autoscale]", **changes)
+    return bcfg.model_copy(update={"autoscale": autoscale})
+
+
+def _pool_backend(h: Home, url: str, cfg: AutoscaleConfig) -> PoolBackend | None:
+    if cfg.backend == "none":
+        return None
+    from cloud_broker.pool import LocalProcessPool
+
+    return LocalProcessPool.from_home(h, url, cfg)
 
 
 @app.command()
@@ -206,7 +257,11 @@ def infer(
         float | None,
         typer.Option(help="Latency budget. Default: the model's SLA, else the catalog's default."),
     ] = None,
-    priority: Annotated[int, typer.Option(help="0 (normal) to 7 (most urgent).")] = 0,
+    priority: Annotated[
+        int | None,
+        typer.Option(min=0, max=7, help="0 (normal) to 7 (most urgent). Default: the model's "
+                     "SLA, else 0."),
+    ] = None,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
     identity: Annotated[str, _identity("client")] = "client",
@@ -493,13 +548,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except RemoteError as exc:
-        console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        console.print(f"[red]error[/red] {exc.code}: {escape(exc.message)}")
         raise SystemExit(2) from None
     except (ConfigError, TransportError) as exc:
-        console.print(f"[red]error[/red] {exc}")
+        console.print(f"[red]error[/red] {escape(str(exc))}")  # [table] is no markup
         raise SystemExit(1) from None
     except SkyhopError as exc:
-        console.print(f"[red]error[/red] {exc}")
+        console.print(f"[red]error[/red] {escape(str(exc))}")  # [table] is no markup
         raise SystemExit(1) from None
     except typer.Abort:
         raise SystemExit(130) from None

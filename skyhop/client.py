@@ -111,15 +111,25 @@ class Client:
             f"(skyhop sla set {model} --budget-ms N)"
         )
 
+    def priority_for(self, model: str, priority: int | None) -> int:
+        """The caller's priority, else the model's SLA priority, else 0 (normal)."""
+        if priority is not None:
+            return priority
+        sla = self.sla.get(model)
+        return sla.priority if sla is not None else 0
+
     def submit(
         self,
         model: str,
         inputs: dict[str, np.ndarray],
         *,
         budget_ms: float | None = None,
-        priority: int = 0,
+        priority: int | None = None,
     ) -> Future[Result]:
-        """Publish one request; the future resolves to a Result or raises RemoteError."""
+        """Publish one request; the future resolves to a Result or raises RemoteError.
+
+        Without ``budget_ms`` / ``priority`` the model's SLA (``skyhop sla set``) gives them.
+        """
         budget = self.budget_for(model, budget_ms)
         body = encode_body("inputs", inputs)
         header = RequestHeader(
@@ -130,7 +140,7 @@ class Client:
             kid=self.fleet_key.kid,
             size=body_size(len(body)),
             reply=self.reply_topic,
-            priority=priority,
+            priority=self.priority_for(model, priority),
         )
         envelope, key = seal_request(header, body, self.fleet_key)
         return self.send_sealed(header, envelope, key)
@@ -162,7 +172,7 @@ class Client:
         inputs: dict[str, np.ndarray],
         *,
         budget_ms: float | None = None,
-        priority: int = 0,
+        priority: int | None = None,
     ) -> Result:
         """Run one request and wait for its result (or its RemoteError)."""
         return self.submit(model, inputs, budget_ms=budget_ms, priority=priority).result()

@@ -15,23 +15,74 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from skyhop.envelope import FleetKeyPair, FleetPublicKey
 from skyhop.errors import ConfigError
 from skyhop.models import Catalog, load_catalog
 from skyhop.mqtt import MqttUrl, TlsFiles
-from skyhop.topics import DEFAULT_PREFIX
+from skyhop.topics import DEFAULT_PREFIX, check_name
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_S = TypeVar("_S", bound=_Strict)
+
+
+class AutoscaleConfig(_Strict):
+    """The cloud GPU pool the broker sizes with ``cloud_broker.autoscaler.scale()``.
+
+    The fields shared with ``ScaleConfig`` keep its defaults (a unit test checks it),
+    except ``max_size``: a local pool's workers share this machine.
+    """
+
+    backend: Literal["none", "local"] = Field(
+        "none", description="none: cloud workers are started by hand; local: as processes here"
+    )
+    policy: Literal["predictive", "reactive", "static-peak"] = (
+        "predictive"  # cloud_broker.autoscaler.AUTOSCALERS; a unit test keeps the two equal
+    )
+    models: list[str] = Field([], description="the models a pool worker serves")
+    min_size: int = Field(1, ge=0)
+    max_size: int = Field(4, ge=0)
+    static_size: int = Field(0, ge=0, description="the fixed size of policy static-peak")
+    interval_ms: float = Field(5_000.0, gt=0, description="how often the pool is sized")
+    slots: int = Field(1, ge=1, le=64, description="requests a worker runs at once")
+    scale_to_zero: bool = False
+    idle_to_zero_ms: float = Field(300_000.0, ge=0)
+    downscale_delay_ms: float = Field(30_000.0, ge=0)
+    price_per_gpu_hour: float = Field(1.0, ge=0)
+    cost_cap_per_hour: float | None = Field(None, ge=0)
+    cold_start_prior_ms: float = Field(
+        60_000.0, ge=0, description="assumed until a worker's cold start is measured"
+    )
+    worker_prefix: str = Field("pool", description="workers are named PREFIX-1, PREFIX-2, …")
+    stop_grace_s: float = Field(10.0, gt=0, description="SIGKILL a stopped worker after this")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AutoscaleConfig:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
+        if self.backend == "local" and not self.models:
+            raise ValueError(
+                'the local pool needs the models its workers serve: models = ["digits"] '
+                "under [broker.autoscale], or skyhop broker --pool-models digits"
+            )
+        if self.policy == "static-peak" and not self.static_size:
+            raise ValueError("policy static-peak needs static_size, the pool's fixed size")
+        try:
+            check_name("worker prefix", self.worker_prefix)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class BrokerConfig(_Strict):
@@ -45,6 +96,7 @@ class BrokerConfig(_Strict):
     reply_grace_ms: float = Field(
         250.0, ge=0, description="wait this long past a deadline before answering it"
     )
+    autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
 class AgentConfig(_Strict):
@@ -82,6 +134,22 @@ node_timeout_s = 5.0       # a node that has not reported for this long is dead
 replay_window_s = 60.0
 status_interval_s = 1.0
 reply_grace_ms = 250.0
+
+# The cloud GPU pool the broker scales (docs/architecture.md, The live cloud pool).
+# Uncomment to change; `skyhop broker --pool local --pool-models digits` overrides.
+# [broker.autoscale]
+# backend = "none"             # none | local (cloud workers as `skyhop agent --role cloud` here)
+# policy = "predictive"        # predictive | reactive | static-peak
+# models = ["digits"]          # what a pool worker serves (backend = "local" needs it)
+# min_size = 1
+# max_size = 4
+# interval_ms = 5000.0         # how often the pool is sized
+# slots = 1                    # requests a worker runs at once (its agent --concurrency)
+# scale_to_zero = false
+# downscale_delay_ms = 30000.0
+# cold_start_prior_ms = 60000.0  # assumed until a cold start is measured
+# cost_cap_per_hour = 4.0      # with price_per_gpu_hour = 1.0
+# worker_prefix = "pool"       # workers are pool-1, pool-2, …
 
 [agent]
 queue_capacity = 64
@@ -247,5 +315,19 @@ class WorkerKeys:
     retired: frozenset[str] = frozenset()
 
 
+def updated(config: _S, where: str, **changes: object) -> _S:
+    """``config`` with ``changes``, validated again (``model_copy`` does not validate);
+    a bad value is a ConfigError that names the field under ``where``."""
+    try:
+        return type(config).model_validate({**config.model_dump(), **changes})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_pretty(exc)}") from None
+
+
 def _pretty(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return "; ".join(_one(e["loc"], e["msg"]) for e in exc.errors())
+
+
+def _one(loc: tuple[int | str, ...], msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")  # our own validators' messages read on their own
+    return f"{'.'.join(str(p) for p in loc)}: {msg}" if loc else msg

@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from skyhop.errors import ConfigError
 from skyhop.home import Home
@@ -43,12 +45,7 @@ class LocalStack:
         self.stop()
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "skyhop", *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-        self.procs[name] = proc
+        proc = self.procs[name] = spawn(args, self.log_dir / f"{name}.log")
         return proc
 
     def credentials(self, name: str, role: str) -> None:
@@ -80,23 +77,8 @@ class LocalStack:
         mqtt_url: str | None = None,
     ) -> subprocess.Popen[bytes]:
         self.credentials(node_id, role)
-        return self._spawn(
-            node_id,
-            [
-                "agent",
-                "--mqtt",
-                mqtt_url or self.mqtt_url,
-                "--home",
-                str(self.home.path),
-                "--node-id",
-                node_id,
-                "--models",
-                ",".join(models),
-                "--role",
-                role,
-                *extra,
-            ],
-        )
+        url = mqtt_url or self.mqtt_url
+        return self._spawn(node_id, agent_args(self.home, url, node_id, models, role, *extra))
 
     def watcher(self) -> StatusWatcher:
         if self._watcher is None:
@@ -137,13 +119,53 @@ class LocalStack:
         if self._watcher:
             self._watcher.stop()
             self._watcher = None
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.procs.values(), grace_s=10)
         self.procs.clear()
+
+
+def spawn(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``python -m skyhop ARGS`` with its output appended to ``log_path``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "skyhop", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **popen,
+        )
+
+
+def terminate(procs: Iterable[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process (a clean exit: an agent publishes its own death), wait up
+    to ``grace_s`` for each, then SIGKILL what is left; all are reaped on return."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def agent_args(
+    home: Home, mqtt_url: str, node_id: str, models: Sequence[str], role: str, *extra: str
+) -> list[str]:
+    """The ``skyhop`` arguments that run one agent from ``home``."""
+    return [
+        "agent",
+        "--mqtt",
+        mqtt_url,
+        "--home",
+        str(home.path),
+        "--node-id",
+        node_id,
+        "--models",
+        ",".join(models),
+        "--role",
+        role,
+        *extra,
+    ]

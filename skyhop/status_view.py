@@ -22,6 +22,12 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
         f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
         f"placements {status.get('placements', {})}"
     )
+    pool = status.get("pool")
+    if pool:
+        caption += (
+            f"\npool {pool['ready']} ready + {pool['starting']} starting, target "
+            f"{pool['target']} ({pool['min_size']}-{pool['max_size']}, {pool['policy']})"
+        )
     table = Table(title=title, caption=caption)
     table.add_column("node", no_wrap=True)  # the one column an operator greps for
     for name in ("role", "live", "device", "queue", "in flight", "util", "rtt ms"):

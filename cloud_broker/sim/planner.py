@@ -5,6 +5,10 @@ high state), the edges alive then, a fluid split of the load over edge classes t
 meet each budget (at most ``EDGE_UTILISATION`` busy, slowest class first, as the
 ``deadline`` policy fills them), and the rest sized for the cloud with the same queueing
 model the predictive autoscaler uses. The pool is the largest of those sizes.
+
+The same per-second need gives a clairvoyant bound (``oracle_gpu_seconds``): a pool that
+knew the future and started in no time. No autoscaler reaches it; the benchmark shows it
+beside the others, so that "x % of static-peak" can be read against what was possible.
 """
 
 from __future__ import annotations
@@ -20,13 +24,26 @@ P95_Z = 1.65  # p95 of a lognormal service ≈ mean × (1 + 1.65 cv) for small c
 
 
 def static_peak_size(s: Scenario, margin: float = 0.9) -> int:
+    return _bounded(s, max(needs_per_second(s, margin)))
+
+
+def oracle_gpu_seconds(s: Scenario, margin: float = 0.9) -> float:
+    """GPU-seconds of a pool holding exactly each second's need, never below ``min_gpus``."""
+    return float(sum(_bounded(s, n) for n in needs_per_second(s, margin)[:int(s.duration_s)]))
+
+
+def needs_per_second(s: Scenario, margin: float = 0.9) -> list[int]:
+    """Cloud workers needed at t = 0, 1, … ``duration_s`` seconds."""
     rates = _rate_functions(s)
-    need = 0
+    out = []
     for t in range(int(s.duration_s) + 1):
         at = {m.name: sum(f(t) for f in rates[m.name]) for m in s.models}
-        cloud = _cloud_rates(s, at, _alive(s, t), margin)
-        need = max(need, _workers(s, cloud, margin))
-    return max(s.cloud.min_gpus, min(s.cloud.max_gpus, need))
+        out.append(_workers(s, _cloud_rates(s, at, _alive(s, t), margin), margin))
+    return out
+
+
+def _bounded(s: Scenario, n: int) -> int:
+    return max(s.cloud.min_gpus, min(s.cloud.max_gpus, n))
 
 
 def _rate_functions(s: Scenario) -> dict[str, list]:  # type: ignore[type-arg]

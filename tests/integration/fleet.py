@@ -2,7 +2,8 @@
 
 The catalog holds the real ``digits`` model and ``slow``, a real ONNX model made here
 with onnx.helper whose run takes tens of milliseconds on a CPU (a chain of 512×512
-matrix products), so that tests can catch a request while it is running.
+matrix products), so that tests can catch a request while it is running; ``busy``
+(``add_busy_model``) does the same work for an input and output of a few bytes.
 """
 
 from __future__ import annotations
@@ -22,25 +23,69 @@ SLOW_SIDE = 512
 SLOW_LAYERS = 24
 
 
-def build_slow_model(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i in range(SLOW_LAYERS):
-        w = (rng.standard_normal((SLOW_SIDE, SLOW_SIDE)) / np.sqrt(SLOW_SIDE)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        out = "y" if i == SLOW_LAYERS - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
-        prev = out
+def _weight(rng: np.random.Generator) -> np.ndarray:
+    return (rng.standard_normal((SLOW_SIDE, SLOW_SIDE)) / np.sqrt(SLOW_SIDE)).astype(np.float32)
+
+
+def _save(path: Path, name: str, nodes: list, inits: list, x: list, y: list) -> None:  # type: ignore[type-arg]
     graph = helper.make_graph(
         nodes,
-        "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SLOW_SIDE, SLOW_SIDE])],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
+
+
+def build_slow_model(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(SLOW_LAYERS):
+        inits.append(numpy_helper.from_array(_weight(rng), f"w{i}"))
+        out = "y" if i == SLOW_LAYERS - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+        prev = out
+    _save(path, "slow", nodes, inits, [SLOW_SIDE, SLOW_SIDE], [SLOW_SIDE, SLOW_SIDE])
+
+
+BUSY_LAYERS = 48
+
+
+def build_busy_model(path: Path) -> None:
+    """``busy``: tens of milliseconds of compute with payloads of bytes. The [1, 64]
+    input is tiled to 512×512, multiplied by one matrix BUSY_LAYERS times, averaged."""
+    repeats = np.array([SLOW_SIDE, SLOW_SIDE // 64], np.int64)
+    inits = [numpy_helper.from_array(_weight(np.random.default_rng(1)), "w"),
+             numpy_helper.from_array(repeats, "repeats")]
+    nodes = [helper.make_node("Tile", ["x", "repeats"], ["h0"])]
+    for i in range(BUSY_LAYERS):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{BUSY_LAYERS}"], ["y"], axes=[0, 1]))
+    _save(path, "busy", nodes, inits, [1, 64], [1, 1])
+
+
+BUSY_ENTRY = """
+[[models]]
+name = "busy"
+version = "1"
+sha256 = "{sha}"
+source = {{ path = "busy.onnx" }}
+inputs = [{{ name = "x", dtype = "float32", shape = [1, 64] }}]
+outputs = [{{ name = "y", dtype = "float32", shape = [1, 1] }}]
+budget_ms = 1000
+max_batch = 1
+"""
+
+
+def add_busy_model(home: Home) -> None:
+    """Add ``busy`` to the catalog of a home made by ``make_home``."""
+    catalog = Path(home.config().catalog or "")
+    build_busy_model(catalog.parent / "busy.onnx")
+    entry = BUSY_ENTRY.format(sha=sha256_file(catalog.parent / "busy.onnx"))
+    catalog.write_text(catalog.read_text() + entry)
 
 
 CATALOG = """\

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from skyhop.client import Client
 from skyhop.home import Home
 from skyhop.localstack import LocalStack
+from skyhop.messages import RequestHeader
+from skyhop.topics import Topics
 from tests.integration.fleet import make_home
 
 pytestmark = pytest.mark.integration
@@ -100,3 +104,25 @@ def test_sla_and_status(stack: LocalStack) -> None:
     assert "25 ms" in skyhop("sla", "set", "digits", "--budget-ms", "25", *common).stdout
     out = skyhop("status", *common).stdout
     assert "edge-1" in out and "deadline" in out
+
+
+def test_requests_take_the_model_sla(stack: LocalStack) -> None:
+    """Without a budget or priority, a client seals the model's published SLA into the
+    header (which the broker places by and the agent queues by); the caller's win."""
+    common = ["--mqtt", stack.mqtt_url, "--home", str(stack.home.path)]
+    skyhop("sla", "set", "digits", "--budget-ms", "900", "--priority", "6", *common)
+    home = stack.home
+    with Client(stack.mqtt_url, home.fleet_public(), topics=Topics(home.config().prefix),
+                client_id="client-1", tls=home.tls(stack.mqtt_url, "client-1")) as client:
+        deadline = time.monotonic() + 10
+        while getattr(client.sla.get("digits"), "priority", None) != 6:
+            assert time.monotonic() < deadline, "the client never saw the retained SLA"
+            time.sleep(0.05)
+        sent: list[RequestHeader] = []
+        send = client.send_sealed
+        client.send_sealed = lambda h, e, k: (sent.append(h), send(h, e, k))[1]  # type: ignore[method-assign]
+        image = {"image": SAMPLES["images"][:1]}
+        client.infer("digits", image)
+        client.infer("digits", image, budget_ms=800, priority=1)
+    assert (sent[0].budget_ms, sent[0].priority) == (900, 6)
+    assert (sent[1].budget_ms, sent[1].priority) == (800, 1)

@@ -17,7 +17,7 @@ import cloud_broker.sim.engine as engine
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
 from cloud_broker.sim import BUILTIN, Scenario, dumps, load_scenario, simulate
 from cloud_broker.sim.arrivals import make_process
-from cloud_broker.sim.planner import static_peak_size
+from cloud_broker.sim.planner import oracle_gpu_seconds, static_peak_size
 from cloud_broker.sim.scenario import Flash, Mmpp, Poisson
 from skyhop.errors import ConfigError
 
@@ -130,6 +130,17 @@ def test_static_peak_planner() -> None:
                          budget_ms=400, network_ms=5)
     assert size(100) == workers_needed((demand,), {"m": 100.0}, 2, ScaleConfig())
     assert size(100, edges=20) < size(100) < size(200)
+
+
+def test_clairvoyant_bound_follows_the_need() -> None:
+    """Constant load: the clairvoyant pool is the static one. A flash crowd: it pays the
+    peak only while the crowd lasts, and never less than ``min_gpus``."""
+    steady = load_scenario("steady")
+    assert oracle_gpu_seconds(steady) == static_peak_size(steady) * steady.duration_s
+    crowd = load_scenario("flash-crowd")
+    bound = oracle_gpu_seconds(crowd)
+    assert crowd.cloud.min_gpus * crowd.duration_s < bound
+    assert bound < 0.5 * static_peak_size(crowd) * crowd.duration_s
 
 
 def test_bad_scenarios_fail_with_one_line(tmp_path: Path) -> None:

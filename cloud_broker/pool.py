@@ -1,0 +1,230 @@
+"""The live cloud GPU pool: workers started and stopped on the autoscaler's word.
+
+    pool = LocalProcessPool.from_home(home, mqtt_url, config)  # config: [broker.autoscale]
+    pool.start(2, now_ms)                 # two workers, *starting*
+    pool.born("pool-1", now_ms)           # the broker saw pool-1's birth: *ready*
+    lost = pool.poll(now_ms)              # workers that exited unasked; reaps stopped ones
+    view = pool.view()                    # a PoolView for scale(), with cold starts measured
+    start, stop = plan(target, pool.workers(), busy)   # pure: how to reach the target
+    pool.stop(stop, now_ms)
+
+A worker is *starting* from the moment it is asked for until the broker sees its birth
+(its retained online status on the fleet), then *ready*. The cold start the autoscaler
+learns from is that interval on the broker's clock: measured, not assumed.
+
+Stopping is a clean exit: the worker publishes its own death and the broker re-places
+whatever it still held (``Broker._rescue``), so no request is lost; one that has not
+exited after the grace is killed, and its MQTT will does the same. A worker that exits
+unasked is a crash: it leaves the pool, and the next scale call replaces it.
+
+``PoolBackend`` is what the broker needs of any pool. ``LocalProcessPool`` runs workers
+as ``skyhop agent --role cloud`` processes on this machine; a Kubernetes backend would
+implement the same calls over pods (not built: docs/architecture.md, The live cloud pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from cloud_broker.autoscaler import PoolView
+from skyhop.errors import ConfigError
+from skyhop.home import AutoscaleConfig, Home
+from skyhop.localstack import agent_args, spawn, terminate
+from skyhop.mqtt import MqttUrl
+
+log = logging.getLogger("skyhop.broker")
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str  # its node id
+    asked_ms: float  # when it was started, on the broker's clock
+    ready_ms: float | None = None  # when the broker saw its birth
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_ms is not None
+
+
+class PoolBackend(Protocol):
+    kind: str  # "local", …: shown in the broker's status
+    models: tuple[str, ...]  # what every worker serves
+    slots: int  # requests one worker runs at once
+
+    def start(self, n: int, now_ms: float) -> list[str]:
+        """Start up to ``n`` workers; return the names of those started."""
+        ...
+
+    def stop(self, names: Sequence[str], now_ms: float) -> None:
+        """Tell these workers to leave; from now on they are not in ``workers()``."""
+        ...
+
+    def born(self, name: str, now_ms: float) -> float | None:
+        """The broker saw ``name`` online: a starting worker is ready. Returns its cold
+        start in ms, or None when ``name`` was not starting here."""
+        ...
+
+    def poll(self, now_ms: float) -> list[str]:
+        """Finish stops that are due; return the workers that went away unasked."""
+        ...
+
+    def workers(self) -> list[Worker]:
+        """Starting and ready workers: the pool's size, as the autoscaler counts it."""
+        ...
+
+    def stopping(self) -> list[str]:
+        """Workers told to stop that have not gone yet."""
+        ...
+
+    def view(self) -> PoolView:
+        """Ready and starting workers, and the cold starts measured since the last call."""
+        ...
+
+    def close(self) -> None:
+        """Stop every worker and wait for them (the broker is shutting down)."""
+        ...
+
+
+def plan(target: int, workers: Sequence[Worker],
+         busy: Mapping[str, int]) -> tuple[int, list[str]]:
+    """How to reach ``target`` workers: (how many to start, which to stop)."""
+    if target >= len(workers):
+        return target - len(workers), []
+    return 0, choose_stop(workers, len(workers) - target, busy)
+
+
+def choose_stop(workers: Sequence[Worker], n: int, busy: Mapping[str, int]) -> list[str]:
+    """The ``n`` workers to stop: starting ones first (they serve nothing yet), then the
+    ready ones with the fewest requests outstanding (``busy``: fewer to re-place); the
+    newest first among equals, since the oldest have the best-measured service times."""
+    order = sorted(workers, key=lambda w: (w.ready, busy.get(w.name, 0), -w.asked_ms, w.name))
+    return [w.name for w in order[:n]]
+
+
+class LocalProcessPool:
+    """Cloud workers as local processes. ``spawn(name)`` starts one; ``names`` are the
+    node ids it may use, in order (a name is reused once its last process is reaped)."""
+
+    kind = "local"
+
+    def __init__(self, spawn: Callable[[str], subprocess.Popen[bytes]], names: Sequence[str],
+                 *, models: Sequence[str] = (), slots: int = 1, grace_s: float = 10.0,
+                 log_dir: Path | None = None) -> None:
+        self.models = tuple(models)
+        self.slots = slots
+        self.grace_s = grace_s
+        self.log_dir = log_dir
+        self._spawn = spawn
+        self._names = list(names)
+        self._workers: dict[str, tuple[Worker, subprocess.Popen[bytes]]] = {}
+        self._stopping: dict[str, tuple[subprocess.Popen[bytes], float]] = {}  # -> kill at
+        self._cold_starts: list[float] = []
+
+    @classmethod
+    def from_home(cls, home: Home, mqtt_url: str, config: AutoscaleConfig) -> LocalProcessPool:
+        """Workers that run ``config.models`` from ``home``, logging to HOME/logs/pool/.
+
+        What a worker needs is checked here, so that a bad setup fails at start rather
+        than as a crash every interval."""
+        names = [f"{config.worker_prefix}-{i}" for i in range(1, config.max_size + 1)]
+        _check_home(home, mqtt_url, config.models, names)
+        log_dir = home.path / "logs" / "pool"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        extra = ("--concurrency", str(config.slots))
+
+        def run_worker(name: str) -> subprocess.Popen[bytes]:
+            args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra)
+            # Its own session: a Ctrl-C meant for the broker must not reach the workers
+            # first (they would look like crashes); the broker stops them in order.
+            return spawn(args, log_dir / f"{name}.log", start_new_session=True)
+
+        return cls(run_worker, names, models=config.models, slots=config.slots,
+                   grace_s=config.stop_grace_s, log_dir=log_dir)
+
+    def start(self, n: int, now_ms: float) -> list[str]:
+        taken = self._workers.keys() | self._stopping.keys()
+        names = [name for name in self._names if name not in taken][:max(0, n)]
+        for name in names:
+            self._workers[name] = (Worker(name, now_ms), self._spawn(name))
+        return names
+
+    def stop(self, names: Sequence[str], now_ms: float) -> None:
+        for name in names:
+            _, proc = self._workers.pop(name)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # the agent publishes its death and exits
+            self._stopping[name] = (proc, now_ms + self.grace_s * 1000)
+
+    def born(self, name: str, now_ms: float) -> float | None:
+        entry = self._workers.get(name)
+        if entry is None or entry[0].ready:
+            return None
+        worker, proc = entry
+        self._workers[name] = (replace(worker, ready_ms=now_ms), proc)
+        cold_ms = now_ms - worker.asked_ms
+        self._cold_starts.append(cold_ms)
+        return cold_ms
+
+    def poll(self, now_ms: float) -> list[str]:
+        for name, (proc, kill_at) in list(self._stopping.items()):
+            if proc.poll() is not None:
+                del self._stopping[name]  # reaped
+            elif now_ms >= kill_at:
+                log.warning("pool worker %s still running %.0f s after SIGTERM: killed",
+                            name, self.grace_s)
+                proc.kill()  # reaped by a later poll
+        lost = [name for name, (_, proc) in self._workers.items() if proc.poll() is not None]
+        for name in lost:
+            _, proc = self._workers.pop(name)
+            log.warning("pool worker %s exited unasked with code %s (its log: %s); the next "
+                        "scale decision replaces it", name, proc.returncode,
+                        self.log_dir / f"{name}.log" if self.log_dir else "-")
+        return lost
+
+    def workers(self) -> list[Worker]:
+        return [w for w, _ in self._workers.values()]
+
+    def stopping(self) -> list[str]:
+        return list(self._stopping)
+
+    def view(self) -> PoolView:
+        ready = sum(w.ready for w in self.workers())
+        cold, self._cold_starts = tuple(self._cold_starts), []
+        return PoolView(ready=ready, starting=len(self._workers) - ready, slots=self.slots,
+                        cold_starts_ms=cold)
+
+    def close(self) -> None:
+        procs = [p for _, p in self._workers.values()] + [p for p, _ in self._stopping.values()]
+        terminate(procs, self.grace_s)
+        self._workers.clear()
+        self._stopping.clear()
+
+
+def _check_home(home: Home, mqtt_url: str, models: Sequence[str], names: Sequence[str]) -> None:
+    catalog = home.catalog()
+    for model in models:
+        catalog.get(model)  # a ConfigError that lists the catalog's models
+    if not any(home.keys_dir.glob("worker-*.pem")):
+        raise ConfigError(
+            f"a local pool's workers open requests with the fleet's worker keys, and "
+            f"{home.keys_dir} has none: copy keys/worker-*.pem from the home made by "
+            f"`skyhop init` (the broker process itself never reads them)"
+        )
+    if MqttUrl.parse(mqtt_url).tls:
+        from skyhop.pki import Pki
+
+        pki = Pki(home.path)
+        missing = [n for n in names if not pki.cert_path(n).exists()]
+        if missing:
+            raise ConfigError(
+                f"over mqtts each pool worker connects with its own certificate, and "
+                f"{', '.join(missing)} have none: run `skyhop certs issue NAME --role cloud "
+                f"--home {home.path}` for each, then `skyhop mosquitto-config` and SIGHUP "
+                f"Mosquitto"
+            )

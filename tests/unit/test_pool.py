@@ -1,0 +1,213 @@
+"""The live pool: which workers to stop (pure), and the process pool's bookkeeping with
+real child processes (``sleep``) standing in for agents: no MQTT."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cloud_broker.broker import Broker
+from cloud_broker.pool import LocalProcessPool, Worker, choose_stop, plan
+from skyhop.errors import ConfigError
+from skyhop.home import AutoscaleConfig, BrokerConfig, Home, updated
+from skyhop.messages import LoadReport, ModelLoad, NodeStatus
+from skyhop.mqtt import Message
+
+OLD, NEW, NEWER = 1_000.0, 2_000.0, 3_000.0
+
+
+def test_stop_starting_workers_first_newest_first() -> None:
+    workers = [Worker("a", OLD, ready_ms=1), Worker("b", NEW), Worker("c", NEWER)]
+    assert choose_stop(workers, 1, {}) == ["c"]
+    assert choose_stop(workers, 2, {}) == ["c", "b"]
+
+
+def test_stop_idle_ready_workers_before_busy_ones_newest_first() -> None:
+    workers = [Worker("old", OLD, 5), Worker("new", NEW, 5), Worker("busy", NEWER, 5)]
+    assert choose_stop(workers, 1, {"busy": 3}) == ["new"]
+    assert choose_stop(workers, 2, {"busy": 3, "new": 1}) == ["old", "new"]
+    assert choose_stop(workers, 9, {}) == ["busy", "new", "old"]
+
+
+def test_plan_starts_or_stops_the_difference() -> None:
+    workers = [Worker("a", OLD, 1), Worker("b", NEW)]
+    assert plan(5, workers, {}) == (3, [])
+    assert plan(2, workers, {}) == (0, [])
+    assert plan(1, workers, {}) == (0, ["b"])
+    assert plan(0, [], {}) == (0, [])
+
+
+class Spawner:
+    """``spawn(name)`` for LocalProcessPool: a real child process per worker."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __call__(self, name: str) -> subprocess.Popen[bytes]:
+        proc = self.procs[name] = subprocess.Popen(self.argv)
+        return proc
+
+
+@pytest.fixture
+def sleeper() -> Iterator[Spawner]:
+    spawner = Spawner(["sleep", "60"])
+    yield spawner
+    for proc in spawner.procs.values():
+        proc.kill()
+        proc.wait()
+
+
+def _until_reaped(pool: LocalProcessPool, now: float) -> None:
+    deadline = time.monotonic() + 10
+    while pool.stopping():
+        assert time.monotonic() < deadline, f"not reaped: {pool.stopping()}"
+        pool.poll(now)
+        time.sleep(0.01)
+
+
+def test_a_worker_is_starting_until_its_birth_then_ready(sleeper: Spawner) -> None:
+    pool = LocalProcessPool(sleeper, ["w-1", "w-2"], slots=2)
+    assert pool.start(3, now_ms=OLD) == ["w-1", "w-2"]  # no third name: fewer start
+    assert pool.born("w-1", NEW) == NEW - OLD  # the cold start, as measured
+    assert pool.born("w-1", NEWER) is None and pool.born("other", NEWER) is None
+    view = pool.view()
+    assert (view.ready, view.starting, view.slots, view.cold_starts_ms) == (1, 1, 2, (1_000.0,))
+    assert pool.view().cold_starts_ms == ()  # each measurement is handed over once
+    pool.close()
+    assert all(p.poll() is not None for p in sleeper.procs.values())
+
+
+def test_stop_terminates_and_reaps_and_frees_the_name(sleeper: Spawner) -> None:
+    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool.start(2, OLD)
+    pool.stop(["w-1"], NEW)
+    assert [w.name for w in pool.workers()] == ["w-2"] and pool.stopping() == ["w-1"]
+    assert pool.start(1, NEW) == []  # w-1 is still leaving: its name is not free yet
+    _until_reaped(pool, NEW)
+    assert sleeper.procs["w-1"].returncode == -15  # SIGTERM, and waited for
+    assert pool.poll(NEW) == []  # a stop asked for is not a crash
+    assert pool.start(1, NEWER) == ["w-1"]
+    pool.close()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
+    stubborn = Spawner(["sh", "-c", "trap '' TERM; sleep 60 & wait"])
+    pool = LocalProcessPool(stubborn, ["w-1"], grace_s=1.0)
+    pool.start(1, OLD)
+    time.sleep(0.2)  # let the shell set its trap
+    pool.stop(["w-1"], OLD)
+    pool.poll(OLD + 500)
+    assert pool.stopping() == ["w-1"]  # within the grace: still waiting
+    _until_reaped(pool, OLD + 1_000)
+    assert stubborn.procs["w-1"].returncode == -9
+
+
+def test_a_worker_that_dies_unasked_is_reported_once_and_leaves_the_pool(
+    sleeper: Spawner,
+) -> None:
+    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool.start(2, OLD)
+    sleeper.procs["w-2"].kill()
+    sleeper.procs["w-2"].wait()
+    assert pool.poll(NEW) == ["w-2"]
+    assert pool.poll(NEW) == []
+    assert [w.name for w in pool.workers()] == ["w-1"]
+    assert pool.start(1, NEWER) == ["w-2"]  # replaced under its name
+    pool.close()
+
+
+def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="--pool-models digits"):
+        updated(AutoscaleConfig(), "[broker.autoscale]", backend="local")
+    with pytest.raises(ConfigError, match="min_size 3 is above max_size 2"):
+        updated(AutoscaleConfig(), "[broker.autoscale]", min_size=3, max_size=2)
+    cfg = updated(AutoscaleConfig(), "x", backend="local", models=["digits"])
+    home = Home(tmp_path / "home")
+    home.init()
+    with pytest.raises(ConfigError, match="nope"):
+        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", updated(cfg, "x", models=["nope"]))
+    for key in home.keys_dir.glob("worker-*.pem"):
+        key.unlink()
+    with pytest.raises(ConfigError, match="worker keys"):
+        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg)
+
+
+# -- the broker's pool shell, driven by hand: fake processes, no MQTT ------------------
+
+
+class FakeProcess:
+    """A worker process that runs until signalled, or until a test sets ``returncode``."""
+
+    pid = 0
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.returncode = -sig
+
+    def kill(self) -> None:
+        self.returncode = -9
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+def _broker(**autoscale: Any) -> tuple[Broker, dict[str, FakeProcess]]:
+    procs: dict[str, FakeProcess] = {}
+
+    def spawn(name: str) -> Any:
+        procs[name] = FakeProcess()
+        return procs[name]
+
+    pool = LocalProcessPool(spawn, ["pool-1", "pool-2", "pool-3"], models=["m"])
+    config = BrokerConfig(autoscale=AutoscaleConfig(**autoscale))
+    return Broker("mqtt://127.0.0.1:1", config=config, pool=pool), procs
+
+
+def _birth(broker: Broker, node: str) -> None:
+    status = NodeStatus(node=node, online=True, session=1, role="cloud", models=("m",))
+    broker._on_status(Message(broker.topics.status(node), status.encode()))
+
+
+def _load(broker: Broker, node: str, mean_ms: float) -> None:
+    report = LoadReport(node=node, session=1, seq=1, queue=0, in_flight=0, capacity=65,
+                        rtt_ms=1.0, models={"m": ModelLoad(mean_ms, mean_ms * 1.4, 100)})
+    broker._on_load(Message(broker.topics.load(node), report.encode()))
+
+
+def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture) -> None:
+    broker, procs = _broker(interval_ms=1000, max_size=3)
+    t0 = time.monotonic() * 1000
+    caplog.set_level(logging.INFO, "skyhop.broker")
+    broker._pool_tick(t0)  # the first call: min_size, at once
+    assert list(procs) == ["pool-1"] and broker.pool_gauges["starting"] == 1
+    _birth(broker, "pool-1")
+    _load(broker, "pool-1", mean_ms=50)
+    assert broker.pool_gauges["last_cold_start_seconds"] > 0
+    for _ in range(50):  # 50/s of 50 ms work wanting the cloud: far more than one worker
+        broker.demand.request("m", budget_ms=200, cloud_wanted=True)
+    broker._pool_tick(t0 + 1000)
+    assert "scale target=3 ready=1 starting=2 reason=up,cloud_wanted=50.0/s" in caplog.text
+    assert list(procs) == ["pool-1", "pool-2", "pool-3"]
+
+    procs["pool-2"].returncode = 1  # lost unasked: counted, replaced at the next call
+    broker._pool_tick(t0 + 1500)
+    assert broker.pool_gauges["starting"] == 1 and "exited unasked with code 1" in caplog.text
+    broker._pool_tick(t0 + 2000)
+    pool = broker.status()["pool"]
+    assert (pool["crashes"], pool["target"], pool["ready"], pool["starting"]) == (1, 3, 1, 2)
+    metrics = broker.metrics.render()
+    for line in ("skyhop_broker_pool_target 3", "skyhop_broker_pool_worker_crashes_total 1",
+                 "skyhop_broker_pool_workers_started_total 4",
+                 'skyhop_broker_pool_scale_events_total{direction="up"} 2'):
+        assert line in metrics, metrics

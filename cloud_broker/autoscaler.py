@@ -16,8 +16,10 @@ Policies (``ScaleConfig.policy``):
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
   slack (margin × budget − p95 service − network), with ``headroom``; scale up at
   once, scale down only after ``downscale_delay_ms`` below target by more than the
-  hysteresis band, to the highest need seen in that window. Min/max size, a cost cap,
-  optional scale-to-zero after ``idle_to_zero_ms`` without demand.
+  hysteresis band, to the highest need seen in that window; the delay doubles each time
+  the pool must grow again within a cold start of shrinking (regret), up to
+  ``max_downscale_delay_ms``, and halves back after a shrink that held. Min/max size, a
+  cost cap, optional scale-to-zero after ``idle_to_zero_ms`` without demand.
 - ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
   ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
   persisted ``upscale_delay_ms`` (30 s) up or ``reactive_downscale_delay_ms`` (600 s)
@@ -86,6 +88,7 @@ class ScaleConfig:
     early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
     downscale_delay_ms: float = 30_000.0
+    max_downscale_delay_ms: float = 600_000.0  # the most regret may stretch it to
     hysteresis: float = 0.1  # scale down only when the need is this share below target
     # reactive (Ray Serve defaults where it has them)
     target_utilization: float = 0.7
@@ -149,6 +152,8 @@ class ScaleState:
     arrivals: dict[str, Holt] = field(default_factory=dict)  # all requests; never mutated
     below_since_ms: float | None = None  # when the need first fell below the target
     below_peak: int = 0  # the highest need since then
+    delay_ms: float | None = None  # predictive: scale-down delay now (None: the config's)
+    down_ms: float | None = None  # predictive: when the pool last scaled down
     above_since_ms: float | None = None  # reactive: when the wish to grow began
     history: tuple[tuple[float, float], ...] = ()  # reactive look-back: (time, slots)
     idle_since_ms: float | None = None
@@ -214,7 +219,29 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     need = _bounds(need, cfg, allow_zero)
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
                     last_ms=ctx.now_ms)
-    return _settle(need, state, ctx.now_ms, cfg.downscale_delay_ms, cfg.hysteresis)
+    delay = state.delay_ms or cfg.downscale_delay_ms
+    target, new = _settle(need, state, ctx.now_ms, delay, cfg.hysteresis)
+    return target, _learn_delay(state, new, ctx.now_ms, cfg)
+
+
+def _learn_delay(old: ScaleState, new: ScaleState, now_ms: float,
+                 cfg: ScaleConfig) -> ScaleState:
+    """Adapt the scale-down delay to regret.
+
+    Growing again within a cold start of shrinking means the workers stopped were
+    needed back before new ones could be up (bursts that recur faster than a cold
+    start): double the delay, so the pool rides through the lulls. Growing long after
+    a shrink means the shrink was right: halve it back toward the configured delay.
+    """
+    delay = old.delay_ms or cfg.downscale_delay_ms
+    if new.target < old.target:
+        return replace(new, delay_ms=delay, down_ms=now_ms)
+    if new.target > old.target and old.down_ms is not None:
+        if now_ms - old.down_ms < old.cold_start_ms:
+            delay = min(cfg.max_downscale_delay_ms, 2 * delay)
+        else:
+            delay = max(cfg.downscale_delay_ms, delay / 2)
+    return replace(new, delay_ms=delay)
 
 
 def _smooth(prev: dict[str, Holt], rates: dict[str, float], dt: float,

@@ -34,6 +34,7 @@ from typing import Any
 from cloud_broker.autoscaler import ModelDemand, PoolView, ScaleConfig, ScaleContext, scale
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, PlacementState, Tuning, place
+from cloud_broker.scaling import cloud_network, cloud_service
 from cloud_broker.sim.arrivals import make_process
 from cloud_broker.sim.nodes import SimNode, SimRequest
 from cloud_broker.sim.planner import static_peak_size
@@ -385,25 +386,16 @@ class Simulation:
         self._at(self.now + self.scaler.interval_ms, AUTOSCALE, None, None)
 
     def _model_demand(self) -> tuple[ModelDemand, ...]:
-        c, out = self.s.cloud, []
-        idx_network = self._cloud_link()
+        """What the live broker tells the autoscaler (``cloud_broker/scaling.py``), from
+        the same fleet view; payload sizes are the scenario's."""
+        out = []
         for m in self.s.models:
-            mean, p95 = self.fleet.priors.get(c.gpu, m.name)
-            rtt, per_byte = idx_network
-            network = rtt + (m.request_kb + m.reply_kb) * 1000 * per_byte
+            mean, p95 = cloud_service(self.fleet, m.name)
+            network = cloud_network(self.fleet, m.name, (m.request_kb + m.reply_kb) * 1000)
             out.append(ModelDemand(model=m.name, cloud_requests=self.demand[m.name],
                                    requests=self.arrived[m.name], service_ms=mean, p95_ms=p95,
                                    budget_ms=m.budget_ms, network_ms=network))
         return tuple(out)
-
-    def _cloud_link(self) -> tuple[float, float]:
-        """The cloud group's best learnt link (the broker's knowledge, not the truth)."""
-        for m in self.s.models:
-            idx = self.fleet.index(m.name)
-            g = idx.groups.get(("cloud", self.s.cloud.gpu)) if idx else None
-            if g is not None and g.min_rtt_ms < math.inf:
-                return g.min_rtt_ms, g.min_ms_per_byte
-        return 0.0, 0.0
 
     def _pool_view(self) -> PoolView:
         return PoolView(ready=len(self.pool.ready), starting=len(self.pool.booting),

@@ -28,19 +28,25 @@ def demand(rate: float, *, requests: float | None = None, service: float = 100.0
     return (ModelDemand("m", n, total, service, service * 1.5, budget, 2.0),)
 
 
-def run(cfg: ScaleConfig, rates: list[float], *, size: int = 1, cold: tuple[float, ...] = (),
-        all_rates: list[float] | None = None) -> list[int]:
-    """Targets over a series of intervals, feeding each answer back as the pool size."""
+def steps(cfg: ScaleConfig, rates: list[float], *, size: int = 1,
+          cold: tuple[float, ...] = (), all_rates: list[float] | None = None,
+          ) -> list[tuple[int, ScaleState]]:
+    """(target, state) over a series of intervals, feeding each target back as the pool."""
     state: ScaleState | None = None
-    targets, target = [], size
+    out, target = [], size
     for i, rate in enumerate(rates):
         requests = all_rates[i] if all_rates else None
         ctx = ScaleContext((i + 1) * STEP, demand(rate, requests=requests),
                            PoolView(target, 0, slots=4, cold_starts_ms=cold if i == 0 else ()),
                            cfg)
         target, state = scale(ctx, state)
-        targets.append(target)
-    return targets
+        out.append((target, state))
+    return out
+
+
+def run(cfg: ScaleConfig, rates: list[float], **kwargs: object) -> list[int]:
+    """Targets over a series of intervals."""
+    return [target for target, _ in steps(cfg, rates, **kwargs)]  # type: ignore[arg-type]
 
 
 # -- the queueing model -------------------------------------------------------------------
@@ -109,6 +115,20 @@ def test_scale_down_waits_and_has_hysteresis() -> None:
     assert targets[-1] < high
     small_dip = run(cfg, [80.0] * 5 + [76.0] * 20)
     assert small_dip[-1] == small_dip[4]  # within the hysteresis band: no change
+
+
+def test_regret_stretches_the_scale_down_delay() -> None:
+    """Bursts that come back sooner than a cold start after each shrink teach the pool to
+    ride through the lulls; a single crowd leaves the configured delay alone."""
+    cfg = ScaleConfig(downscale_delay_ms=15_000, cold_start_prior_ms=30_000)
+    burst, lull = [300.0] * 2, [5.0] * 5  # 10 s bursts, 25 s lulls
+    targets = run(cfg, (burst + lull) * 6)
+    first_lull, last_lull = targets[2:7], targets[-5:]
+    assert min(first_lull) < max(burst_t := targets[:2])  # shrank in the first lull
+    assert min(last_lull) >= max(burst_t)  # holds through the last ones
+    assert steps(cfg, (burst + lull) * 6)[-1][1].delay_ms > cfg.downscale_delay_ms
+    crowd = steps(cfg, [300.0] * 4 + [5.0] * 20)
+    assert crowd[-1][0] < crowd[3][0] and crowd[-1][1].delay_ms == cfg.downscale_delay_ms
 
 
 def test_bounds_cost_cap_and_scale_to_zero() -> None:

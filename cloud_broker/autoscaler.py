@@ -16,10 +16,8 @@ Policies (``ScaleConfig.policy``):
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
   slack (margin × budget − p95 service − network), with ``headroom``; scale up at
   once, scale down only after ``downscale_delay_ms`` below target by more than the
-  hysteresis band, to the highest need seen in that window; the delay doubles each time
-  the pool must grow again within a cold start of shrinking (regret), up to
-  ``max_downscale_delay_ms``, and halves back after a shrink that held. Min/max size, a
-  cost cap, optional scale-to-zero after ``idle_to_zero_ms`` without demand.
+  hysteresis band, to the highest need seen in that window. Min/max size, a cost cap,
+  optional scale-to-zero after ``idle_to_zero_ms`` without demand.
 - ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
   ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
   persisted ``upscale_delay_ms`` (30 s) up or ``reactive_downscale_delay_ms`` (600 s)
@@ -88,7 +86,6 @@ class ScaleConfig:
     early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
     downscale_delay_ms: float = 30_000.0
-    max_downscale_delay_ms: float = 600_000.0  # the most regret may stretch it to
     hysteresis: float = 0.1  # scale down only when the need is this share below target
     # reactive (Ray Serve defaults where it has them)
     target_utilization: float = 0.7
@@ -152,8 +149,6 @@ class ScaleState:
     arrivals: dict[str, Holt] = field(default_factory=dict)  # all requests; never mutated
     below_since_ms: float | None = None  # when the need first fell below the target
     below_peak: int = 0  # the highest need since then
-    delay_ms: float | None = None  # predictive: scale-down delay now (None: the config's)
-    down_ms: float | None = None  # predictive: when the pool last scaled down
     above_since_ms: float | None = None  # reactive: when the wish to grow began
     history: tuple[tuple[float, float], ...] = ()  # reactive look-back: (time, slots)
     idle_since_ms: float | None = None
@@ -219,29 +214,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     need = _bounds(need, cfg, allow_zero)
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
                     last_ms=ctx.now_ms)
-    delay = state.delay_ms or cfg.downscale_delay_ms
-    target, new = _settle(need, state, ctx.now_ms, delay, cfg.hysteresis)
-    return target, _learn_delay(state, new, ctx.now_ms, cfg)
-
-
-def _learn_delay(old: ScaleState, new: ScaleState, now_ms: float,
-                 cfg: ScaleConfig) -> ScaleState:
-    """Adapt the scale-down delay to regret.
-
-    Growing again within a cold start of shrinking means the workers stopped were
-    needed back before new ones could be up (bursts that recur faster than a cold
-    start): double the delay, so the pool rides through the lulls. Growing long after
-    a shrink means the shrink was right: halve it back toward the configured delay.
-    """
-    delay = old.delay_ms or cfg.downscale_delay_ms
-    if new.target < old.target:
-        return replace(new, delay_ms=delay, down_ms=now_ms)
-    if new.target > old.target and old.down_ms is not None:
-        if now_ms - old.down_ms < old.cold_start_ms:
-            delay = min(cfg.max_downscale_delay_ms, 2 * delay)
-        else:
-            delay = max(cfg.downscale_delay_ms, delay / 2)
-    return replace(new, delay_ms=delay)
+    return _settle(need, state, ctx.now_ms, cfg.downscale_delay_ms, cfg.hysteresis)
 
 
 def _smooth(prev: dict[str, Holt], rates: dict[str, float], dt: float,
@@ -277,8 +250,11 @@ def workers_needed(models: tuple[ModelDemand, ...], rates: dict[str, float], slo
                    cfg: ScaleConfig) -> int:
     """Workers for ``rates`` (requests/s per model) to meet the SLO quantile, pooled.
 
-    The models share workers, so they are one M/M/c queue: the mean service is the
-    rate-weighted mean, and the allowed wait is the tightest slack among them.
+    The models share workers, so they are one M/M/c queue with the rate-weighted mean
+    service. The workers' queues are earliest-deadline-first, so a model waits only
+    behind the work due before it: roughly, the models with budgets no longer than its
+    own. Each model must meet its own slack against that work; the pool is the largest
+    of those sizes.
     """
     total = sum(rates.get(m.model, 0.0) for m in models)
     if total <= 1e-9:
@@ -286,28 +262,37 @@ def workers_needed(models: tuple[ModelDemand, ...], rates: dict[str, float], slo
     known = [m for m in models if rates.get(m.model, 0.0) > 0 and m.service_ms > 0]
     if not known:
         return 1  # demand for a model never measured on the cloud: one worker learns it
-    lam = sum(rates[m.model] for m in known)
-    mean_s = sum(rates[m.model] * m.service_ms for m in known) / lam / 1000
-    slack_s = min(cfg.margin * m.budget_ms - m.p95_ms - m.network_ms for m in known) / 1000
-    servers = servers_needed(lam * cfg.headroom, mean_s, max(0.0, slack_s), cfg.slo_quantile)
+    lam = sum(rates[m.model] for m in known) * cfg.headroom
+    mean_s = sum(rates[m.model] * m.service_ms for m in known) / sum(
+        rates[m.model] for m in known) / 1000
+    servers = 0
+    for m in known:
+        slack_s = max(0.0, cfg.margin * m.budget_ms - m.p95_ms - m.network_ms) / 1000
+        ahead = sum(rates[k.model] for k in known if k.budget_ms <= m.budget_ms) * cfg.headroom
+        servers = max(servers, servers_needed(lam, mean_s, slack_s, cfg.slo_quantile,
+                                              ahead_rate=ahead))
     return math.ceil(servers / slots)
 
 
 def servers_needed(rate: float, service_s: float, wait_s: float, quantile: float,
-                   limit: int = 100_000) -> int:
+                   limit: int = 100_000, ahead_rate: float | None = None) -> int:
     """Fewest M/M/c servers with P(wait > ``wait_s``) <= 1 − ``quantile``.
 
-    P(W > t) = C(c, a)·exp(−(c·μ − λ)·t), with Erlang C from the Erlang B recursion.
+    P(W > t) = C(c, a)·exp(−(c·μ − λ')·t), with Erlang C from the Erlang B recursion;
+    λ' is the rate of the work served before the request (``ahead_rate``; all of it,
+    ``rate``, in first-come-first-served order): once all servers are busy, the queue
+    ahead of it drains at c·μ less what keeps joining in front.
     """
     a = rate * service_s
     if a <= 0:
         return 0
     mu = 1 / service_s
+    ahead = rate if ahead_rate is None else ahead_rate
     c = max(1, math.floor(a) + 1)
     b = _erlang_b(c, a)
     while c < limit:
         erlang_c = c * b / (c - a * (1 - b))
-        if erlang_c * math.exp(-(c * mu - rate) * wait_s) <= 1 - quantile:
+        if erlang_c * math.exp(-(c * mu - ahead) * wait_s) <= 1 - quantile:
             return c
         c += 1
         b = a * b / (c + a * b)

@@ -59,9 +59,6 @@ class AutoscaleConfig(_Strict):
     scale_to_zero: bool = False
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
     downscale_delay_ms: float = Field(30_000.0, ge=0)
-    max_downscale_delay_ms: float = Field(
-        600_000.0, ge=0, description="growing soon after shrinking stretches the delay to this"
-    )
     price_per_gpu_hour: float = Field(1.0, ge=0)
     cost_cap_per_hour: float | None = Field(None, ge=0)
     cold_start_prior_ms: float = Field(
@@ -149,8 +146,7 @@ reply_grace_ms = 250.0
 # interval_ms = 5000.0         # how often the pool is sized
 # slots = 1                    # requests a worker runs at once (its agent --concurrency)
 # scale_to_zero = false
-# downscale_delay_ms = 30000.0  # doubles, up to max_downscale_delay_ms, when the pool
-#                              # has to grow again within a cold start of shrinking
+# downscale_delay_ms = 30000.0
 # cold_start_prior_ms = 60000.0  # assumed until a cold start is measured
 # cost_cap_per_hour = 4.0      # with price_per_gpu_hour = 1.0
 # worker_prefix = "pool"       # workers are pool-1, pool-2, …

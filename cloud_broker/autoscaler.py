@@ -14,7 +14,8 @@ Policies (``ScaleConfig.policy``):
   (``early_warning``), because the edges absorb a crowd's start and overflow later, at
   once. Size the pool with an M/M/c
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
-  slack (margin × budget − p95 service − network), with ``headroom``; scale up at
+  slack (margin × budget − p95 service − network) behind the work due before it (the
+  workers' queues are earliest-deadline-first), with ``headroom``; scale up at
   once, scale down only after ``downscale_delay_ms`` below target by more than the
   hysteresis band, to the highest need seen in that window. Min/max size, a cost cap,
   optional scale-to-zero after ``idle_to_zero_ms`` without demand.

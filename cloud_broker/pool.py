@@ -39,6 +39,10 @@ from skyhop.localstack import agent_args, spawn, terminate
 from skyhop.mqtt import MqttUrl
 
 log = logging.getLogger("skyhop.broker")
+# A worker that dies before its birth (a broken model, a missing certificate) would die
+# again: starts are held back 10 s after the first such death, doubling to 5 minutes,
+# as Kubernetes does with a CrashLoopBackOff; a birth ends the streak.
+BACKOFF_S, BACKOFF_MAX_S = 10.0, 300.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class LocalProcessPool:
         self._workers: dict[str, tuple[Worker, subprocess.Popen[bytes]]] = {}
         self._stopping: dict[str, tuple[subprocess.Popen[bytes], float]] = {}  # -> kill at
         self._cold_starts: list[float] = []
+        self._failed_starts = 0  # workers in a row that died before their birth
+        self._hold_until_ms = 0.0
 
     @classmethod
     def from_home(cls, home: Home, mqtt_url: str, config: AutoscaleConfig) -> LocalProcessPool:
@@ -148,6 +154,8 @@ class LocalProcessPool:
                    grace_s=config.stop_grace_s, log_dir=log_dir)
 
     def start(self, n: int, now_ms: float) -> list[str]:
+        if now_ms < self._hold_until_ms:
+            return []  # backing off a crash loop (see BACKOFF_S)
         taken = self._workers.keys() | self._stopping.keys()
         names = [name for name in self._names if name not in taken][:max(0, n)]
         for name in names:
@@ -166,6 +174,7 @@ class LocalProcessPool:
         if entry is None or entry[0].ready:
             return None
         worker, proc = entry
+        self._failed_starts = 0
         self._workers[name] = (replace(worker, ready_ms=now_ms), proc)
         cold_ms = now_ms - worker.asked_ms
         self._cold_starts.append(cold_ms)
@@ -181,10 +190,16 @@ class LocalProcessPool:
                 proc.kill()  # reaped by a later poll
         lost = [name for name, (_, proc) in self._workers.items() if proc.poll() is not None]
         for name in lost:
-            _, proc = self._workers.pop(name)
-            log.warning("pool worker %s exited unasked with code %s (its log: %s); the next "
-                        "scale decision replaces it", name, proc.returncode,
-                        self.log_dir / f"{name}.log" if self.log_dir else "-")
+            worker, proc = self._workers.pop(name)
+            when = "the next scale decision replaces it"
+            if not worker.ready:
+                self._failed_starts += 1
+                hold_s = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (self._failed_starts - 1))
+                self._hold_until_ms = max(self._hold_until_ms, now_ms + hold_s * 1000)
+                when = f"it never came up: no new worker for {hold_s:.0f} s"
+            log.warning("pool worker %s exited unasked with code %s (its log: %s); %s", name,
+                        proc.returncode, self.log_dir / f"{name}.log" if self.log_dir else "-",
+                        when)
         return lost
 
     def workers(self) -> list[Worker]:

@@ -113,12 +113,36 @@ def test_a_worker_that_dies_unasked_is_reported_once_and_leaves_the_pool(
 ) -> None:
     pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
     pool.start(2, OLD)
+    pool.born("w-2", OLD)
     sleeper.procs["w-2"].kill()
     sleeper.procs["w-2"].wait()
     assert pool.poll(NEW) == ["w-2"]
     assert pool.poll(NEW) == []
     assert [w.name for w in pool.workers()] == ["w-1"]
-    assert pool.start(1, NEWER) == ["w-2"]  # replaced under its name
+    assert pool.start(1, NEWER) == ["w-2"]  # replaced under its name, at once
+    pool.close()
+
+
+def test_workers_that_never_come_up_are_retried_with_backoff() -> None:
+    """A worker dying before its birth would die again: 10 s, 20 s, … between tries; a
+    birth ends the streak."""
+    broken = Spawner(["true"])
+    pool = LocalProcessPool(broken, ["w-1"])
+    t = 0.0
+    for hold_s in (10, 20, 40):
+        assert pool.start(1, t) == ["w-1"]
+        broken.procs["w-1"].wait()
+        assert pool.poll(t) == ["w-1"]
+        assert pool.start(1, t + hold_s * 1000 - 1) == []  # held back
+        t += hold_s * 1000
+    assert pool.start(1, t) == ["w-1"]
+    pool.born("w-1", t)  # it came up: the next failure waits only 10 s again
+    broken.procs["w-1"].wait()
+    pool.poll(t)
+    assert pool.start(1, t) == ["w-1"]  # a crash after birth is replaced at once
+    broken.procs["w-1"].wait()
+    pool.poll(t)
+    assert pool.start(1, t + 9_999) == [] and pool.start(1, t + 10_000) == ["w-1"]
     pool.close()
 
 
@@ -200,6 +224,7 @@ def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture
     assert "scale target=3 ready=1 starting=2 reason=up,cloud_wanted=50.0/s" in caplog.text
     assert list(procs) == ["pool-1", "pool-2", "pool-3"]
 
+    _birth(broker, "pool-2")
     procs["pool-2"].returncode = 1  # lost unasked: counted, replaced at the next call
     broker._pool_tick(t0 + 1500)
     assert broker.pool_gauges["starting"] == 1 and "exited unasked with code 1" in caplog.text

@@ -263,9 +263,9 @@ def workers_needed(models: tuple[ModelDemand, ...], rates: dict[str, float], slo
     known = [m for m in models if rates.get(m.model, 0.0) > 0 and m.service_ms > 0]
     if not known:
         return 1  # demand for a model never measured on the cloud: one worker learns it
-    lam = sum(rates[m.model] for m in known) * cfg.headroom
-    mean_s = sum(rates[m.model] * m.service_ms for m in known) / sum(
-        rates[m.model] for m in known) / 1000
+    known_rate = sum(rates[m.model] for m in known)
+    lam = known_rate * cfg.headroom
+    mean_s = sum(rates[m.model] * m.service_ms for m in known) / known_rate / 1000
     servers = 0
     for m in known:
         slack_s = max(0.0, cfg.margin * m.budget_ms - m.p95_ms - m.network_ms) / 1000

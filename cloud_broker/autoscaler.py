@@ -16,9 +16,10 @@ Policies (``ScaleConfig.policy``):
   (Erlang C) model so that the SLO quantile of requests waits less than the budget's
   slack (margin × budget − p95 service − network) behind the work due before it (the
   workers' queues are earliest-deadline-first), with ``headroom``; scale up at
-  once, scale down only after ``downscale_delay_ms`` below target by more than the
-  hysteresis band, to the highest need seen in that window. Min/max size, a cost cap,
-  optional scale-to-zero after ``idle_to_zero_ms`` without demand.
+  once; scale down, by more than the hysteresis band, to the highest need of the last
+  hold (``downscale_delay_ms``; two cold starts once released workers were needed
+  again soon: see ``_settle``), and not while requests are forecast to rise. Min/max
+  size, a cost cap, optional scale-to-zero after ``idle_to_zero_ms`` without demand.
 - ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
   ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
   persisted ``upscale_delay_ms`` (30 s) up or ``reactive_downscale_delay_ms`` (600 s)
@@ -86,7 +87,13 @@ class ScaleConfig:
     # loses SLO when bursts or cold starts are long (docs/performance.md, Sensitivity).
     early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
+    # A worker is released once the need has stayed below it for the hold: at least
+    # ``downscale_delay_ms``, longer when released workers were soon needed again
+    # (regrets, remembered ``hold_memory_ms``), never more than ``max_hold_cold_starts``
+    # cold starts (docs/simulator.md, "How the autoscaler decides").
     downscale_delay_ms: float = 30_000.0
+    max_hold_cold_starts: float = 2.0
+    hold_memory_ms: float = 600_000.0
     hysteresis: float = 0.1  # scale down only when the need is this share below target
     # reactive (Ray Serve defaults where it has them)
     target_utilization: float = 0.7
@@ -148,8 +155,10 @@ class ScaleState:
     cold_start_ms: float
     demand: dict[str, Holt] = field(default_factory=dict)  # cloud demand; never mutated
     arrivals: dict[str, Holt] = field(default_factory=dict)  # all requests; never mutated
-    below_since_ms: float | None = None  # when the need first fell below the target
-    below_peak: int = 0  # the highest need since then
+    needs: tuple[tuple[float, int], ...] = ()  # predictive: (time, need), oldest first
+    released: tuple[tuple[float, int], ...] = ()  # (unneeded since, level kept) per release
+    regrets: tuple[tuple[float, float], ...] = ()  # (when, idle gap ms): released, needed again
+    below_since_ms: float | None = None  # reactive: when the wish to shrink began
     above_since_ms: float | None = None  # reactive: when the wish to grow began
     history: tuple[tuple[float, float], ...] = ()  # reactive look-back: (time, slots)
     idle_since_ms: float | None = None
@@ -215,7 +224,9 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     need = _bounds(need, cfg, allow_zero)
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
                     last_ms=ctx.now_ms)
-    return _settle(need, state, ctx.now_ms, cfg.downscale_delay_ms, cfg.hysteresis)
+    rising = any(h.rise(ahead_s, step_s, cfg.damping) > cfg.hysteresis * max(0.0, h.level)
+                 for h in arrivals.values())
+    return _settle(need, state, ctx.now_ms, cfg, rising)
 
 
 def _smooth(prev: dict[str, Holt], rates: dict[str, float], dt: float,
@@ -233,18 +244,51 @@ def _idle_since(state: ScaleState, now_ms: float, busy: bool) -> float | None:
     return state.idle_since_ms if state.idle_since_ms is not None else now_ms
 
 
-def _settle(need: int, state: ScaleState, now_ms: float, delay_ms: float,
-            hysteresis: float) -> tuple[int, ScaleState]:
-    """Up at once; down only after ``delay_ms`` clearly below, to the window's peak."""
+def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
+            rising: bool) -> tuple[int, ScaleState]:
+    """Up at once; down to the highest need of the last hold, once clearly below target.
+
+    Each idle worker is a ski rental: keep paying for it, or release it and pay a boot
+    (and the misses while it boots) if it is needed again. So a worker goes once the
+    need has stayed below it for the hold (a sliding window, as in Kubernetes' HPA):
+    ``downscale_delay_ms``, or after a regret — released workers needed again within
+    ``max_hold_cold_starts`` cold starts — that longer hold, for ``hold_memory_ms``:
+    bursts that recur keep their pool between them, a crowd that leaves is let go. And
+    nothing goes while requests are forecast to rise: a ramp's dips are not its end.
+    """
+    longest = cfg.max_hold_cold_starts * state.cold_start_ms
+    regrets, released = _regrets(need, state, now_ms, longest, cfg)
+    bursty = any(gap < longest for _, gap in regrets)  # judged by today's cold start
+    hold = max(cfg.downscale_delay_ms, longest) if bursty else cfg.downscale_delay_ms
+    history = state.needs or ((now_ms, state.target),)  # the pool one starts with counts
+    needs = tuple((t, n) for t, n in history if now_ms - t < max(hold, longest))
+    needs += ((now_ms, need),)
+    keep = max(n for t, n in needs if now_ms - t <= hold)
     target = state.target
-    if need >= target or target - need < max(1.0, hysteresis * target):
-        new = max(target, need)
-        return new, replace(state, target=new, below_since_ms=None, below_peak=0)
-    since = state.below_since_ms if state.below_since_ms is not None else now_ms
-    peak = max(need, state.below_peak if state.below_since_ms is not None else 0)
-    if now_ms - since >= delay_ms:
-        return peak, replace(state, target=peak, below_since_ms=None, below_peak=0)
-    return target, replace(state, below_since_ms=since, below_peak=peak)
+    if need >= target:
+        target = need
+    elif not rising and target - keep >= max(1.0, cfg.hysteresis * target):
+        released += ((now_ms - hold, keep),)  # unneeded above ``keep`` since then at least
+        target = keep
+    return target, replace(state, target=target, needs=needs, released=released,
+                           regrets=regrets)
+
+
+def _regrets(need: int, state: ScaleState, now_ms: float, longest: float,
+             cfg: ScaleConfig) -> tuple[tuple[tuple[float, float], ...],
+                                        tuple[tuple[float, int], ...]]:
+    """Releases the need climbed back over, out of the hysteresis band, within
+    ``longest`` become regrets (when, idle gap); older releases are forgotten."""
+    regrets = tuple(r for r in state.regrets if now_ms - r[0] < cfg.hold_memory_ms)
+    released = []
+    for since, level in state.released:
+        if now_ms - since >= longest:
+            continue  # a longer hold would have cost more than the boot it saves
+        if need - level >= max(1.0, cfg.hysteresis * level):
+            regrets += ((now_ms, now_ms - since),)
+        else:
+            released.append((since, level))
+    return regrets, tuple(released)
 
 
 def workers_needed(models: tuple[ModelDemand, ...], rates: dict[str, float], slots: int,

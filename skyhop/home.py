@@ -58,7 +58,11 @@ class AutoscaleConfig(_Strict):
     slots: int = Field(1, ge=1, le=64, description="requests a worker runs at once")
     scale_to_zero: bool = False
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
-    downscale_delay_ms: float = Field(30_000.0, ge=0)
+    downscale_delay_ms: float = Field(30_000.0, ge=0, description="the shortest hold")
+    max_hold_cold_starts: float = Field(
+        2.0, ge=0, description="the hold after a regret, in measured cold starts"
+    )
+    hold_memory_ms: float = Field(600_000.0, ge=0, description="how long a regret counts")
     price_per_gpu_hour: float = Field(1.0, ge=0)
     cost_cap_per_hour: float | None = Field(None, ge=0)
     cold_start_prior_ms: float = Field(
@@ -146,7 +150,8 @@ reply_grace_ms = 250.0
 # interval_ms = 5000.0         # how often the pool is sized
 # slots = 1                    # requests a worker runs at once (its agent --concurrency)
 # scale_to_zero = false
-# downscale_delay_ms = 30000.0
+# downscale_delay_ms = 30000.0  # an idle worker goes after this hold, or after
+# max_hold_cold_starts = 2.0   # this many cold starts once bursts recur
 # cold_start_prior_ms = 60000.0  # assumed until a cold start is measured
 # cost_cap_per_hour = 4.0      # with price_per_gpu_hour = 1.0
 # worker_prefix = "pool"       # workers are pool-1, pool-2, …

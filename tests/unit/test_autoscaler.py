@@ -131,6 +131,36 @@ def test_scale_down_waits_and_has_hysteresis() -> None:
     assert small_dip[-1] == small_dip[4]  # within the hysteresis band: no change
 
 
+def test_a_worker_goes_once_unneeded_for_the_hold() -> None:
+    """A sliding window: after the hold the pool follows the need down step by step,
+    instead of waiting a whole new delay at every step; the pool one starts with is held
+    for the hold too (no history is not idleness)."""
+    fall = run(ScaleConfig(), [200.0] * 5 + [10.0] * 25)
+    assert fall[4:11] == [fall[4]] * 7 and fall[13] == fall[-1] < fall[4]
+    assert run(ScaleConfig(), [0.0] * 12, size=3)[:7] == [3] * 7
+
+
+def test_bursts_that_recur_keep_their_pool_a_crowd_that_leaves_does_not() -> None:
+    """A burst back 40 s after its pool was released, with 30 s cold starts, is a regret
+    (a worker held 40 s costs less than a boot and its misses): the hold grows to two
+    cold starts and the next lulls keep the pool. A single crowd is let go."""
+    cold = (30_000.0,) * 30
+    bursts = run(ScaleConfig(), [10.0] * 8 + ([300.0] * 3 + [10.0] * 8) * 4, cold=cold)
+    crowd = run(ScaleConfig(), [10.0] * 8 + [300.0] * 3 + [10.0] * 30, cold=cold)
+    peak = max(bursts)
+    assert min(bursts[8:19]) < peak  # the first lull: released after 30 s, then regretted
+    assert min(bursts[30:]) == peak  # later lulls (40 s) are held through
+    assert crowd[-1] == 1 and max(crowd) == peak
+
+
+def test_no_worker_goes_while_requests_rise() -> None:
+    """Cloud demand falls but all requests keep climbing: a ramp's dip is not its end."""
+    cfg = ScaleConfig(early_warning=0)  # the guard alone, not the early warning's demand
+    rising = run(cfg, [80.0] * 5 + [10.0] * 20, all_rates=[100.0 + 3 * i for i in range(25)])
+    flat = run(cfg, [80.0] * 5 + [10.0] * 20, all_rates=[100.0] * 25)
+    assert min(rising) == rising[4] > flat[-1]
+
+
 def test_bounds_cost_cap_and_scale_to_zero() -> None:
     assert max(run(ScaleConfig(max_size=5), [500.0] * 5)) == 5
     capped = ScaleConfig(price_per_gpu_hour=2.0, cost_cap_per_hour=7.0)

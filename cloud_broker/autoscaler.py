@@ -153,6 +153,7 @@ class Holt:
 class ScaleState:
     target: int
     cold_start_ms: float
+    cold_starts_seen: int = 0
     demand: dict[str, Holt] = field(default_factory=dict)  # cloud demand; never mutated
     arrivals: dict[str, Holt] = field(default_factory=dict)  # all requests; never mutated
     needs: tuple[tuple[float, int], ...] = ()  # predictive: (time, need), oldest first
@@ -184,10 +185,11 @@ def scale(ctx: ScaleContext, state: ScaleState | None = None) -> tuple[int, Scal
 
 
 def _learn_cold_start(state: ScaleState, observed: tuple[float, ...]) -> ScaleState:
-    estimate = state.cold_start_ms
+    estimate, measured = state.cold_start_ms, state.cold_starts_seen
     for ms in observed:  # EWMA: a pool's cold start drifts with image and node caches
-        estimate += 0.3 * (ms - estimate)
-    return replace(state, cold_start_ms=estimate)
+        estimate = ms if measured == 0 else estimate + 0.3 * (ms - estimate)
+        measured += 1  # the prior is a placeholder, not a measurement: the first replaces it
+    return replace(state, cold_start_ms=estimate, cold_starts_seen=measured)
 
 
 def _interval_s(ctx: ScaleContext, state: ScaleState) -> float:

@@ -177,9 +177,13 @@ def test_cold_start_is_learnt_from_the_pool() -> None:
     short = run(ScaleConfig(), rates, cold=(5_000.0,) * 20)
     long = run(ScaleConfig(), rates, cold=(120_000.0,) * 20)
     assert long[-1] > short[-1]  # a longer lead looks further up the ramp
+    cfg = ScaleConfig(cold_start_prior_ms=60_000)
     _, state = scale(ScaleContext(STEP, demand(1), PoolView(1, 0, cold_starts_ms=(10_000.0,)),
-                                  ScaleConfig(cold_start_prior_ms=60_000)))
-    assert state.cold_start_ms == pytest.approx(60_000 + 0.3 * (10_000 - 60_000))
+                                  cfg))
+    assert state.cold_start_ms == 10_000  # the first measurement replaces the prior
+    _, state = scale(ScaleContext(2 * STEP, demand(1),
+                                  PoolView(1, 0, cold_starts_ms=(20_000.0,)), cfg), state)
+    assert state.cold_start_ms == pytest.approx(10_000 + 0.3 * (20_000 - 10_000))  # then EWMA
 
 
 def test_scale_is_pure() -> None:

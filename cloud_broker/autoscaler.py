@@ -260,8 +260,7 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
     """
     longest = cfg.max_hold_cold_starts * state.cold_start_ms
     regrets, released = _regrets(need, state, now_ms, longest, cfg)
-    bursty = any(gap < longest for _, gap in regrets)  # judged by today's cold start
-    hold = max(cfg.downscale_delay_ms, longest) if bursty else cfg.downscale_delay_ms
+    hold = hold_ms(replace(state, regrets=regrets), cfg)
     history = state.needs or ((now_ms, state.target),)  # the pool one starts with counts
     needs = tuple((t, n) for t, n in history if now_ms - t < max(hold, longest))
     needs += ((now_ms, need),)
@@ -274,6 +273,13 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
         target = keep
     return target, replace(state, target=target, needs=needs, released=released,
                            regrets=regrets)
+
+
+def hold_ms(state: ScaleState, cfg: ScaleConfig) -> float:
+    """How long the need must stay below a worker before it goes (``_settle``)."""
+    longest = cfg.max_hold_cold_starts * state.cold_start_ms
+    bursty = any(gap < longest for _, gap in state.regrets)  # judged by today's cold start
+    return max(cfg.downscale_delay_ms, longest) if bursty else cfg.downscale_delay_ms
 
 
 def _regrets(need: int, state: ScaleState, now_ms: float, longest: float,

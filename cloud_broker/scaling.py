@@ -20,7 +20,14 @@ import math
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 
-from cloud_broker.autoscaler import ModelDemand, PoolView, ScaleConfig, ScaleContext, ScaleState
+from cloud_broker.autoscaler import (
+    ModelDemand,
+    PoolView,
+    ScaleConfig,
+    ScaleContext,
+    ScaleState,
+    hold_ms,
+)
 from cloud_broker.fleet import Fleet, Group
 from cloud_broker.placement import CLOUD, Decision
 from skyhop.home import AutoscaleConfig
@@ -141,6 +148,8 @@ def reason(ctx: ScaleContext, old: int, new: int, state: ScaleState) -> str:
     requests = sum(m.requests for m in ctx.models) / secs
     parts = ["up" if new > old else "down", f"cloud_wanted={wanted:.1f}/s",
              f"requests={requests:.1f}/s", f"cold_start={state.cold_start_ms / 1000:.1f}s"]
+    if cfg.policy == "predictive":
+        parts.append(f"hold={hold_ms(state, cfg) / 1000:.0f}s")
     if new == cfg.max_size:
         parts.append("at=max_size")
     elif new == cfg.min_size:

@@ -87,7 +87,9 @@ def test_a_burst_of_cloud_demand_grows_the_pool() -> None:
     ctx = scale_context(NOW, counter.take(), fleet, {}, PoolView(1, 0), config)
     target, state = scale(ctx, initial_state(config, 1))
     assert target >= 2
-    assert reason(ctx, 1, target, state).startswith("up,cloud_wanted=20.0/s,requests=20.0/s")
+    why = reason(ctx, 1, target, state)
+    assert why.startswith("up,cloud_wanted=20.0/s,requests=20.0/s")
+    assert why.endswith(",hold=30s")  # no regret yet: the shortest hold
 
 
 def test_autoscale_config_feeds_scale_config() -> None:

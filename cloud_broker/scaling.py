@@ -124,7 +124,17 @@ def cloud_service(fleet: Fleet, model: str) -> tuple[float, float]:
 
 
 def cloud_network(fleet: Fleet, model: str, message_bytes: float) -> float:
-    """Round trip + transfer of a request and its reply to the best cloud link seen."""
+    """Round trip + transfer of a request and its reply over the best known cloud link.
+
+    A link is known once a load report or a reply has priced it: a worker indexed before
+    either has a link of 0 ms, which placement may take as a lower bound but which
+    would price the cloud as free here. With none known, the groups' bounds (0 if none).
+    """
+    known = [v.link.rtt_ms + message_bytes * v.link.ms_per_byte
+             for g in _cloud_groups(fleet, model) for v in g.members
+             if v.link.samples or v.load is not None]
+    if known:
+        return min(known)
     links = [(g.min_rtt_ms, g.min_ms_per_byte) for g in _cloud_groups(fleet, model)
              if g.min_rtt_ms < math.inf]
     if not links:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+import pytest
+
 from cloud_broker.autoscaler import AUTOSCALERS, PoolView, ScaleConfig, initial_state, scale
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Decision
 from cloud_broker.scaling import (
     DemandCounter,
+    cloud_network,
     reason,
     scale_config,
     scale_context,
@@ -17,7 +20,7 @@ from cloud_broker.scaling import (
 )
 from skyhop.errors import ErrorCode
 from skyhop.home import AutoscaleConfig
-from skyhop.messages import SlaConfig
+from skyhop.messages import NodeStatus, SlaConfig
 from tests.unit.test_placement import NOW, add
 
 POOL_ONLY = {"backend", "models", "slots", "worker_prefix", "stop_grace_s"}
@@ -63,8 +66,8 @@ def test_context_reads_the_cloud_from_the_fleet_and_the_budget_from_the_sla() ->
     assert (m.model, m.cloud_requests, m.requests) == ("m", 2, 3)
     assert (m.service_ms, m.p95_ms) == (8, 12)  # the cloud class, not the edge's
     assert m.budget_ms == 120  # the SLA wins over the requests' own budgets
-    link = fleet.index("m").groups[("cloud", "nvidia-l4")]  # the best link seen, as placement
-    assert m.network_ms == link.min_rtt_ms + 10_000 * link.min_ms_per_byte > 0
+    link = fleet.nodes["gpu-1"].link  # as its load report priced it: 4 ms round trip
+    assert m.network_ms == pytest.approx(4 + 10_000 * link.ms_per_byte)
     assert ctx.pool is view and ctx.now_ms == NOW
 
 
@@ -90,6 +93,18 @@ def test_a_burst_of_cloud_demand_grows_the_pool() -> None:
     why = reason(ctx, 1, target, state)
     assert why.startswith("up,cloud_wanted=20.0/s,requests=20.0/s")
     assert why.endswith(",hold=30s")  # no regret yet: the shortest hold
+
+
+def test_a_worker_not_yet_priced_does_not_make_the_cloud_link_free() -> None:
+    """A new pool worker is indexed at its birth with a 0 ms link; until its first load
+    report or reply prices it, the autoscaler keeps the known workers' link cost."""
+    fleet = Fleet()
+    assert cloud_network(fleet, "m", 1000) == 0.0  # nothing known yet
+    add(fleet, "pool-1", role="cloud", rtt=8)
+    fleet.on_status(NodeStatus(node="pool-2", online=True, session=1, role="cloud",
+                               models=("m",), concurrency=1, gpu="cpu"), NOW)
+    assert cloud_network(fleet, "m", 0) == 8.0
+    assert cloud_network(fleet, "m", 1000) > 8.0  # and the transfer on top
 
 
 def test_autoscale_config_feeds_scale_config() -> None:

@@ -87,10 +87,10 @@ class ScaleConfig:
     # loses SLO when bursts or cold starts are long (docs/performance.md, Sensitivity).
     early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
-    # A worker is released once the need has stayed below it for the hold: at least
-    # ``downscale_delay_ms``, longer when released workers were soon needed again
-    # (regrets, remembered ``hold_memory_ms``), never more than ``max_hold_cold_starts``
-    # cold starts (docs/simulator.md, "How the autoscaler decides").
+    # A worker is released once the need has stayed below it for the hold:
+    # ``downscale_delay_ms``, or ``max_hold_cold_starts`` measured cold starts if longer
+    # for ``hold_memory_ms`` after a regret — released workers needed again within that
+    # many cold starts (0: never). docs/adr/0004-scale-down-hold.md says why.
     downscale_delay_ms: float = 30_000.0
     max_hold_cold_starts: float = 2.0
     hold_memory_ms: float = 600_000.0

@@ -60,7 +60,7 @@ class AutoscaleConfig(_Strict):
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
     downscale_delay_ms: float = Field(30_000.0, ge=0, description="the shortest hold")
     max_hold_cold_starts: float = Field(
-        2.0, ge=0, description="the hold after a regret, in measured cold starts"
+        2.0, ge=0, description="the hold after a regret, in measured cold starts (0: none)"
     )
     hold_memory_ms: float = Field(600_000.0, ge=0, description="how long a regret counts")
     price_per_gpu_hour: float = Field(1.0, ge=0)

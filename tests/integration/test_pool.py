@@ -6,6 +6,7 @@ process it stopped reaped."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def test_pool_grows_under_load_and_shrinks_back(fleet) -> None:  # type: ignore[
     assert lost not in _children(broker_pid)
     log = (stack.log_dir / "broker.log").read_text()
     assert "scale target=" in log and "reason=up" in log and "reason=down" in log
+    assert re.search(r"reason=down,\S*,hold=\d+s", log)  # how long idle workers are kept
     assert "ready after a" in log  # the cold start, measured from spawn to birth
     assert f"node {victim} went offline" in log  # its work was re-placed from its death
 

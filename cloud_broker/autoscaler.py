@@ -17,8 +17,8 @@ Policies (``ScaleConfig.policy``):
   slack (margin × budget − p95 service − network) behind the work due before it (the
   workers' queues are earliest-deadline-first), with ``headroom``; scale up at
   once; scale down, by more than the hysteresis band, to the highest need of the last
-  hold (``downscale_delay_ms``; two cold starts once released workers were needed
-  again soon: see ``_settle``), and not while requests are forecast to rise. Min/max
+  hold (``downscale_delay_ms``; two leads once released workers were needed again
+  soon: see ``_settle``), and not while requests are forecast to rise. Min/max
   size, a cost cap, optional scale-to-zero after ``idle_to_zero_ms`` without demand.
 - ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
   ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
@@ -88,11 +88,12 @@ class ScaleConfig:
     early_warning: float = 1.0
     headroom: float = 1.1  # forecast error and burstiness the queueing model ignores
     # A worker is released once the need has stayed below it for the hold:
-    # ``downscale_delay_ms``, or ``max_hold_cold_starts`` measured cold starts if longer
-    # for ``hold_memory_ms`` after a regret — released workers needed again within that
-    # many cold starts (0: never). docs/adr/0004-scale-down-hold.md says why.
+    # ``downscale_delay_ms``, or ``max_hold_leads`` leads (the measured cold start + one
+    # interval: how long a re-bought worker takes) if longer, for ``hold_memory_ms``
+    # after a regret — released workers needed again within that many leads (0: never).
+    # docs/adr/0004-scale-down-hold.md says why.
     downscale_delay_ms: float = 30_000.0
-    max_hold_cold_starts: float = 2.0
+    max_hold_leads: float = 2.0
     hold_memory_ms: float = 600_000.0
     hysteresis: float = 0.1  # scale down only when the need is this share below target
     # reactive (Ray Serve defaults where it has them)
@@ -206,7 +207,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     cfg, dt = ctx.config, _interval_s(ctx, state)
     demand = _smooth(state.demand, {m.model: m.cloud_requests / dt for m in ctx.models}, dt, cfg)
     arrivals = _smooth(state.arrivals, {m.model: m.requests / dt for m in ctx.models}, dt, cfg)
-    ahead_s = (state.cold_start_ms + cfg.interval_ms) / 1000
+    ahead_s = _lead_ms(state, cfg) / 1000
     step_s = cfg.interval_ms / 1000
 
     # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
@@ -254,11 +255,11 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
     (and the misses while it boots) if it is needed again. So a worker goes once the
     need has stayed below it for the hold (a sliding window, as in Kubernetes' HPA):
     ``downscale_delay_ms``, or after a regret — released workers needed again within
-    ``max_hold_cold_starts`` cold starts — that longer hold, for ``hold_memory_ms``:
+    ``max_hold_leads`` leads — that longer hold, for ``hold_memory_ms``:
     bursts that recur keep their pool between them, a crowd that leaves is let go. And
     nothing goes while requests are forecast to rise: a ramp's dips are not its end.
     """
-    longest = cfg.max_hold_cold_starts * state.cold_start_ms
+    longest = _longest_hold(state, cfg)
     regrets, released = _regrets(need, state, now_ms, longest, cfg)
     hold = hold_ms(replace(state, regrets=regrets), cfg)
     history = state.needs or ((now_ms, state.target),)  # the pool one starts with counts
@@ -277,9 +278,20 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
 
 def hold_ms(state: ScaleState, cfg: ScaleConfig) -> float:
     """How long the need must stay below a worker before it goes (``_settle``)."""
-    longest = cfg.max_hold_cold_starts * state.cold_start_ms
+    longest = _longest_hold(state, cfg)
     bursty = any(gap < longest for _, gap in state.regrets)  # judged by today's cold start
     return max(cfg.downscale_delay_ms, longest) if bursty else cfg.downscale_delay_ms
+
+
+def _lead_ms(state: ScaleState, cfg: ScaleConfig) -> float:
+    """How long until a worker asked for now serves: the measured cold start, plus up to
+    one interval before the next call notices the need."""
+    return state.cold_start_ms + cfg.interval_ms
+
+
+def _longest_hold(state: ScaleState, cfg: ScaleConfig) -> float:
+    """Holding an idle worker pays while that is shorter than re-buying it."""
+    return cfg.max_hold_leads * _lead_ms(state, cfg)
 
 
 def _regrets(need: int, state: ScaleState, now_ms: float, longest: float,

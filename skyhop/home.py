@@ -59,8 +59,8 @@ class AutoscaleConfig(_Strict):
     scale_to_zero: bool = False
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
     downscale_delay_ms: float = Field(30_000.0, ge=0, description="the shortest hold")
-    max_hold_cold_starts: float = Field(
-        2.0, ge=0, description="the hold after a regret, in measured cold starts (0: none)"
+    max_hold_leads: float = Field(
+        2.0, ge=0, description="the hold after a regret, in cold start + interval (0: none)"
     )
     hold_memory_ms: float = Field(600_000.0, ge=0, description="how long a regret counts")
     price_per_gpu_hour: float = Field(1.0, ge=0)
@@ -151,7 +151,7 @@ reply_grace_ms = 250.0
 # slots = 1                    # requests a worker runs at once (its agent --concurrency)
 # scale_to_zero = false
 # downscale_delay_ms = 30000.0  # an idle worker goes after this hold, or after
-# max_hold_cold_starts = 2.0   # this many cold starts once bursts recur
+# max_hold_leads = 2.0         # this many (cold start + interval) once bursts recur
 # cold_start_prior_ms = 60000.0  # assumed until a cold start is measured
 # cost_cap_per_hour = 4.0      # with price_per_gpu_hour = 1.0
 # worker_prefix = "pool"       # workers are pool-1, pool-2, …

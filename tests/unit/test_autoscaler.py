@@ -143,7 +143,8 @@ def test_a_worker_goes_once_unneeded_for_the_hold() -> None:
 def test_bursts_that_recur_keep_their_pool_a_crowd_that_leaves_does_not() -> None:
     """A burst back 40 s after its pool was released, with 30 s cold starts, is a regret
     (a worker held 40 s costs less than a boot and its misses): the hold grows to two
-    cold starts and the next lulls keep the pool. A single crowd is let go."""
+    leads (cold start + interval) and the next lulls keep the pool. A single crowd is
+    let go."""
     cold = (30_000.0,) * 30
     bursts = run(ScaleConfig(), [10.0] * 8 + ([300.0] * 3 + [10.0] * 8) * 4, cold=cold)
     crowd = run(ScaleConfig(), [10.0] * 8 + [300.0] * 3 + [10.0] * 30, cold=cold)

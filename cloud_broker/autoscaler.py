@@ -209,6 +209,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     arrivals = _smooth(state.arrivals, {m.model: m.requests / dt for m in ctx.models}, dt, cfg)
     ahead_s = _lead_ms(state, cfg) / 1000
     step_s = cfg.interval_ms / 1000
+    rises = {m: h.rise(ahead_s, step_s, cfg.damping) for m, h in arrivals.items()}
 
     # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
     # So the rise expected in *all* requests by the time a worker started now is up is
@@ -216,7 +217,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     # capacity against it was tried: it saved money and lost SLO on bursty load.
     def rate(m: ModelDemand) -> float:
         cloud = demand[m.model]
-        rise = cfg.early_warning * arrivals[m.model].rise(ahead_s, step_s, cfg.damping)
+        rise = cfg.early_warning * rises[m.model]
         return max(cloud.forecast(ahead_s, step_s, cfg.damping), max(0.0, cloud.level) + rise)
 
     rates = {m.model: rate(m) for m in ctx.models}
@@ -227,8 +228,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     need = _bounds(need, cfg, allow_zero)
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
                     last_ms=ctx.now_ms)
-    rising = any(h.rise(ahead_s, step_s, cfg.damping) > cfg.hysteresis * max(0.0, h.level)
-                 for h in arrivals.values())
+    rising = any(rises[m] > cfg.hysteresis * max(0.0, h.level) for m, h in arrivals.items())
     return _settle(need, state, ctx.now_ms, cfg, rising)
 
 
@@ -261,7 +261,7 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
     """
     longest = _longest_hold(state, cfg)
     regrets, released = _regrets(need, state, now_ms, longest, cfg)
-    hold = hold_ms(replace(state, regrets=regrets), cfg)
+    hold = _hold(regrets, longest, cfg)
     history = state.needs or ((now_ms, state.target),)  # the pool one starts with counts
     needs = tuple((t, n) for t, n in history if now_ms - t < max(hold, longest))
     needs += ((now_ms, need),)
@@ -278,8 +278,12 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
 
 def hold_ms(state: ScaleState, cfg: ScaleConfig) -> float:
     """How long the need must stay below a worker before it goes (``_settle``)."""
-    longest = _longest_hold(state, cfg)
-    bursty = any(gap < longest for _, gap in state.regrets)  # judged by today's cold start
+    return _hold(state.regrets, _longest_hold(state, cfg), cfg)
+
+
+def _hold(regrets: tuple[tuple[float, float], ...], longest: float,
+          cfg: ScaleConfig) -> float:
+    bursty = any(gap < longest for _, gap in regrets)  # judged by today's cold start
     return max(cfg.downscale_delay_ms, longest) if bursty else cfg.downscale_delay_ms
 
 

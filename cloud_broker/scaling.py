@@ -130,13 +130,12 @@ def cloud_network(fleet: Fleet, model: str, message_bytes: float) -> float:
     either has a link of 0 ms, which placement may take as a lower bound but which
     would price the cloud as free here. With none known, the groups' bounds (0 if none).
     """
+    groups = _cloud_groups(fleet, model)
     known = [v.link.rtt_ms + message_bytes * v.link.ms_per_byte
-             for g in _cloud_groups(fleet, model) for v in g.members
-             if v.link.samples or v.load is not None]
+             for g in groups for v in g.members if v.link.samples or v.load is not None]
     if known:
         return min(known)
-    links = [(g.min_rtt_ms, g.min_ms_per_byte) for g in _cloud_groups(fleet, model)
-             if g.min_rtt_ms < math.inf]
+    links = [(g.min_rtt_ms, g.min_ms_per_byte) for g in groups if g.min_rtt_ms < math.inf]
     if not links:
         return 0.0
     rtt, per_byte = min(links)

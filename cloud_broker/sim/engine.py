@@ -34,7 +34,7 @@ from typing import Any
 from cloud_broker.autoscaler import ModelDemand, PoolView, ScaleConfig, ScaleContext, scale
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, PlacementState, Tuning, place
-from cloud_broker.scaling import cloud_network, cloud_service
+from cloud_broker.scaling import ModelCount, model_demand
 from cloud_broker.sim.arrivals import make_process
 from cloud_broker.sim.nodes import SimNode, SimRequest
 from cloud_broker.sim.planner import static_peak_size
@@ -388,14 +388,12 @@ class Simulation:
     def _model_demand(self) -> tuple[ModelDemand, ...]:
         """What the live broker tells the autoscaler (``cloud_broker/scaling.py``), from
         the same fleet view; payload sizes are the scenario's."""
-        out = []
-        for m in self.s.models:
-            mean, p95 = cloud_service(self.fleet, m.name)
-            network = cloud_network(self.fleet, m.name, (m.request_kb + m.reply_kb) * 1000)
-            out.append(ModelDemand(model=m.name, cloud_requests=self.demand[m.name],
-                                   requests=self.arrived[m.name], service_ms=mean, p95_ms=p95,
-                                   budget_ms=m.budget_ms, network_ms=network))
-        return tuple(out)
+        return tuple(
+            model_demand(m.name, ModelCount(cloud_wanted=self.demand[m.name],
+                                            requests=self.arrived[m.name], budget_ms=m.budget_ms,
+                                            message_bytes=(m.request_kb + m.reply_kb) * 1000),
+                         self.fleet, sla=None)
+            for m in self.s.models)
 
     def _pool_view(self) -> PoolView:
         return PoolView(ready=len(self.pool.ready), starting=len(self.pool.booting),

@@ -15,7 +15,9 @@ learns from is that interval on the broker's clock: measured, not assumed.
 Stopping is a clean exit: the worker publishes its own death and the broker re-places
 whatever it still held (``Broker._rescue``), so no request is lost; one that has not
 exited after the grace is killed, and its MQTT will does the same. A worker that exits
-unasked is a crash: it leaves the pool, and the next scale call replaces it.
+unasked is a crash: it leaves the pool, and the next scale call replaces it. A worker
+whose broker died (even by SIGKILL, which leaves nobody to stop it) stops itself within
+a second or so (``skyhop agent --parent-pid``).
 
 ``PoolBackend`` is what the broker needs of any pool. ``LocalProcessPool`` runs workers
 as ``skyhop agent --role cloud`` processes on this machine; a Kubernetes backend would
@@ -25,6 +27,7 @@ implement the same calls over pods (not built: docs/architecture.md, The live cl
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -142,7 +145,9 @@ class LocalProcessPool:
         _check_home(home, mqtt_url, config.models, names)
         log_dir = home.path / "logs" / "pool"
         log_dir.mkdir(parents=True, exist_ok=True)
-        extra = ("--concurrency", str(config.slots))
+        # A worker stops with the broker, even one killed with SIGKILL: it must not
+        # keep a GPU, nor contend with the next broker's worker of the same name.
+        extra = ("--concurrency", str(config.slots), "--parent-pid", str(os.getpid()))
 
         def run_worker(name: str) -> subprocess.Popen[bytes]:
             args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra)

@@ -5,6 +5,7 @@ says what to do, and exit non-zero."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 __import__("skyhop.cli_security").cli_security.register(app)
 console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable
+PARENT_POLL_S = 1.0  # how often ``agent --parent-pid`` checks that its parent lives
 
 HomeOpt = Annotated[
     Path | None,
@@ -80,12 +82,17 @@ def _logging(level: str) -> None:
     )
 
 
-def _run_until_signal(stop: object) -> None:
-    """Block until SIGINT/SIGTERM, then call ``stop()``."""
+def _run_until_signal(stop: object, parent: int | None = None) -> None:
+    """Block until SIGINT/SIGTERM, or until process ``parent`` is no longer this one's
+    parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # A dead parent sends no signal; its children are re-parented at once, so poll.
+    while not done.wait(PARENT_POLL_S if parent is not None else None):
+        if os.getppid() != parent:
+            logging.getLogger("skyhop").warning("parent process %d exited; stopping", parent)
+            break
     stop()  # type: ignore[operator]
 
 
@@ -215,6 +222,12 @@ def agent(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(help="Stop, as on SIGTERM, once process PARENT_PID (this agent's "
+                     "parent) exits: a broker's local pool passes its own, so that its "
+                     "workers do not outlive it."),
+    ] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run an agent: serve MODELS with ONNX Runtime and publish this node's load."""
@@ -235,7 +248,7 @@ def agent(
     a.start()
     if metrics_port:
         a.metrics.serve(metrics_port)
-    _run_until_signal(a.stop)
+    _run_until_signal(a.stop, parent=parent_pid)
 
 
 # -- requests ---------------------------------------------------------------------------

@@ -231,3 +231,23 @@ def test_a_bad_pool_is_one_clear_line(tmp_path: Path, args: list[str], says: str
                            *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and says in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited: gone, or a zombie its new parent has yet to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_stop_when_their_broker_is_killed(fleet) -> None:  # type: ignore[no-untyped-def]
+    stack, _ = fleet
+    broker = stack.procs["broker"]
+    _wait("a first pool worker", lambda: _serving(stack), 60, stack)
+    worker = _pid_of(broker.pid, "pool-1")
+    broker.kill()  # SIGKILL: nobody is left to stop the worker
+    broker.wait()
+    _wait("the orphaned worker gone", lambda: _exited(worker), 15, stack)
+    log = (stack.home.path / "logs" / "pool" / "pool-1.log").read_text()
+    assert f"parent process {broker.pid} exited; stopping" in log

@@ -1,7 +1,7 @@
 """The live cloud pool: a broker started with a local pool and no edge nodes grows it
 under a load one worker cannot serve within budget, replaces a worker lost under load,
 answers every request exactly once, and shrinks back to ``min_size`` with every worker
-process it stopped reaped."""
+process it stopped reaped; workers of a broker killed with SIGKILL stop by themselves."""
 
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 __import__("skyhop.cli_security").cli_security.register(app)
 console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable
+log = logging.getLogger("skyhop.cli")
 PARENT_POLL_S = 1.0  # how often ``agent --parent-pid`` checks that its parent lives
 
 HomeOpt = Annotated[
@@ -91,7 +92,7 @@ def _run_until_signal(stop: object, parent: int | None = None) -> None:
     # A dead parent sends no signal; its children are re-parented at once, so poll.
     while not done.wait(PARENT_POLL_S if parent is not None else None):
         if os.getppid() != parent:
-            logging.getLogger("skyhop").warning("parent process %d exited; stopping", parent)
+            log.warning("parent process %d exited; stopping", parent)
             break
     stop()  # type: ignore[operator]
 

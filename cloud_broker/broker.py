@@ -408,6 +408,10 @@ class Broker:
         assert self.pool is not None
         lost = self.pool.poll(now)  # the pool logs each, with its exit code
         self.metrics.inc("pool_worker_crashes_total", len(lost))
+        for name in lost:  # its process is gone: no need to wait for its will
+            view = self.fleet.nodes.get(name)
+            if view is not None and self.fleet.on_status(replace(view.status, online=False), now):
+                self._rescue(name)
         if now >= self._next_scale_ms:
             self._next_scale_ms = now + self.scaling.interval_ms
             self._scale(now)
@@ -450,11 +454,15 @@ class Broker:
         assert self.pool is not None
         start, stop = plan(target, workers, busy)
         self.pool.stop(stop, now)
-        started = self.pool.start(start, now)
+        started = self.pool.start(start, now, online=lambda name: self._online(name, now))
         self.metrics.inc("pool_workers_started_total", len(started))
         self.metrics.inc("pool_workers_stopped_total", len(stop))
         if stop or started:
             log.info("pool: started %s, stopping %s", started or "none", stop or "none")
+
+    def _online(self, node: str, now: float) -> bool:
+        view = self.fleet.nodes.get(node)
+        return view is not None and self.fleet.is_live(view, now)
 
     def _pool_born(self, node: str) -> None:
         assert self.pool is not None

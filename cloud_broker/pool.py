@@ -64,8 +64,11 @@ class PoolBackend(Protocol):
     models: tuple[str, ...]  # what every worker serves
     slots: int  # requests one worker runs at once
 
-    def start(self, n: int, now_ms: float) -> list[str]:
-        """Start up to ``n`` workers; return the names of those started."""
+    def start(self, n: int, now_ms: float,
+              online: Callable[[str], bool] = lambda name: False) -> list[str]:
+        """Start up to ``n`` workers; return the names of those started. A name that is
+        ``online`` already belongs to another process (another broker's pool): it is
+        never started, since two agents of one name would take each other's session."""
         ...
 
     def stop(self, names: Sequence[str], now_ms: float) -> None:
@@ -134,6 +137,7 @@ class LocalProcessPool:
         self._cold_starts: list[float] = []
         self._failed_starts = 0  # workers in a row that died before their birth
         self._hold_until_ms = 0.0
+        self._foreign_names: set[str] = set()  # names seen online that are not ours
 
     @classmethod
     def from_home(cls, home: Home, mqtt_url: str, config: AutoscaleConfig) -> LocalProcessPool:
@@ -158,14 +162,27 @@ class LocalProcessPool:
         return cls(run_worker, names, models=config.models, slots=config.slots,
                    grace_s=config.stop_grace_s, log_dir=log_dir)
 
-    def start(self, n: int, now_ms: float) -> list[str]:
+    def start(self, n: int, now_ms: float,
+              online: Callable[[str], bool] = lambda name: False) -> list[str]:
         if now_ms < self._hold_until_ms:
             return []  # backing off a crash loop (see BACKOFF_S)
         taken = self._workers.keys() | self._stopping.keys()
-        names = [name for name in self._names if name not in taken][:max(0, n)]
+        free = [name for name in self._names if name not in taken]
+        names = [name for name in free if not self._foreign(name, online)][:max(0, n)]
         for name in names:
             self._workers[name] = (Worker(name, now_ms), self._spawn(name))
         return names
+
+    def _foreign(self, name: str, online: Callable[[str], bool]) -> bool:
+        if not online(name):
+            self._foreign_names.discard(name)
+            return False
+        if name not in self._foreign_names:  # once per episode, not every interval
+            self._foreign_names.add(name)
+            log.warning("pool worker name %s is online already and not this pool's: "
+                        "skipping it (another broker's pool? give each broker its own "
+                        "worker_prefix under [broker.autoscale])", name)
+        return True
 
     def stop(self, names: Sequence[str], now_ms: float) -> None:
         for name in names:

@@ -96,6 +96,19 @@ def test_stop_terminates_and_reaps_and_frees_the_name(sleeper: Spawner) -> None:
     pool.close()
 
 
+def test_a_name_online_elsewhere_is_skipped_until_it_goes(
+        sleeper: Spawner, caplog: pytest.LogCaptureFixture) -> None:
+    pool = LocalProcessPool(sleeper, ["w-1", "w-2", "w-3"])
+    elsewhere = {"w-1"}  # another broker's pool runs a w-1
+    assert pool.start(1, OLD, online=elsewhere.__contains__) == ["w-2"]
+    assert pool.start(1, NEW, online=elsewhere.__contains__) == ["w-3"]
+    assert caplog.text.count("w-1 is online already and not this pool's") == 1
+    elsewhere.clear()
+    pool.stop(["w-2"], NEW)
+    assert pool.start(1, NEWER, online=elsewhere.__contains__) == ["w-1"]
+    pool.close()
+
+
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
     stubborn = Spawner(["sh", "-c", "trap '' TERM; sleep 60 & wait"])
     pool = LocalProcessPool(stubborn, ["w-1"], grace_s=1.0)
@@ -227,6 +240,7 @@ def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture
     _birth(broker, "pool-2")
     procs["pool-2"].returncode = 1  # lost unasked: counted, replaced at the next call
     broker._pool_tick(t0 + 1500)
+    assert not broker.fleet.is_live(broker.fleet.nodes["pool-2"], t0 + 1500)  # at once
     assert broker.pool_gauges["starting"] == 1 and "exited unasked with code 1" in caplog.text
     broker._pool_tick(t0 + 2000)
     pool = broker.status()["pool"]
@@ -236,3 +250,12 @@ def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture
                  "skyhop_broker_pool_workers_started_total 4",
                  'skyhop_broker_pool_scale_events_total{direction="up"} 2'):
         assert line in metrics, metrics
+
+
+def test_the_broker_never_starts_a_worker_another_pool_runs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    broker, procs = _broker(interval_ms=1000, max_size=3)
+    _birth(broker, "pool-1")  # another broker's, with the same worker_prefix
+    broker._pool_tick(time.monotonic() * 1000)
+    assert list(procs) == ["pool-2"]
+    assert "give each broker its own worker_prefix" in caplog.text

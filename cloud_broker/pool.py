@@ -32,6 +32,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -167,8 +168,10 @@ class LocalProcessPool:
         if now_ms < self._hold_until_ms:
             return []  # backing off a crash loop (see BACKOFF_S)
         taken = self._workers.keys() | self._stopping.keys()
-        free = [name for name in self._names if name not in taken]
-        names = [name for name in free if not self._foreign(name, online)][:max(0, n)]
+        free = (name for name in self._names if name not in taken)
+        # Lazily: a name is only checked (and a foreign one only logged) when one is needed.
+        names = list(islice((name for name in free if not self._foreign(name, online)),
+                            max(0, n)))
         for name in names:
             self._workers[name] = (Worker(name, now_ms), self._spawn(name))
         return names

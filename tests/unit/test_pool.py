@@ -100,6 +100,8 @@ def test_a_name_online_elsewhere_is_skipped_until_it_goes(
         sleeper: Spawner, caplog: pytest.LogCaptureFixture) -> None:
     pool = LocalProcessPool(sleeper, ["w-1", "w-2", "w-3"])
     elsewhere = {"w-1"}  # another broker's pool runs a w-1
+    assert pool.start(0, OLD, online=elsewhere.__contains__) == []
+    assert "online already" not in caplog.text  # no name wanted: none checked, none logged
     assert pool.start(1, OLD, online=elsewhere.__contains__) == ["w-2"]
     assert pool.start(1, NEW, online=elsewhere.__contains__) == ["w-3"]
     assert caplog.text.count("w-1 is online already and not this pool's") == 1

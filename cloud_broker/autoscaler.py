@@ -160,6 +160,8 @@ class ScaleState:
     needs: tuple[tuple[float, int], ...] = ()  # predictive: (time, need), oldest first
     released: tuple[tuple[float, int], ...] = ()  # (unneeded since, level kept) per release
     regrets: tuple[tuple[float, float], ...] = ()  # (when, idle gap ms): released, needed again
+    rates: dict[str, float] = field(default_factory=dict)  # model -> requests/s last interval
+    bursts: dict[str, float] = field(default_factory=dict)  # model -> its requests' last jump
     below_since_ms: float | None = None  # reactive: when the wish to shrink began
     above_since_ms: float | None = None  # reactive: when the wish to grow began
     history: tuple[tuple[float, float], ...] = ()  # reactive look-back: (time, slots)
@@ -226,10 +228,35 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     allow_zero = cfg.scale_to_zero and idle_since is not None \
         and ctx.now_ms - idle_since >= cfg.idle_to_zero_ms
     need = _bounds(need, cfg, allow_zero)
+    state = _recurring_bursts(ctx, state, dt, _longest_hold(state, cfg))
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
-                    last_ms=ctx.now_ms)
+                    last_ms=ctx.now_ms, rates={m.model: m.requests / dt for m in ctx.models})
     rising = any(rises[m] > cfg.hysteresis * max(0.0, h.level) for m, h in arrivals.items())
     return _settle(need, state, ctx.now_ms, cfg, rising)
+
+
+def _recurring_bursts(ctx: ScaleContext, state: ScaleState, dt: float,
+                      longest: float) -> ScaleState:
+    """Requests of a model that jump again within ``longest`` of their last jump are a
+    regret the pool did not have to pay for: had it released its workers in between, it
+    would have wanted them back (``_settle``). A crowd jumps once; MMPP bursts recur."""
+    bursts, regrets = dict(state.bursts), state.regrets
+    for m in ctx.models:
+        before = state.rates.get(m.model)
+        if before is None or not _jumped(m.requests, before * dt):
+            continue
+        last = bursts.get(m.model)
+        if last is not None and ctx.now_ms - last < longest:
+            regrets += ((ctx.now_ms, ctx.now_ms - last),)
+        bursts[m.model] = ctx.now_ms
+    return replace(state, bursts=bursts, regrets=regrets)
+
+
+def _jumped(count: float, expected: float) -> bool:
+    """More than twice the interval before, and beyond a Poisson count's noise (5 σ):
+    a burst's step, not a ramp (``flash-crowd``'s two-minute ramp climbs
+    ×1.3 in its first interval, less after)."""
+    return count > 2 * expected and count - expected > 5 * math.sqrt(max(expected, 1.0))
 
 
 def _smooth(prev: dict[str, Holt], rates: dict[str, float], dt: float,

@@ -139,6 +139,7 @@ class LocalProcessPool:
         self._failed_starts = 0  # workers in a row that died before their birth
         self._hold_until_ms = 0.0
         self._foreign_names: set[str] = set()  # names seen online that are not ours
+        self._reaped: set[str] = set()  # ours, exited; the fleet may not have seen it go yet
 
     @classmethod
     def from_home(cls, home: Home, mqtt_url: str, config: AutoscaleConfig) -> LocalProcessPool:
@@ -179,7 +180,10 @@ class LocalProcessPool:
     def _foreign(self, name: str, online: Callable[[str], bool]) -> bool:
         if not online(name):
             self._foreign_names.discard(name)
+            self._reaped.discard(name)
             return False
+        if name in self._reaped:
+            return True  # our own last process: its death message is still on its way
         if name not in self._foreign_names:  # once per episode, not every interval
             self._foreign_names.add(name)
             log.warning("pool worker name %s is online already and not this pool's: "
@@ -209,6 +213,7 @@ class LocalProcessPool:
         for name, (proc, kill_at) in list(self._stopping.items()):
             if proc.poll() is not None:
                 del self._stopping[name]  # reaped
+                self._reaped.add(name)
             elif now_ms >= kill_at:
                 log.warning("pool worker %s still running %.0f s after SIGTERM: killed",
                             name, self.grace_s)
@@ -216,6 +221,7 @@ class LocalProcessPool:
         lost = [name for name, (_, proc) in self._workers.items() if proc.poll() is not None]
         for name in lost:
             worker, proc = self._workers.pop(name)
+            self._reaped.add(name)
             when = "the next scale decision replaces it"
             if not worker.ready:
                 self._failed_starts += 1

@@ -154,6 +154,19 @@ def test_bursts_that_recur_keep_their_pool_a_crowd_that_leaves_does_not() -> Non
     assert crowd[-1] == 1 and max(crowd) == peak
 
 
+def test_requests_that_jump_twice_within_two_leads_keep_the_pool_before_any_regret() -> None:
+    """Two bursts 40 s apart, the lull between them shorter than the 30 s hold: nothing
+    was released, so nothing was regretted. The second jump is the evidence all the
+    same, and the next, longer lull (50 s) is held through; a single burst is not."""
+    cold = (30_000.0,) * 30
+    head = [10.0] * 8 + [300.0] * 3 + [10.0] * 5 + [300.0] * 3
+    twice = run(ScaleConfig(), head + [10.0] * 10 + [300.0] * 3, cold=cold)
+    peak = max(twice)
+    assert min(twice[19:29]) >= 0.8 * peak  # the 50 s lull is held: the third burst is met
+    once = run(ScaleConfig(), [10.0] * 16 + [300.0] * 3 + [10.0] * 10, cold=cold)
+    assert max(once) == peak and once[-1] == 1  # one jump: released after the 30 s hold
+
+
 def test_no_worker_goes_while_requests_rise() -> None:
     """Cloud demand falls but all requests keep climbing: a ramp's dip is not its end."""
     cfg = ScaleConfig(early_warning=0)  # the guard alone, not the early warning's demand

@@ -111,6 +111,21 @@ def test_a_name_online_elsewhere_is_skipped_until_it_goes(
     pool.close()
 
 
+def test_our_own_stopped_worker_still_online_is_skipped_without_a_warning(
+        sleeper: Spawner, caplog: pytest.LogCaptureFixture) -> None:
+    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool.start(1, OLD)
+    pool.stop(["w-1"], NEW)
+    _until_reaped(pool, NEW)
+    seen_online = {"w-1"}  # reaped, but its death message has not reached the fleet yet
+    assert pool.start(1, NEW, online=seen_online.__contains__) == ["w-2"]
+    assert "online already" not in caplog.text  # it is ours, not another pool's
+    seen_online.clear()
+    pool.stop(["w-2"], NEWER)
+    assert pool.start(1, NEWER, online=seen_online.__contains__) == ["w-1"]
+    pool.close()
+
+
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
     stubborn = Spawner(["sh", "-c", "trap '' TERM; sleep 60 & wait"])
     pool = LocalProcessPool(stubborn, ["w-1"], grace_s=1.0)

@@ -18,7 +18,8 @@ Policies (``ScaleConfig.policy``):
   workers' queues are earliest-deadline-first), with ``headroom``; scale up at
   once; scale down, by more than the hysteresis band, to the highest need of the last
   hold (``downscale_delay_ms``; two leads once released workers were needed again
-  soon: see ``_settle``), and not while requests are forecast to rise. Min/max
+  soon, or a model's requests jumped again soon: see ``_settle``), and not while
+  requests are forecast to rise. Min/max
   size, a cost cap, optional scale-to-zero after ``idle_to_zero_ms`` without demand.
 - ``reactive``: Ray Serve-like target utilisation — desired = offered load ÷ (slots ×
   ``target_utilization``), averaged over a 30 s look-back; scale only after the wish
@@ -282,7 +283,8 @@ def _settle(need: int, state: ScaleState, now_ms: float, cfg: ScaleConfig,
     (and the misses while it boots) if it is needed again. So a worker goes once the
     need has stayed below it for the hold (a sliding window, as in Kubernetes' HPA):
     ``downscale_delay_ms``, or after a regret — released workers needed again within
-    ``max_hold_leads`` leads — that longer hold, for ``hold_memory_ms``:
+    ``max_hold_leads`` leads, or requests that jumped again that soon
+    (``_recurring_bursts``) — that longer hold, for ``hold_memory_ms``:
     bursts that recur keep their pool between them, a crowd that leaves is let go. And
     nothing goes while requests are forecast to rise: a ramp's dips are not its end.
     """

@@ -171,13 +171,15 @@ class LocalProcessPool:
         taken = self._workers.keys() | self._stopping.keys()
         free = (name for name in self._names if name not in taken)
         # Lazily: a name is only checked (and a foreign one only logged) when one is needed.
-        names = list(islice((name for name in free if not self._foreign(name, online)),
+        names = list(islice((name for name in free if not self._in_use(name, online)),
                             max(0, n)))
         for name in names:
             self._workers[name] = (Worker(name, now_ms), self._spawn(name))
         return names
 
-    def _foreign(self, name: str, online: Callable[[str], bool]) -> bool:
+    def _in_use(self, name: str, online: Callable[[str], bool]) -> bool:
+        """Is this free name still online: another pool's worker, or our own last one
+        whose death message has not reached the fleet yet?"""
         if not online(name):
             self._foreign_names.discard(name)
             self._reaped.discard(name)

@@ -209,7 +209,8 @@ def _interval_s(ctx: ScaleContext, state: ScaleState) -> float:
 def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     cfg, dt = ctx.config, _interval_s(ctx, state)
     demand = _smooth(state.demand, {m.model: m.cloud_requests / dt for m in ctx.models}, dt, cfg)
-    arrivals = _smooth(state.arrivals, {m.model: m.requests / dt for m in ctx.models}, dt, cfg)
+    requests = {m.model: m.requests / dt for m in ctx.models}
+    arrivals = _smooth(state.arrivals, requests, dt, cfg)
     ahead_s = _lead_ms(state, cfg) / 1000
     step_s = cfg.interval_ms / 1000
     rises = {m: h.rise(ahead_s, step_s, cfg.damping) for m, h in arrivals.items()}
@@ -231,7 +232,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     need = _bounds(need, cfg, allow_zero)
     state = _recurring_bursts(ctx, state, dt, _longest_hold(state, cfg))
     state = replace(state, demand=demand, arrivals=arrivals, idle_since_ms=idle_since,
-                    last_ms=ctx.now_ms, rates={m.model: m.requests / dt for m in ctx.models})
+                    last_ms=ctx.now_ms, rates=requests)
     rising = any(rises[m] > cfg.hysteresis * max(0.0, h.level) for m, h in arrivals.items())
     return _settle(need, state, ctx.now_ms, cfg, rising)
 

@@ -3,10 +3,13 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+# cpu: onnxruntime; gpu: onnxruntime-gpu with CUDA 13 and cuDNN 9, and NVML (docs/gpu.md).
+# The two cannot share a venv: `make test-gpu VENV=.venv-gpu EXTRAS=gpu,dev`.
+EXTRAS ?= cpu,dev
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 
-.PHONY: install test unit demo lint bench clean check-mosquitto
+.PHONY: install test test-gpu unit demo lint bench clean check-mosquitto
 
 install: $(STAMP)
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 		{ echo "skyhop needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -25,6 +28,10 @@ check-mosquitto:
 
 test: install check-mosquitto
 	$(PY) -m pytest
+
+# On an NVIDIA GPU host: tests/gpu must run there, not skip.
+test-gpu: install check-mosquitto
+	SKYHOP_REQUIRE_GPU=1 $(PY) -m pytest tests/gpu
 
 unit: install
 	$(PY) -m pytest tests/unit

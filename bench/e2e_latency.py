@@ -77,17 +77,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--providers", help="the agent's ONNX Runtime providers, e.g. cuda "
+                        "(default: the agent's own choice, TensorRT > CUDA > CPU)")
     args = parser.parse_args()
+    agent_extra = ["--providers", args.providers] if args.providers else []
     work = Path(tempfile.mkdtemp(prefix="skyhop-bench-"))
     home = Home(work / "home")
     home.init()
     with MosquittoProcess.start() as server, LocalStack(home, server.url, work / "logs") as st:
         st.broker("--log-level", "warning")
-        st.agent("edge-1", ["digits"], "--log-level", "warning")
+        st.agent("edge-1", ["digits"], "--log-level", "warning", *agent_extra)
         st.wait_live(["edge-1"])
         base = summary(bare_mqtt(server.url, args.requests))
         sky = summary(skyhop_round_trips(home, server.url, args.requests))
-    result = {"requests": args.requests, "bare_mqtt": base, "skyhop": sky,
+    result = {"requests": args.requests, "agent_providers": args.providers or "default",
+              "bare_mqtt": base, "skyhop": sky,
               "ratio_p50": round(sky["p50_ms"] / base["p50_ms"], 2),
               "ratio_p99": round(sky["p99_ms"] / base["p99_ms"], 2)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,8 @@ class LocalProcessPool:
         # A worker stops with the broker, even one killed with SIGKILL: it must not
         # keep a GPU, nor contend with the next broker's worker of the same name.
         extra = ("--concurrency", str(config.slots), "--parent-pid", str(os.getpid()))
+        if config.providers:
+            extra += ("--providers", ",".join(config.providers))
 
         def run_worker(name: str) -> subprocess.Popen[bytes]:
             args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra)

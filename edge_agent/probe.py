@@ -14,11 +14,11 @@ tests can build a fake sysfs/procfs tree.
 A probe that cannot start raises ``ConfigError`` (``choose_probe`` then tries the next);
 one that fails mid-life raises ``ProbeError``, after which the agent should keep going.
 
-Hardware note: ``NvmlProbe`` and ``TegrastatsProbe`` touch real hardware only where an
-NVIDIA driver or a Jetson exists. Tests here, on a CPU-only machine, run ``NvmlProbe``
-against a stand-in ``pynvml`` module, ``JetsonProbe`` against fake sysfs trees (Orin,
-Xavier, Nano layouts), ``TegrastatsProbe`` against a script that prints tegrastats
-lines, and ``CpuProbe`` against the real /proc.
+Hardware note: ``NvmlProbe`` ran on an NVIDIA H200 (tests/gpu/, docs/gpu.md); on the
+CPU-only CI it runs against a stand-in ``pynvml`` module. No Jetson was at hand:
+``JetsonProbe`` is tested against fake sysfs trees (Orin, Xavier, Nano layouts),
+``TegrastatsProbe`` against a script that prints tegrastats lines. ``CpuProbe`` reads
+the real /proc.
 """
 
 from __future__ import annotations

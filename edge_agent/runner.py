@@ -12,14 +12,18 @@ Every failure leaves as one of ours: a model that cannot be loaded is a ``Config
 naming the path; a request the model cannot take is ``ProtocolError(BAD_REQUEST)``; a model
 that fails while running is ``ProtocolError(INTERNAL)``.
 
-Hardware note: the TensorRT and CUDA paths (provider options, device fallback) run only
-where onnxruntime-gpu and an NVIDIA GPU exist. The test suite, written on a CPU-only
-machine, checks the provider ordering and options as pure functions and runs a real
-ONNX model on ``CPUExecutionProvider`` (tests/integration/test_onnx_runner.py).
+Hardware note: the CUDA path (preloading CUDA and cuDNN, provider options, dropping a
+provider that cannot start) ran on an NVIDIA H200 with onnxruntime-gpu 1.31
+(tests/gpu/, docs/gpu.md); TensorRT ran only as far as failing to start without its
+libraries. Everywhere else the suite checks provider order and options as pure functions
+and runs real models on ``CPUExecutionProvider`` (tests/integration/test_onnx_runner.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import threading
 import time
@@ -286,15 +290,17 @@ class OnnxRunner:
         path = Path(path)
         _check_load_args(path, intra_op_threads, warmup)
         chosen = choose_providers(ort.get_available_providers(), providers)
+        if chosen[0] != CPU:
+            _preload_gpu_libraries(ort)
         opts = provider_options(
             chosen, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir
         )
-        session = _open_session(ort, path, opts, intra_op_threads)
+        session, asked = _open_session(ort, path, opts, intra_op_threads)
         ins = tuple(_spec(a, path) for a in session.get_inputs())
         outs = tuple(_spec(a, path) for a in session.get_outputs())
         actual = session.get_providers()[0]
-        if actual != chosen[0]:
-            log.warning("model %s: asked for %s, ORT runs it on %s", name, chosen[0], actual)
+        if actual != asked:
+            log.warning("model %s: asked for %s, ORT runs it on %s", name, asked, actual)
         runs = _warm_up(session, ins, warmup, path)
         last_ms = runs[-1] * 1000 if runs else None
         log.info("model %s loaded on %s, warm-up %.3f s", name, actual, sum(runs))
@@ -351,15 +357,60 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     return (*_ort_errors(), ValueError, RuntimeError, TypeError)
 
 
-def _open_session(ort: Any, path: Path, providers: list, threads: int | None) -> Any:
+def _open_session(
+    ort: Any, path: Path, providers: list, threads: int | None
+) -> tuple[Any, str]:
+    """An InferenceSession on the first of ``providers`` that ORT can create, and the
+    name of that provider.
+
+    A GPU provider fails to create where its libraries are missing: TensorRT's on a
+    machine with only CUDA, say. ORT's own fallback retries once, on CUDA and CPU without
+    our options, and prints to stdout; ours drops the provider that failed, keeps the
+    options of the rest and logs why.
+    """
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: we log the provider choice ourselves
     if threads is not None:
         so.intra_op_num_threads = threads
+    for i, (name, _) in enumerate(providers):
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=so, providers=providers[i:], enable_fallback=0
+            )
+            return session, name
+        except _run_errors() as exc:
+            if i == len(providers) - 1:
+                raise ConfigError(f"cannot load model {path}: {exc}") from exc
+            headline = str(exc).strip().split("\n")[0] or type(exc).__name__
+            log.warning(
+                "model %s: %s unusable (%s); trying %s",
+                path.name, name, headline, providers[i + 1][0],
+            )
+    raise ConfigError(f"cannot load model {path}: no execution provider given")
+
+
+@functools.cache
+def _preload_gpu_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN for onnxruntime-gpu, once per process.
+
+    ORT's CUDA provider library carries no search path for them, so it works only where
+    they are on the loader's path (JetPack, a CUDA toolkit) or already loaded.
+    ``preload_dlls`` (ORT 1.21 and later) loads them from the nvidia-* pip packages that
+    ``pip install 'skyhop[gpu]'`` puts beside ORT, else from the loader's path. What it
+    prints about a failure goes to our log instead of stdout.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
-    except _run_errors() as exc:
-        raise ConfigError(f"cannot load model {path}: {exc}") from exc
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # a broken CUDA install must still leave the CPU path
+        log.warning("onnxruntime.preload_dlls failed: %s", exc)
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log.warning("onnxruntime.preload_dlls: %s", line.strip())
 
 
 def _spec(arg: Any, path: Path) -> TensorSpec:

@@ -56,6 +56,9 @@ class AutoscaleConfig(_Strict):
     static_size: int = Field(0, ge=0, description="the fixed size of policy static-peak")
     interval_ms: float = Field(5_000.0, gt=0, description="how often the pool is sized")
     slots: int = Field(1, ge=1, le=64, description="requests a worker runs at once")
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        [], description="a worker's ONNX Runtime providers ([]: its own TensorRT > CUDA > CPU)"
+    )
     scale_to_zero: bool = False
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
     downscale_delay_ms: float = Field(30_000.0, ge=0, description="the shortest hold")

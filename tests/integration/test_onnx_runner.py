@@ -1,7 +1,7 @@
 """OnnxRunner against real ONNX Runtime on CPU, with models built here by ``onnx.helper``.
 
-The CUDA and TensorRT providers are not exercised: this runs wherever onnxruntime (CPU)
-and onnx are installed; the GPU paths need onnxruntime-gpu on an NVIDIA machine.
+This runs wherever onnxruntime and onnx are installed; the CUDA provider is exercised by
+tests/gpu/ on an NVIDIA machine with onnxruntime-gpu.
 """
 
 from __future__ import annotations

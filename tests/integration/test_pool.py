@@ -32,10 +32,13 @@ pytestmark = pytest.mark.integration
 WORKERS = {f"pool-{i}": "cloud" for i in (1, 2, 3)}  # certificates, over mqtts
 X = {"x": np.ones((1, 64), np.float32)}
 LOCAL_EXPIRY = "no reply from the fleet within the budget"  # the client's own, not the fleet's
+# Workers on CPU: the load is sized from a CPU's service time, and on a GPU `busy` runs
+# in half a millisecond, where no rate this client sends needs a second worker.
 POOL = """
 [broker.autoscale]
 backend = "local"
 models = ["busy"]
+providers = ["cpu"]
 max_size = 3  # min_size: 1, the default
 interval_ms = 500
 downscale_delay_ms = 2000

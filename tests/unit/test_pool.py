@@ -192,6 +192,22 @@ def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:  # type:
         LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg)
 
 
+def test_local_pool_workers_run_on_the_configured_providers(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="providers"):
+        updated(AutoscaleConfig(), "x", providers=["gpu"])
+    home = Home(tmp_path / "home")
+    home.init()
+    argv: list[list[str]] = []
+    monkeypatch.setattr("cloud_broker.pool.spawn", lambda args, log, **kw: argv.append(args))
+    for providers, expected in (([], None), (["cuda", "cpu"], "cuda,cpu")):
+        cfg = updated(AutoscaleConfig(), "x", backend="local", models=["digits"],
+                      providers=providers)
+        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg).start(1, 0.0)
+        args = argv.pop()
+        given = args[args.index("--providers") + 1] if "--providers" in args else None
+        assert given == expected
+
+
 # -- the broker's pool shell, driven by hand: fake processes, no MQTT ------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,68 @@ def test_fake_runner_counts_concurrent_calls():
     for t in threads:
         t.join()
     assert r.calls == 400
+
+
+# ---------------------------------------------------------------- session opening
+
+
+class FakeOrt:
+    """Stands in for onnxruntime where a GPU provider cannot start (its libraries are
+    missing): records each InferenceSession attempt, prints from preload_dlls."""
+
+    class SessionOptions:
+        pass
+
+    def __init__(self, broken: set[str]) -> None:
+        self.broken = broken
+        self.attempts: list[list[str]] = []
+        self.preloads = 0
+
+    def InferenceSession(self, path, sess_options, providers, enable_fallback):
+        assert enable_fallback == 0  # ORT's own fallback would drop our options
+        self.attempts.append([name for name, _ in providers])
+        if providers[0][0] in self.broken:
+            raise RuntimeError(f"{providers[0][0]}: libnvinfer.so.10 not found\ndetails")
+        return providers
+
+    def preload_dlls(self) -> None:
+        self.preloads += 1
+        print("Failed to load libcudnn.so.9: not found")
+
+
+def test_a_provider_that_cannot_start_is_dropped_and_the_rest_keep_their_options(caplog):
+    pytest.importorskip("onnxruntime")  # its error classes are what _open_session catches
+    from edge_agent.runner import _open_session
+
+    ort = FakeOrt({TRT})
+    opts = provider_options([TRT, CUDA, CPU])
+    with caplog.at_level("WARNING", logger="skyhop.runner"):
+        session, opened_on = _open_session(ort, Path("m.onnx"), opts, threads=None)
+    assert ort.attempts == [[TRT, CUDA, CPU], [CUDA, CPU]]
+    assert opened_on == CUDA
+    assert session == opts[1:]  # CUDA still has its arena and cuDNN options
+    assert f"m.onnx: {TRT} unusable ({TRT}: libnvinfer.so.10 not found); trying {CUDA}" in (
+        caplog.text
+    )
+
+
+def test_a_model_no_provider_can_open_is_a_config_error():
+    pytest.importorskip("onnxruntime")
+    from edge_agent.runner import _open_session
+
+    ort = FakeOrt({CUDA, CPU})
+    with pytest.raises(ConfigError, match=r"cannot load model m.onnx: CPUExecutionProvider"):
+        _open_session(ort, Path("m.onnx"), provider_options([CUDA, CPU]), threads=2)
+    assert ort.attempts == [[CUDA, CPU], [CPU]]
+
+
+def test_gpu_libraries_are_preloaded_once_with_what_ort_prints_sent_to_the_log(caplog, capsys):
+    from edge_agent.runner import _preload_gpu_libraries
+
+    ort = FakeOrt(set())
+    with caplog.at_level("WARNING", logger="skyhop.runner"):
+        _preload_gpu_libraries(ort)
+        _preload_gpu_libraries(ort)
+    assert ort.preloads == 1
+    assert capsys.readouterr().out == ""
+    assert "onnxruntime.preload_dlls: Failed to load libcudnn.so.9: not found" in caplog.text

@@ -5,12 +5,14 @@ batch size, the model is loaded twice, on CPU (all cores) and on CUDA, the two o
 are compared, and `OnnxRunner.run` is timed: input validation and the copies to the GPU
 and back are included, since the agent pays them for every batch. The number to read is
 the ratio CPU p50 / CUDA p50, not the milliseconds. NVML gives the GPU memory each model
-takes once loaded. Without a CUDA provider it times the CPU alone and says so.
+takes once loaded. For each model's largest batch it also measures what an agent's
+``--concurrency`` buys on the GPU: throughput with 1, 2, 4 threads sharing one CUDA
+session. Without a CUDA provider it times the CPU alone and says so.
 
 Results: OUT/gpu_runner.json and OUT/gpu_runner.md.
 
     python bench/gpu_runner.py [--runs 200] [--max-seconds 5] [--out bench/results]
-        [--models digits,ppocr-det] [--model-cache DIR]
+        [--models digits,ppocr-det] [--threads 1,2,4] [--model-cache DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,35 @@ def summary(times: list[float], batch: int) -> dict[str, float]:
             "items_per_s": round(batch * 1000 / p50, 1)}
 
 
+def throughput(runner: OnnxRunner, x: dict[str, np.ndarray], threads: int, seconds: float
+               ) -> dict[str, float]:
+    """Items per second, and the p50 of each run, with ``threads`` threads calling
+    ``run`` on one session for ``seconds``: an agent running that many requests at once."""
+    batch = next(iter(x.values())).shape[0]
+    times: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def loop() -> None:
+        mine = []
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            runner.run(x)
+            mine.append((time.perf_counter() - t0) * 1000)
+        with lock:
+            times.extend(mine)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    return {"threads": threads, "items_per_s": round(len(times) * batch / elapsed, 1),
+            "p50_ms": round(percentile(times, 50), 3)}
+
+
 def agreement(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     """Largest and mean absolute difference over the float outputs; 0 where equal."""
     diffs = [np.abs(got[k].astype(np.float64) - want[k]) for k in want if want[k].dtype.kind == "f"]
@@ -117,6 +149,9 @@ def bench_model(model: str, path: Path, gpu: bool, mem: GpuMemory, args: argpars
             row["cuda_provider"] = cuda.provider
             if before is not None and after is not None:
                 row["gpu_mem_loaded_mb"] = round(after - before, 1)
+            if (batch, shape) == CASES[model][-1]:
+                row["cuda_threads"] = [throughput(cuda, x, k, args.max_seconds / 2)
+                                       for k in args.threads]
         rows.append(row)
         print(_line(row), flush=True)
     return rows
@@ -138,8 +173,17 @@ def markdown(result: dict[str, Any]) -> str:
             "| model | batch | CPU p50 ms | CPU p99 ms | CUDA p50 ms | CUDA p99 ms | "
             "speed-up (p50) | max abs diff |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = [_line(r) for r in result["rows"]]
+    threads = [r for r in result["rows"] if "cuda_threads" in r]
+    shared = ["", "One CUDA session shared by k threads (an agent's `--concurrency k`), "
+              "items per second (p50 ms per run):", "",
+              "| model | batch | " + " | ".join(f"k = {t['threads']}" for t in
+                                               threads[0]["cuda_threads"]) + " |",
+              "| --- | --- |" + " --- |" * len(threads[0]["cuda_threads"])] if threads else []
+    shared += [f"| {r['model']} | {r['batch']} | " + " | ".join(
+        f"{t['items_per_s']:,.0f} ({t['p50_ms']})" for t in r["cuda_threads"]) + " |"
+        for r in threads]
     skipped = [f"- `{m}` not measured: {why}" for m, why in result["skipped"].items()]
-    return "\n".join([*head, *rows, "", *skipped, ""])
+    return "\n".join([*head, *rows, *shared, "", *skipped, ""])
 
 
 def main() -> None:
@@ -147,6 +191,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per case, at most")
     parser.add_argument("--max-seconds", type=float, default=5.0, help="time cap per case")
     parser.add_argument("--models", default=",".join(CASES), help="comma-separated")
+    parser.add_argument("--threads", default="1,2,4", type=lambda v: [int(k) for k in v.split(",")],
+                        help="threads sharing one CUDA session, for each model's largest batch")
     parser.add_argument("--model-cache", type=Path,
                         default=os.environ.get("SKYHOP_MODEL_CACHE") or
                         Path(tempfile.gettempdir()) / "skyhop-models")

@@ -151,7 +151,9 @@ reply_grace_ms = 250.0
 # min_size = 1
 # max_size = 4
 # interval_ms = 5000.0         # how often the pool is sized
-# slots = 1                    # requests a worker runs at once (its agent --concurrency)
+# slots = 1                    # requests a worker runs at once (its agent --concurrency;
+#                              # 2-4 on a GPU for small batches: docs/gpu.md)
+# providers = []               # e.g. ["cuda"]; [] = the worker's TensorRT > CUDA > CPU
 # scale_to_zero = false
 # downscale_delay_ms = 30000.0  # an idle worker goes after this hold, or after
 # max_hold_leads = 2.0         # this many (cold start + interval) once bursts recur

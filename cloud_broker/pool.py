@@ -158,7 +158,9 @@ class LocalProcessPool:
             extra += ("--providers", ",".join(config.providers))
 
         def run_worker(name: str) -> subprocess.Popen[bytes]:
-            args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra)
+            gpu = config.gpus[names.index(name) % len(config.gpus)] if config.gpus else None
+            on_gpu = ("--gpu", str(gpu)) if gpu is not None else ()
+            args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra, *on_gpu)
             # Its own session: a Ctrl-C meant for the broker must not reach the workers
             # first (they would look like crashes); the broker stops them in order.
             return spawn(args, log_dir / f"{name}.log", start_new_session=True)

@@ -11,7 +11,7 @@ import os
 import time
 
 from edge_agent.agent import Agent
-from edge_agent.probe import choose_probe
+from edge_agent.probe import Probe, choose_probe, nvml_device
 from edge_agent.runner import OnnxRunner
 from skyhop.errors import ConfigError
 from skyhop.home import Home
@@ -31,6 +31,7 @@ def build_agent(
     providers: list[str] | None = None,
     concurrency: int | None = None,
     intra_op_threads: int | None = None,
+    gpu: int | None = None,
 ) -> Agent:
     if role not in ("edge", "cloud"):
         raise ConfigError(f"--role must be edge or cloud, not {role!r}")
@@ -42,6 +43,7 @@ def build_agent(
     if concurrency is not None:
         agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
     home.worker_keys(time.time())  # fail at start, not at the first request
+    probe = _probe(gpu)
     catalog = home.catalog()
     # One ORT thread per worker slot by default: several agents may share a small board.
     threads = intra_op_threads or max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
@@ -50,16 +52,35 @@ def build_agent(
         entry = catalog.get(name)
         path = fetch(entry, home.models_dir)
         runners[name] = OnnxRunner.load(
-            name, path, providers, threads, warmup=3, max_batch=entry.max_batch
+            name, path, providers, threads, warmup=3, max_batch=entry.max_batch,
+            device_id=gpu or 0,
         )
     return Agent(
         node_id=node_id,
         mqtt_url=mqtt,
         runners=runners,
         key_source=lambda: home.worker_keys(time.time()),
-        probe=choose_probe(),
+        probe=probe,
         config=agent_cfg,
         tls=home.tls(mqtt, node_id),
         topics=Topics(config.prefix),
         role=role,
     )
+
+
+def _probe(gpu: int | None) -> Probe:
+    """The telemetry probe for the GPU the models run on: ``gpu`` as CUDA numbers it,
+    which NVML does not (``nvml_device``). An explicit ``gpu`` must be an NVML GPU;
+    without one, the best probe there is, and no GPU's numbers if GPU 0 is unclear."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu is not None:
+        target = nvml_device(gpu, visible)
+        if target is None:
+            raise ConfigError(f"--gpu {gpu}, but CUDA_VISIBLE_DEVICES is empty: no GPU is visible")
+        return choose_probe(prefer="nvml", nvml_index=target)
+    try:
+        target = nvml_device(0, visible)
+    except ConfigError as exc:  # a CUDA_VISIBLE_DEVICES that NVML cannot follow
+        log.warning("%s; no GPU telemetry", exc)
+        target = None
+    return choose_probe(nvml_index=target)

@@ -261,12 +261,45 @@ def _text(value: str | bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def nvml_device(cuda_index: int, visible: str | None) -> int | str | None:
+    """NVML's name for the GPU that CUDA (and so ONNX Runtime) calls ``cuda_index``.
+
+    CUDA numbers only the GPUs listed in ``CUDA_VISIBLE_DEVICES`` (``visible``), in that
+    order; NVML ignores the variable and numbers every GPU. With ``CUDA_VISIBLE_DEVICES=2,3``,
+    CUDA's GPU 0 is NVML's index 2. List entries are indices or ``GPU-``/``MIG-`` UUIDs;
+    a UUID is returned as is. None: the variable is set but empty, which hides every GPU.
+    """
+    if cuda_index < 0:
+        raise ConfigError(f"GPU index must be 0 or more, got {cuda_index}")
+    if visible is None:
+        return cuda_index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if not entries:
+        return None
+    if cuda_index >= len(entries):
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible!r} makes {len(entries)} GPU(s) visible; "
+            f"there is no GPU {cuda_index}"
+        )
+    entry = entries[cuda_index]
+    if entry.isdigit():
+        return int(entry)
+    if entry.startswith(("GPU-", "MIG-")):
+        return entry
+    raise ConfigError(
+        f"CUDA_VISIBLE_DEVICES entry {entry!r} is neither a GPU index nor a GPU-/MIG- UUID"
+    )
+
+
 class NvmlProbe:
-    """One NVIDIA GPU through NVML: utilization.gpu and device memory."""
+    """One NVIDIA GPU through NVML: utilization.gpu and device memory.
+
+    ``index`` is NVML's index, or the GPU's UUID (see ``nvml_device``).
+    """
 
     kind = "nvml"
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int | str = 0) -> None:
         self._nvml = nvml = _import_pynvml()
         self._index = index
         self._closed = False
@@ -281,9 +314,12 @@ class NvmlProbe:
             raise
         self.device = gpu_class(self.name)
 
-    def _open(self, index: int) -> tuple[Any, str]:
+    def _open(self, index: int | str) -> tuple[Any, str]:
         nvml = self._nvml
         try:
+            if isinstance(index, str):
+                handle = nvml.nvmlDeviceGetHandleByUUID(index)
+                return handle, _text(nvml.nvmlDeviceGetName(handle))
             count = nvml.nvmlDeviceGetCount()
             if not 0 <= index < count:
                 raise ConfigError(f"NVML sees {count} GPU(s); there is no GPU index {index}")
@@ -490,8 +526,12 @@ def _build_jetson(root: Path, which: Callable[[str], str | None]) -> Probe:
         return TegrastatsProbe(device, which=which)
 
 
-def _build(kind: str, root: Path, nvml_index: int, which: Callable[[str], str | None]) -> Probe:
+def _build(
+    kind: str, root: Path, nvml_index: int | str | None, which: Callable[[str], str | None]
+) -> Probe:
     if kind == "nvml":
+        if nvml_index is None:
+            raise ConfigError("CUDA_VISIBLE_DEVICES is empty: no GPU is visible")
         return NvmlProbe(nvml_index)
     if kind == "jetson":
         return _build_jetson(root, which)
@@ -502,15 +542,16 @@ def choose_probe(
     root: str | Path = "/",
     prefer: str | None = None,
     *,
-    nvml_index: int = 0,
+    nvml_index: int | str | None = 0,
     which: Callable[[str], str | None] = shutil.which,
 ) -> Probe:
     """The best working probe: NVML, else Jetson (sysfs, else tegrastats), else CPU.
 
     A candidate must construct and return one sample to be chosen, so e.g. an NVML that
     cannot report utilization falls through. ``prefer`` ("nvml"|"jetson"|"cpu") forces
-    one kind and raises ConfigError if it does not work. Logs the choice to
-    ``skyhop.probe`` with the reason each better kind was skipped.
+    one kind and raises ConfigError if it does not work. ``nvml_index`` is the GPU NVML
+    reads (``nvml_device``; None: none is visible). Logs the choice to ``skyhop.probe``
+    with the reason each better kind was skipped.
     """
     if prefer is not None and prefer not in KINDS:
         raise ConfigError(f"unknown probe {prefer!r}: use one of {list(KINDS)}")

@@ -219,7 +219,18 @@ def agent(
             help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU)."
         ),
     ] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Models run in parallel.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Requests run at once (on a GPU, 2-4 pay for single images)."),
+    ] = None,
+    gpu: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="The GPU to run on, numbered as CUDA numbers it (after CUDA_VISIBLE_DEVICES): "
+            "ONNX Runtime's device, and the one NVML reports. Default: GPU 0 if there is one.",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
@@ -245,6 +256,7 @@ def agent(
         role=role,
         providers=providers.split(",") if providers else None,
         concurrency=concurrency,
+        gpu=gpu,
     )
     a.start()
     if metrics_port:

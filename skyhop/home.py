@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from skyhop.envelope import FleetKeyPair, FleetPublicKey
 from skyhop.errors import ConfigError
@@ -58,6 +58,9 @@ class AutoscaleConfig(_Strict):
     slots: int = Field(1, ge=1, le=64, description="requests a worker runs at once")
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
         [], description="a worker's ONNX Runtime providers ([]: its own TensorRT > CUDA > CPU)"
+    )
+    gpus: list[NonNegativeInt] = Field(
+        [], description="GPUs to spread workers over, round robin ([]: each takes GPU 0)"
     )
     scale_to_zero: bool = False
     idle_to_zero_ms: float = Field(300_000.0, ge=0)
@@ -154,6 +157,7 @@ reply_grace_ms = 250.0
 # slots = 1                    # requests a worker runs at once (its agent --concurrency;
 #                              # 2-4 on a GPU for small batches: docs/gpu.md)
 # providers = []               # e.g. ["cuda"]; [] = the worker's TensorRT > CUDA > CPU
+# gpus = []                    # e.g. [0, 1, 2, 3]: pool-1 on GPU 0, pool-2 on 1, … (agent --gpu)
 # scale_to_zero = false
 # downscale_delay_ms = 30000.0  # an idle worker goes after this hold, or after
 # max_hold_leads = 2.0         # this many (cold start + interval) once bursts recur

@@ -235,3 +235,30 @@ def test_sealed_requests_run_on_the_gpu_agent_and_its_nvml_load_reaches_the_brok
 
 def _catalog_dir(home) -> Path:  # type: ignore[no-untyped-def]
     return Path(home.config().catalog or "").parent
+
+
+def test_an_agent_told_its_gpu_by_uuid_runs_and_reports_that_gpu(tmp_path, mosquitto, monkeypatch):
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(0))
+    finally:
+        pynvml.nvmlShutdown()
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid)  # NVML must follow it, CUDA does
+    home = make_home(tmp_path)
+    with LocalStack(home, mosquitto.url, tmp_path / "logs") as stack:
+        stack.broker()
+        stack.agent("gpu-0", ["digits"], "--gpu", "0", role="cloud")
+        absent = stack.agent("gpu-1", ["digits"], "--gpu", "1", role="cloud")
+        stack.procs.pop("gpu-1")  # expected to exit: wait_live must not fail on it
+        stack.wait_live(["gpu-0"])
+        assert absent.wait(timeout=60) != 0
+        status = stack.watcher().latest or {}
+    node = next(n for n in status["nodes"] if n["node"] == "gpu-0")
+    assert node["gpu"].startswith("nvidia-")
+    log = (tmp_path / "logs" / "gpu-0.log").read_text()
+    assert f"model digits loaded on {CUDA}" in log and "telemetry probe: nvml" in log
+    refused = (tmp_path / "logs" / "gpu-1.log").read_text()
+    assert "makes 1 GPU(s) visible; there is no GPU 1" in refused

@@ -192,20 +192,27 @@ def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:  # type:
         LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg)
 
 
-def test_local_pool_workers_run_on_the_configured_providers(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_local_pool_workers_run_on_the_configured_providers_and_gpus(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="providers"):
         updated(AutoscaleConfig(), "x", providers=["gpu"])
+    with pytest.raises(ConfigError, match="gpus"):
+        updated(AutoscaleConfig(), "x", gpus=[-1])
     home = Home(tmp_path / "home")
     home.init()
     argv: list[list[str]] = []
     monkeypatch.setattr("cloud_broker.pool.spawn", lambda args, log, **kw: argv.append(args))
-    for providers, expected in (([], None), (["cuda", "cpu"], "cuda,cpu")):
-        cfg = updated(AutoscaleConfig(), "x", backend="local", models=["digits"],
-                      providers=providers)
-        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg).start(1, 0.0)
-        args = argv.pop()
-        given = args[args.index("--providers") + 1] if "--providers" in args else None
-        assert given == expected
+
+    def option(args: list[str], name: str) -> str | None:
+        return args[args.index(name) + 1] if name in args else None
+
+    base = updated(AutoscaleConfig(), "x", backend="local", models=["digits"], max_size=3)
+    LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", base).start(1, 0.0)
+    assert option(argv[-1], "--providers") is None and option(argv[-1], "--gpu") is None
+    argv.clear()
+    cfg = updated(base, "x", providers=["cuda", "cpu"], gpus=[0, 1])
+    LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg).start(3, 0.0)
+    assert [option(a, "--providers") for a in argv] == ["cuda,cpu"] * 3
+    assert [option(a, "--gpu") for a in argv] == ["0", "1", "0"]  # pool-1, -2, -3
 
 
 # -- the broker's pool shell, driven by hand: fake processes, no MQTT ------------------

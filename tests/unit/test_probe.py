@@ -30,6 +30,7 @@ from edge_agent.probe import (
     cpu_util,
     gpu_class,
     jetson_class,
+    nvml_device,
     parse_meminfo,
     parse_proc_stat,
     parse_tegrastats,
@@ -346,6 +347,11 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetHandleByIndex(self, index):
         return ("handle", index)
 
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if not uuid.startswith("GPU-h100"):
+            raise self.NVMLError("Not Found")
+        return ("handle", uuid)
+
     def nvmlDeviceGetName(self, handle):
         return b"NVIDIA H100 80GB HBM3"  # old nvidia-ml-py returned bytes
 
@@ -390,6 +396,44 @@ def test_nvml_errors_translate(monkeypatch, no_nvml):
     probe = NvmlProbe()
     with pytest.raises(ProbeError, match="Not Supported"):
         probe.sample()
+
+
+@pytest.mark.parametrize(("cuda_index", "visible", "nvml"), [
+    (0, None, 0),
+    (3, None, 3),
+    (0, "2,3", 2),  # CUDA renumbers the visible GPUs; NVML does not
+    (1, " 2, 3 ", 3),
+    (0, "GPU-8f4e2b6c-1d2e-4f5a-9b8c-7d6e5f4a3b2c", "GPU-8f4e2b6c-1d2e-4f5a-9b8c-7d6e5f4a3b2c"),
+    (0, "MIG-0d7e4bd7-3b0a-5e2c-8f1d-6a9c2b4e7f10", "MIG-0d7e4bd7-3b0a-5e2c-8f1d-6a9c2b4e7f10"),
+    (0, "", None),  # set but empty: every GPU hidden
+])
+def test_nvml_device_follows_cuda_visible_devices(cuda_index, visible, nvml):
+    assert nvml_device(cuda_index, visible) == nvml
+
+
+def test_nvml_device_refuses_what_it_cannot_map():
+    with pytest.raises(ConfigError, match=r"makes 2 GPU\(s\) visible; there is no GPU 2"):
+        nvml_device(2, "0,1")
+    with pytest.raises(ConfigError, match="neither a GPU index nor"):
+        nvml_device(0, "GPU")
+    with pytest.raises(ConfigError, match="0 or more"):
+        nvml_device(-1, None)
+
+
+def test_nvml_probe_opens_a_gpu_by_uuid(monkeypatch):
+    use_nvml(monkeypatch)
+    probe = NvmlProbe("GPU-h100-0")
+    assert probe.device == "nvidia-h100" and probe.sample().util == 0.37
+    probe.close()
+    with pytest.raises(ConfigError, match="cannot open GPU GPU-other: Not Found"):
+        NvmlProbe("GPU-other")
+
+
+def test_choose_probe_with_no_visible_gpu_says_so_and_falls_back(tmp_path, monkeypatch, caplog):
+    use_nvml(monkeypatch)
+    with caplog.at_level("INFO", logger="skyhop.probe"):
+        assert choose_probe(proc_tree(tmp_path), nvml_index=None).kind == "cpu"
+    assert "nvml: CUDA_VISIBLE_DEVICES is empty" in caplog.text
 
 
 def test_importing_the_module_does_not_import_pynvml():
@@ -467,3 +511,28 @@ def test_all_file_reads_go_through_root(tmp_path, no_nvml):
     with pytest.raises(ConfigError, match="no telemetry probe works"):
         choose_probe(tmp_path)
     assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------- the agent's GPU
+
+
+def test_the_agent_reports_the_gpu_its_models_run_on(monkeypatch, caplog):
+    from edge_agent.builder import _probe
+
+    use_nvml(monkeypatch, count=4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _probe(None)._handle == ("handle", 2)  # CUDA's GPU 0 is NVML's 2
+    assert _probe(1)._handle == ("handle", 3)
+    with pytest.raises(ConfigError, match="there is no GPU 2"):
+        _probe(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="--gpu 0, but CUDA_VISIBLE_DEVICES is empty"):
+        _probe(0)
+    assert _probe(None).kind == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "all")
+    with caplog.at_level("WARNING", logger="skyhop.agent"):
+        assert _probe(None).kind == "cpu"
+    assert "'all' is neither a GPU index nor a GPU-/MIG- UUID; no GPU telemetry" in caplog.text
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ConfigError, match="no GPU index 4"):
+        _probe(4)  # an explicit GPU must be one: no fallback to the CPU's numbers

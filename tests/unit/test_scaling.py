@@ -23,7 +23,8 @@ from skyhop.home import AutoscaleConfig
 from skyhop.messages import NodeStatus, SlaConfig
 from tests.unit.test_placement import NOW, add
 
-POOL_ONLY = {"backend", "models", "slots", "providers", "worker_prefix", "stop_grace_s"}
+POOL_ONLY = {"backend", "models", "slots", "providers", "gpus", "worker_prefix",
+             "stop_grace_s"}
 
 
 def test_counter_counts_since_the_last_take_and_keeps_budget_and_size() -> None:

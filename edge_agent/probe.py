@@ -483,7 +483,10 @@ class TegrastatsProbe:
             with self._lock:
                 self._latest = (time.monotonic(), sample)
             self._first.set()
-        self._first.set()  # EOF: wake a waiting sample() so it can report the exit
+        # EOF: tegrastats is exiting. Reap it before waking a waiting sample(), which
+        # would otherwise find it still running and call it merely quiet.
+        self._proc.wait()
+        self._first.set()
 
     def sample(self) -> ProbeSample:
         # Wait long enough for tegrastats' first line; later it is a few intervals stale
@@ -531,7 +534,7 @@ def _build(
 ) -> Probe:
     if kind == "nvml":
         if nvml_index is None:
-            raise ConfigError("CUDA_VISIBLE_DEVICES is empty: no GPU is visible")
+            raise ConfigError("no GPU is visible to this agent (CUDA_VISIBLE_DEVICES)")
         return NvmlProbe(nvml_index)
     if kind == "jetson":
         return _build_jetson(root, which)

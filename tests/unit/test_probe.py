@@ -433,7 +433,7 @@ def test_choose_probe_with_no_visible_gpu_says_so_and_falls_back(tmp_path, monke
     use_nvml(monkeypatch)
     with caplog.at_level("INFO", logger="skyhop.probe"):
         assert choose_probe(proc_tree(tmp_path), nvml_index=None).kind == "cpu"
-    assert "nvml: CUDA_VISIBLE_DEVICES is empty" in caplog.text
+    assert "nvml: no GPU is visible to this agent (CUDA_VISIBLE_DEVICES)" in caplog.text
 
 
 def test_importing_the_module_does_not_import_pynvml():

@@ -393,6 +393,7 @@ class Broker:
                     "placements": v.placements,
                     "rtt_ms": round(v.link.rtt_ms, 2),
                     "gpu_util": v.load.gpu_util if v.load else 0.0,
+                    "mem_mb": [v.load.mem_used_mb, v.load.mem_total_mb] if v.load else [0.0, 0.0],
                     "service_ms": {m: round(s.mean_ms, 2) for m, s in v.load.models.items()}
                     if v.load
                     else {},

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from edge_agent.probe import Probe, ProbeError, ProbeSample
+from edge_agent.probe import MIB, Probe, ProbeError, ProbeSample
 from edge_agent.runner import ModelRunner
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
 from skyhop.envelope import OpenedRequest, error_reply, open_request, peek_request, seal_reply
@@ -77,6 +77,13 @@ class Agent:
         self.metrics = Metrics("skyhop_agent")
         self.metrics.gauge("queue_depth", lambda: len(self._queue))
         self.metrics.gauge("in_flight", lambda: self._in_flight)
+        # The accelerator as the last load report read it: a scrape never calls the probe.
+        device = (("device", probe.device), ("probe", probe.kind))
+        self.metrics.gauge("device_utilization_ratio", lambda: {device: self._sample.util})
+        self.metrics.gauge("device_memory_used_bytes",
+                           lambda: {device: self._sample.mem_used_mb * MIB})
+        self.metrics.gauge("device_memory_total_bytes",
+                           lambda: {device: self._sample.mem_total_mb * MIB})
         self.service = {
             m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
             for m, r in self.runners.items()

@@ -30,7 +30,7 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
         )
     table = Table(title=title, caption=caption)
     table.add_column("node", no_wrap=True)  # the one column an operator greps for
-    for name in ("role", "live", "device", "queue", "in flight", "util", "rtt ms"):
+    for name in ("role", "live", "device", "queue", "in flight", "util", "memory", "rtt ms"):
         table.add_column(name)
     table.add_column("service ms", overflow="fold")
     table.add_column("placed")
@@ -44,11 +44,21 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
             str(n["queue"]),
             str(n["in_flight"]),
             f"{n['gpu_util']:.0%}",
+            _memory(n.get("mem_mb")),
             f"{n['rtt_ms']:.1f}",
             service,
             str(n["placements"]),
         )
     return table
+
+
+def _memory(mem_mb: list[float] | None) -> str:
+    """``12.3/141.0 GiB`` from [used, total] MiB; '-' before a node's first load report
+    (or from a broker that predates the field)."""
+    if not mem_mb or not mem_mb[1]:
+        return "-"
+    used, total = (x / 1024 for x in mem_mb)
+    return f"{used:.1f}/{total:.1f} GiB"
 
 
 class StatusWatcher:

@@ -320,3 +320,15 @@ def test_infeasible_budget_is_answered_at_once(client: Client) -> None:
     with pytest.raises(RemoteError) as info:
         client.infer("slow", {"x": np.ones((512, 512), np.float32)}, budget_ms=0.5)
     assert info.value.code == ErrorCode.INFEASIBLE
+
+
+def test_agents_export_their_device_load_and_the_status_shows_memory(stack: LocalStack) -> None:
+    """Here the probe is the CPU's (tests/gpu checks NVML's numbers on a GPU)."""
+    for node, port in stack.agent_ports.items():  # type: ignore[attr-defined]
+        labels = '{device="cpu",probe="cpu"}'
+        assert 0 <= metric(stack, f"skyhop_agent_device_utilization_ratio{labels}", port) <= 1
+        total = metric(stack, f"skyhop_agent_device_memory_total_bytes{labels}", port)
+        used = metric(stack, f"skyhop_agent_device_memory_used_bytes{labels}", port)
+        assert 0 < used <= total, node
+    nodes = (stack.watcher().latest or {})["nodes"]
+    assert all(0 < n["mem_mb"][0] <= n["mem_mb"][1] for n in nodes if n["live"])

@@ -98,3 +98,20 @@ def test_config_accepts_exactly_the_placement_policies() -> None:
     from skyhop.home import BrokerConfig
 
     assert typing.get_args(BrokerConfig.model_fields["policy"].annotation) == POLICIES
+
+
+def test_status_table_shows_each_nodes_memory() -> None:
+    from rich.console import Console
+
+    from skyhop.status_view import status_table
+
+    node = {"node": "gpu-1", "role": "cloud", "live": True, "gpu": "nvidia-h200", "queue": 0,
+            "in_flight": 1, "gpu_util": 0.42, "rtt_ms": 3.0, "service_ms": {}, "placements": 7}
+    status = {"nodes": [node | {"mem_mb": [2048.0, 143771.0]},
+                        node | {"node": "new-1", "mem_mb": [0.0, 0.0]}, node | {"node": "old-1"}]}
+    console = Console(record=True, width=200)
+    console.print(status_table(status))
+    lines = {line.split()[1]: line for line in console.export_text().splitlines()
+             if line.startswith("│")}
+    assert "2.0/140.4 GiB" in lines["gpu-1"]
+    assert " - " in lines["new-1"] and " - " in lines["old-1"]  # no report yet; older broker

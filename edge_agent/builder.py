@@ -53,7 +53,9 @@ def build_agent(
         path = fetch(entry, home.models_dir)
         runners[name] = OnnxRunner.load(
             name, path, providers, threads, warmup=3, max_batch=entry.max_batch,
-            device_id=gpu or 0,
+            device_id=gpu or 0, trt_fp16=agent_cfg.tensorrt_fp16,
+            # A TensorRT engine takes minutes to build on a Jetson: build it once.
+            trt_cache_dir=home.models_dir / "tensorrt",
         )
     return Agent(
         node_id=node_id,

@@ -292,6 +292,8 @@ class OnnxRunner:
         chosen = choose_providers(ort.get_available_providers(), providers)
         if chosen[0] != CPU:
             _preload_gpu_libraries(ort)
+        if TRT in chosen and trt_cache_dir is not None:
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
         opts = provider_options(
             chosen, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir
         )

@@ -115,6 +115,9 @@ class AgentConfig(_Strict):
     load_interval_s: float = Field(0.5, gt=0)
     replay_window_s: float = Field(60.0, gt=0)
     result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")
+    tensorrt_fp16: bool = Field(
+        False, description="let TensorRT build fp16 engines: faster, and different numerics"
+    )
 
 
 class SlaEntry(_Strict):
@@ -171,6 +174,7 @@ concurrency = 1
 load_interval_s = 0.5
 replay_window_s = 60.0
 result_cache = 1024
+# tensorrt_fp16 = false   # TensorRT engines in fp16 (cached in HOME/models/tensorrt)
 
 # Per-model latency SLAs; a request without --budget-ms gets its model's budget.
 # [sla.digits]

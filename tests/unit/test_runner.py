@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -272,6 +273,48 @@ class FakeOrt:
     def preload_dlls(self) -> None:
         self.preloads += 1
         print("Failed to load libcudnn.so.9: not found")
+
+    def get_available_providers(self) -> list[str]:
+        return [TRT, CUDA, CPU]
+
+
+class FakeSession:
+    """An InferenceSession of y = x, float32 [N, 3], on the providers it was given."""
+
+    def __init__(self, providers) -> None:
+        self.options = dict(providers)
+
+    def get_inputs(self):
+        return [SimpleNamespace(name="x", type="tensor(float)", shape=["N", 3])]
+
+    def get_outputs(self):
+        return [SimpleNamespace(name="y", type="tensor(float)", shape=["N", 3])]
+
+    def get_providers(self) -> list[str]:
+        return list(self.options)
+
+    def run(self, names, feeds):
+        return [feeds["x"]]
+
+
+def test_a_model_on_tensorrt_gets_its_engine_cache_and_fp16_choice(tmp_path, monkeypatch):
+    """TensorRT itself never ran here (docs/gpu.md): this checks what the runner asks of it."""
+    pytest.importorskip("onnxruntime")
+    from edge_agent import runner as runner_module
+
+    ort = FakeOrt(set())
+    ort.InferenceSession = lambda path, sess_options, providers, enable_fallback: FakeSession(
+        providers)
+    monkeypatch.setattr(runner_module, "_import_ort", lambda: ort)
+    (tmp_path / "m.onnx").write_bytes(b"not read by the fake")
+    cache = tmp_path / "home" / "models" / "tensorrt"
+    runner = runner_module.OnnxRunner.load("m", tmp_path / "m.onnx", trt_cache_dir=cache,
+                                           trt_fp16=True, warmup=2)
+    assert runner.provider == TRT and ort.preloads == 1
+    assert cache.is_dir()  # TensorRT writes engines there; it must exist first
+    trt = runner._session.options[TRT]
+    assert trt["trt_engine_cache_path"] == str(cache) and trt["trt_fp16_enable"] is True
+    assert runner.run({"x": np.ones((2, 3), np.float32)})["y"].shape == (2, 3)
 
 
 def test_a_provider_that_cannot_start_is_dropped_and_the_rest_keep_their_options(caplog):

@@ -78,6 +78,7 @@ class Broker:
         self._placement_state = PlacementState()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._closed = False  # drained: a request now is refused, not taken
         self._ticker: threading.Thread | None = None
         kwargs = {"tls": tls} if tls is not None else {}
         self.bus = Bus(mqtt_url, self.broker_id, **kwargs)
@@ -117,12 +118,41 @@ class Broker:
         log.info("broker %s up: policy=%s prefix=%s", self.broker_id, self.config.policy, t.prefix)
 
     def stop(self) -> None:
+        """Leave without losing what was accepted: see ``drain``."""
+        self.drain(self.config.drain_s)
         self._stopping.set()
         if self._ticker:
             self._ticker.join(timeout=5)
         self.bus.stop()
         if self.pool is not None:
             self.pool.close()  # after the bus: no handler can touch the pool any more
+
+    def drain(self, timeout_s: float) -> None:
+        """Take no new requests; wait up to ``timeout_s`` for the replies to those taken
+        (the ticker still answers deadlines and re-dispatches); answer what is left
+        UNAVAILABLE, so that a rolling restart ends every request with one reply.
+
+        Leaving the shared subscription hands new requests to the group's other
+        brokers. One this broker was sent before that, and takes after the last answer,
+        is refused UNAVAILABLE at once (``_on_request``).
+        """
+        self.bus.unsubscribe(self.topics.req_shared(SHARE_GROUP))
+        with self._lock:
+            pending = len(self.tracker)
+        if pending:
+            log.info("draining %d request(s) for up to %.0f s", pending, timeout_s)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and len(self.tracker):
+            time.sleep(0.05)
+        with self._lock:
+            self._closed = True
+            left = list(self.tracker)
+            for p in left:
+                self._answer_error(p, ErrorCode.UNAVAILABLE,
+                                   "the broker stopped before a reply; retry")
+        if left:
+            self.metrics.inc("drain_unanswered_total", len(left))
+            log.warning("stopped with %d request(s) unanswered: answered UNAVAILABLE", len(left))
 
     def _guard(self, handler):  # type: ignore[no-untyped-def]
         """Run a handler under the lock; a bug costs one message, never the thread."""
@@ -160,6 +190,10 @@ class Broker:
             self.replay.check(header.id, header.sent_at_ms, time.time() * 1000, header.budget_ms)
         except ProtocolError as exc:
             self._refuse(reply_topic, msg.correlation, header.id, exc.code, exc.message)
+            return
+        if self._closed:
+            self._refuse(reply_topic, msg.correlation, header.id, ErrorCode.UNAVAILABLE,
+                         "this broker is stopping; retry")
             return
         pending = Pending(
             header, msg.payload, reply_topic, msg.correlation, now, now + header.budget_ms

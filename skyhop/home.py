@@ -106,6 +106,9 @@ class BrokerConfig(_Strict):
     reply_grace_ms: float = Field(
         250.0, ge=0, description="wait this long past a deadline before answering it"
     )
+    drain_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, wait this long for accepted requests' replies"
+    )
     autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
@@ -147,6 +150,7 @@ node_timeout_s = 5.0       # a node that has not reported for this long is dead
 replay_window_s = 60.0
 status_interval_s = 1.0
 reply_grace_ms = 250.0
+drain_s = 20.0             # on SIGTERM: wait this long for the replies to requests taken
 
 # The cloud GPU pool the broker scales (docs/architecture.md, The live cloud pool).
 # Uncomment to change; `skyhop broker --pool local --pool-models digits` overrides.

@@ -1,9 +1,10 @@
-"""An agent killed mid-request (SIGKILL: its MQTT will fires): every accepted request
-still ends with exactly one reply — re-dispatched while the budget allows, else a
-named error."""
+"""An agent killed mid-request (SIGKILL: its MQTT will fires), or a broker stopped
+mid-flight (SIGTERM, as in a rolling restart): every accepted request still ends with
+exactly one reply — re-dispatched while the budget allows, else a named error."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,8 +28,14 @@ AGENTS = {"edge-1": "edge", "edge-2": "edge", "solo": "edge"}
 
 
 @pytest.fixture
-def fleet(fleet_server, tmp_path) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
+def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
     home = make_home(tmp_path)
+    drain = request.node.get_closest_marker("drain_s")
+    if drain is not None:  # [broker] drain_s for this test
+        config = home.path / "config.toml"
+        text = config.read_text()
+        assert "drain_s = 20.0" in text  # the home's template, which this edits
+        config.write_text(text.replace("drain_s = 20.0", f"drain_s = {drain.args[0]}"))
     with (
         fleet_server(home, AGENTS) as (url, server),
         LocalStack(home, url, tmp_path / "logs", server) as st,
@@ -120,3 +127,40 @@ def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:  # typ
             )
             time.sleep(0.5)
         assert births and births[-1].online
+
+
+def _terminate_broker(stack: LocalStack) -> str:
+    """SIGTERM, as a rolling restart sends; the broker's log once it has exited."""
+    proc = stack.procs.pop("broker")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    return (stack.log_dir / "broker.log").read_text()
+
+
+def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:  # type: ignore[no-untyped-def]
+    stack, client = fleet
+    stack.agent("solo", ["slow"])
+    stack.wait_live(["solo"])
+    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(20)]
+    time.sleep(0.3)  # all accepted; the agent works through them one at a time
+    log = _terminate_broker(stack)
+    assert _outcomes(futures) == {"OK": 20}, _errors(futures)
+    assert "draining" in log and "unanswered" not in log
+    time.sleep(0.5)
+    assert client.counters["unmatched_replies"] == 0
+
+
+@pytest.mark.drain_s(0)
+def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:  # type: ignore[no-untyped-def]
+    stack, client = fleet
+    stack.agent("solo", ["slow"])
+    stack.wait_live(["solo"])
+    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(20)]
+    time.sleep(0.3)
+    log = _terminate_broker(stack)
+    outcomes = _outcomes(futures)  # each within 30 s: nothing waits for its budget
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"} and outcomes["UNAVAILABLE"] >= 1, outcomes
+    assert sum(outcomes.values()) == 20
+    assert "answered UNAVAILABLE" in log
+    time.sleep(0.5)  # the agent's late replies went to the stopped broker, not here
+    assert client.counters["unmatched_replies"] == 0

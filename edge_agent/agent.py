@@ -100,13 +100,17 @@ class Agent:
         self._threads: list[threading.Thread] = []
         will = Will(self.topics.status(node_id), self._status(online=False), qos=1, retain=True)
         kwargs = {"tls": tls} if tls is not None else {}
+        # Set when another process connects as this node: this one must leave (mqtt.Bus).
+        self.taken_over = threading.Event()
         self.bus = bus_factory(
-            mqtt_url, f"skyhop-agent-{node_id}", will=will, on_connect=self._on_connect, **kwargs
+            mqtt_url, f"skyhop-agent-{node_id}", will=will, on_connect=self._on_connect,
+            on_taken_over=self.taken_over.set, **kwargs
         )
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:
+        self.bus.subscribe(self.topics.status(self.node_id), self._on_own_status, qos=1)
         self.bus.subscribe(self.topics.work(self.node_id), self._on_work, qos=1)
         self.bus.subscribe(self.topics.ping(self.node_id), self._on_ping, qos=0)
         self.bus.start(timeout=timeout)
@@ -127,7 +131,7 @@ class Agent:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        if self.bus.connected:
+        if self.bus.connected and not self.taken_over.is_set():  # the node lives on elsewhere
             self.bus.publish(
                 self.topics.status(self.node_id), self._status(online=False), qos=1, retain=True
             )
@@ -156,6 +160,27 @@ class Agent:
             gpu=self.probe.device,
             concurrency=self.config.concurrency,
         ).encode()
+
+    def _on_own_status(self, msg: Message) -> None:
+        """A newer process as this node (a copied config, two pools racing for a name)
+        means this one must leave: the two would take the MQTT session from each other
+        forever. The newest session wins, as the MQTT server's takeover does. Its status
+        may read offline: each takeover fires the Will of the one pushed out."""
+        try:
+            status = NodeStatus.decode(msg.payload) if msg.payload else None
+        except ProtocolError:
+            return
+        if status is None or (status.session == self.session and status.online):
+            return
+        # Ours stands over the older one's birth or Will, and over our own Will when it
+        # lands after our rebirth (a server that fires it late, on a takeover).
+        if status.session <= self.session:
+            if not self._stopping.is_set():
+                self.bus.publish(msg.topic, self._status(online=True), qos=1, retain=True)
+        elif not self.taken_over.is_set():
+            log.error("node %s: another agent runs as this node (session %d, this one "
+                      "%d); this one leaves", self.node_id, status.session, self.session)
+            self.taken_over.set()
 
     # -- intake (paho thread: keep it quick) --------------------------------------------
 

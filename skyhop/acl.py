@@ -32,7 +32,8 @@ from skyhop.topics import Topics
 # (access, topic after the prefix): ``{name}`` is the identity's CN. The table IS the
 # policy; docs/security.md §Roles and tests/unit/test_acl.py restate it.
 _AGENT = (
-    ("write", "nodes/{name}/status"),  # birth, clean death and the Will
+    # Birth, clean death and the Will; read back to notice a second process as this node.
+    ("readwrite", "nodes/{name}/status"),
     ("write", "nodes/{name}/load"),
     ("readwrite", "nodes/{name}/ping"),  # agents ping themselves to measure the RTT
     ("read", "nodes/{name}/work"),

@@ -83,10 +83,14 @@ def _logging(level: str) -> None:
     )
 
 
-def _run_until_signal(stop: object, parent: int | None = None) -> None:
-    """Block until SIGINT/SIGTERM, or until process ``parent`` is no longer this one's
-    parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
+def _run_until_signal(
+    stop: object, parent: int | None = None, leave: threading.Event | None = None
+) -> None:
+    """Block until SIGINT/SIGTERM, ``leave`` is set, or process ``parent`` is no longer
+    this one's parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
     done = threading.Event()
+    if leave is not None:
+        threading.Thread(target=lambda: (leave.wait(), done.set()), daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     # A dead parent sends no signal; its children are re-parented at once, so poll.
@@ -261,7 +265,10 @@ def agent(
     a.start()
     if metrics_port:
         a.metrics.serve(metrics_port)
-    _run_until_signal(a.stop, parent=parent_pid)
+    _run_until_signal(a.stop, parent=parent_pid, leave=a.taken_over)
+    if a.taken_over.is_set():
+        raise ConfigError(f"another agent connected as node {a.node_id}: give each its own "
+                          "--node-id (this one stopped)")
 
 
 # -- requests ---------------------------------------------------------------------------

@@ -84,6 +84,9 @@ RECONNECT_MIN_S = 0.05
 RECONNECT_BASE_S = 0.5
 RECONNECT_MAX_S = 30.0
 
+# The server's DISCONNECT reason when another client connects with our client id.
+SESSION_TAKEN_OVER = 0x8E
+
 # How long the first TLS 1.3 connect waits for the server's verdict on our certificate
 # (one round trip in practice; see Bus._await_tls_verdict).
 TLS_VERDICT_WAIT_S = 1.0
@@ -323,13 +326,19 @@ class Bus:
         *,
         will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
+        on_taken_over: Callable[[], None] | None = None,
         tls: TlsFiles | None = None,
         keepalive: int = 15,
         clean_start: bool = True,
         session_expiry_s: int = 0,
     ) -> None:
         """``session_expiry_s`` only matters with ``clean_start=False``: the server keeps
-        the session (subscriptions, queued QoS 1 messages) that long after a disconnect."""
+        the session (subscriptions, queued QoS 1 messages) that long after a disconnect.
+
+        When another client connects with this ``client_id`` the server disconnects this
+        one (0x8E, session taken over). Reconnecting would take the session back, and
+        the two would evict each other forever: so the bus stays down, logs why, and
+        calls ``on_taken_over`` (on a thread of its own, free to call ``stop()``)."""
         self.url = MqttUrl.parse(url)
         if not client_id or not isinstance(client_id, str):
             raise ConfigError(f"bad MQTT client id {client_id!r}: must be a non-empty string")
@@ -337,6 +346,8 @@ class Bus:
             raise ConfigError(f"TLS files given but the broker URL is {self.url}: use mqtts://")
         self.client_id = client_id
         self._hook = on_connect
+        self._on_taken_over = on_taken_over
+        self.taken_over = False
         self._keepalive = keepalive
         self._clean_start = clean_start
         self._state = "new"  # new -> running -> stopped
@@ -816,7 +827,7 @@ class Bus:
         self._after_connect()
 
     def _schedule_reconnect(self) -> None:
-        if self._stopping:
+        if self._stopping or self.taken_over:
             return
         delay = _reconnect_delay(self._attempt)
         self._attempt += 1
@@ -831,16 +842,30 @@ class Bus:
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        from_server = getattr(flags, "is_disconnect_packet_from_server", False)
+        if from_server and getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._taken(client)
+            return
         if self._state == "running" and not self._stopping:
             # Without a DISCONNECT from the server paho invents a reason code (0x80,
             # "Unspecified error") that would only mislead.
             why = (
                 f"the server disconnected us: {_reason_name(reason)}"
-                if getattr(flags, "is_disconnect_packet_from_server", False)
+                if from_server
                 else "connection lost"
             )
             log.warning("%s: %s from %s; reconnecting", self.client_id, why, self.url)
         self._schedule_reconnect()
+
+    def _taken(self, client: Any) -> None:
+        self.taken_over = True
+        client.reconnect_delay_set(3600, 3600)  # park paho's own reconnect
+        log.error("%s: another client connected to %s with this client id (session taken "
+                  "over); not reconnecting, or the two would evict each other forever: run "
+                  "one process per name", self.client_id, self.url)
+        if self._on_taken_over is not None:
+            threading.Thread(target=self._on_taken_over, name="skyhop-taken-over",
+                             daemon=True).start()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         # A PUBACK >= 0x80 is a refusal (0x87: the ACL denied it); the message is gone.

@@ -14,7 +14,7 @@ import pytest
 
 from skyhop.client import Client
 from skyhop.errors import ErrorCode, RemoteError
-from skyhop.localstack import LocalStack
+from skyhop.localstack import LocalStack, agent_args, spawn, terminate
 from skyhop.messages import NodeStatus
 from skyhop.mqtt import Bus
 from skyhop.topics import Topics
@@ -164,3 +164,36 @@ def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> N
     assert "answered UNAVAILABLE" in log
     time.sleep(0.5)  # the agent's late replies went to the stopped broker, not here
     assert client.counters["unmatched_replies"] == 0
+
+
+def test_a_second_agent_with_the_same_name_stops_the_first_and_serves(fleet) -> None:  # type: ignore[no-untyped-def]
+    """Two processes as one node (a copied config, two brokers' pools racing for a name)
+    would take the MQTT session from each other forever; the one pushed out leaves."""
+    stack, client = fleet
+    first = stack.agent("solo", ["digits"])
+    stack.wait_live(["solo"])
+    second = spawn(agent_args(stack.home, stack.mqtt_url, "solo", ["digits"], "edge"),
+                   stack.log_dir / "solo-2.log")
+    try:
+        assert first.wait(timeout=30) == 1
+        log = (stack.log_dir / "solo.log").read_text()
+        assert "another agent connected as node solo" in log
+        stack.procs.pop("solo")
+        assert _served_within(client, 10.0).header.node == "solo"  # by the second
+        assert second.poll() is None
+    finally:
+        terminate([second], grace_s=10)
+
+
+def _served_within(client: Client, seconds: float):  # type: ignore[no-untyped-def]
+    """A `digits` result, retrying UNAVAILABLE (as a client should) for ``seconds``: the
+    node is briefly down while the second agent reconnects after the last takeover."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            return client.infer("digits", {"image": np.zeros((1, 64), np.float32)},
+                                budget_ms=5_000)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > end:
+                raise
+            time.sleep(0.2)

@@ -68,6 +68,7 @@ def acl() -> dict[str, list[tuple[str, str]]]:
 
 AGENT_MATRIX = [
     ("write", "nodes/{me}/status", True),
+    ("read", "nodes/{me}/status", True),  # to notice a second process as this node
     ("write", "nodes/{me}/load", True),
     ("write", "nodes/{me}/ping", True),
     ("read", "nodes/{me}/ping", True),
@@ -82,6 +83,7 @@ AGENT_MATRIX = [
     ("read", "nodes/{other}/work", False),
     ("read", "nodes/{other}/req/digits", False),
     ("read", "nodes/{other}/load", False),
+    ("read", "nodes/{other}/status", False),
     ("write", "nodes/{me}/work", False),
     ("write", "reply/c1", False),
     ("write", "req/digits", False),

@@ -85,3 +85,26 @@ def test_tls_files_paths_and_validation(tmp_path) -> None:
         TlsFiles(tmp_path / "ca.pem", key=tmp_path / "k.pem")
     with pytest.raises(ConfigError, match="cannot load TLS CA file"):
         files.context()
+
+
+def test_a_bus_whose_session_is_taken_over_stays_down_and_says_so(caplog) -> None:  # type: ignore[no-untyped-def]
+    """An MQTT 5 server that disconnects us with 0x8E (session taken over: another client
+    connected with our id) gets no reconnect from us, or the two would evict each other
+    forever. Mosquitto 2.0.11 just closes the socket; EMQX and HiveMQ say 0x8E."""
+    import threading
+    from types import SimpleNamespace
+
+    from skyhop.mqtt import SESSION_TAKEN_OVER, Bus
+
+    taken = threading.Event()
+    bus = Bus("mqtt://127.0.0.1:1", "twin", on_taken_over=taken.set)
+    from_server = SimpleNamespace(is_disconnect_packet_from_server=True)
+    with caplog.at_level("ERROR", logger="skyhop.mqtt"):
+        bus._on_disconnect(bus._client, None, from_server,
+                           SimpleNamespace(value=SESSION_TAKEN_OVER), None)
+    assert taken.wait(5) and bus.taken_over
+    assert "session taken over" in caplog.text
+    assert bus._client._reconnect_min_delay == 3600  # paho's own reconnect is parked
+    attempts = bus._attempt
+    bus._schedule_reconnect()
+    assert bus._attempt == attempts  # and ours does nothing

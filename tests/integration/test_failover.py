@@ -137,13 +137,19 @@ def _terminate_broker(stack: LocalStack) -> str:
     return (stack.log_dir / "broker.log").read_text()
 
 
-def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:  # type: ignore[no-untyped-def]
-    stack, client = fleet
+def _stop_broker_mid_flight(stack: LocalStack, client: Client) -> tuple[list, str]:  # type: ignore[type-arg]
+    """20 slow requests accepted and queued at one agent, then the broker gets SIGTERM:
+    the futures, and the broker's log once it has exited."""
     stack.agent("solo", ["slow"])
     stack.wait_live(["solo"])
     futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(20)]
     time.sleep(0.3)  # all accepted; the agent works through them one at a time
-    log = _terminate_broker(stack)
+    return futures, _terminate_broker(stack)
+
+
+def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:  # type: ignore[no-untyped-def]
+    stack, client = fleet
+    futures, log = _stop_broker_mid_flight(stack, client)
     assert _outcomes(futures) == {"OK": 20}, _errors(futures)
     assert "draining" in log and "unanswered" not in log
     time.sleep(0.5)
@@ -153,11 +159,7 @@ def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
 @pytest.mark.drain_s(0)
 def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:  # type: ignore[no-untyped-def]
     stack, client = fleet
-    stack.agent("solo", ["slow"])
-    stack.wait_live(["solo"])
-    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(20)]
-    time.sleep(0.3)
-    log = _terminate_broker(stack)
+    futures, log = _stop_broker_mid_flight(stack, client)
     outcomes = _outcomes(futures)  # each within 30 s: nothing waits for its budget
     assert set(outcomes) <= {"OK", "UNAVAILABLE"} and outcomes["UNAVAILABLE"] >= 1, outcomes
     assert sum(outcomes.values()) == 20

@@ -50,6 +50,9 @@ def _now_ms() -> float:
     return time.monotonic() * 1000
 
 
+FLUSH_S = 5.0  # at stop, how long the last replies may take to reach the MQTT server
+
+
 class Broker:
     def __init__(
         self,
@@ -123,6 +126,8 @@ class Broker:
         self._stopping.set()
         if self._ticker:
             self._ticker.join(timeout=5)
+        if not self.bus.flush(FLUSH_S):
+            log.warning("stopping with replies the MQTT server has not acknowledged")
         self.bus.stop()
         if self.pool is not None:
             self.pool.close()  # after the bus: no handler can touch the pool any more

@@ -137,6 +137,7 @@ class Agent:
             )
         for t in self._threads:
             t.join(timeout=5)
+        self.bus.flush(2.0)  # the death, and replies just sent: the Will is discarded
         self.bus.stop()
         self.probe.close()
 

@@ -566,10 +566,22 @@ class Bus:
             return
         self._count("messages_out")
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until the server has acknowledged every QoS 1/2
+        message published so far; whether it has. Call it before ``stop()`` when the
+        last messages matter (a broker's final answers, an agent's death)."""
+        end = time.monotonic() + timeout_s
+        # paho keeps each QoS 1/2 message here until its PUBACK/PUBCOMP.
+        while self._client._out_messages:
+            if time.monotonic() >= end or not self.connected:
+                return False
+            time.sleep(0.01)
+        return True
+
     def stop(self) -> None:
         """Disconnect cleanly (the server discards the will) and end the network thread.
 
-        Unacknowledged messages are dropped. Idempotent.
+        Unacknowledged messages are dropped (``flush`` first to keep them). Idempotent.
         """
         if self._state != "running":
             self._state = "stopped"

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.probe import Probe, choose_probe, nvml_device
 from edge_agent.runner import OnnxRunner
 from skyhop.errors import ConfigError
-from skyhop.home import Home
-from skyhop.models import fetch
+from skyhop.home import AgentConfig, Home
+from skyhop.models import ModelEntry, fetch
 from skyhop.topics import Topics, check_name
 
 log = logging.getLogger("skyhop.agent")
@@ -43,7 +44,7 @@ def build_agent(
     if concurrency is not None:
         agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
     home.worker_keys(time.time())  # fail at start, not at the first request
-    probe = _probe(gpu)
+    probe = agent_probe(gpu)
     catalog = home.catalog()
     # One ORT thread per worker slot by default: several agents may share a small board.
     threads = intra_op_threads or max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
@@ -51,12 +52,7 @@ def build_agent(
     for name in models:
         entry = catalog.get(name)
         path = fetch(entry, home.models_dir)
-        runners[name] = OnnxRunner.load(
-            name, path, providers, threads, warmup=3, max_batch=entry.max_batch,
-            device_id=gpu or 0, trt_fp16=agent_cfg.tensorrt_fp16,
-            # A TensorRT engine takes minutes to build on a Jetson: build it once.
-            trt_cache_dir=home.models_dir / "tensorrt",
-        )
+        runners[name] = load_runner(home, entry, path, providers, threads, gpu, agent_cfg)
     return Agent(
         node_id=node_id,
         mqtt_url=mqtt,
@@ -70,7 +66,18 @@ def build_agent(
     )
 
 
-def _probe(gpu: int | None) -> Probe:
+def load_runner(home: Home, entry: ModelEntry, path: Path, providers: list[str] | None,
+                threads: int | None, gpu: int | None, agent_cfg: AgentConfig) -> OnnxRunner:
+    """A catalog model loaded as an agent loads it (``skyhop check`` does the same)."""
+    return OnnxRunner.load(
+        entry.name, path, providers, threads, warmup=3, max_batch=entry.max_batch,
+        device_id=gpu or 0, trt_fp16=agent_cfg.tensorrt_fp16,
+        # A TensorRT engine takes minutes to build on a Jetson: build it once.
+        trt_cache_dir=home.models_dir / "tensorrt",
+    )
+
+
+def agent_probe(gpu: int | None) -> Probe:
     """The telemetry probe for the GPU the models run on: ``gpu`` as CUDA numbers it,
     which NVML does not (``nvml_device``). An explicit ``gpu`` must be an NVML GPU;
     without one, the best probe there is, and no GPU's numbers if GPU 0 is unclear."""

@@ -286,7 +286,7 @@ class OnnxRunner:
         fails its warm-up run. ``warmup_ms`` is the last warm-up run: with ``warmup >= 2``
         it is past the one-off allocation, so it is a fair first guess of the service time.
         """
-        ort = _import_ort()
+        ort = import_ort()
         path = Path(path)
         _check_load_args(path, intra_op_threads, warmup)
         chosen = choose_providers(ort.get_available_providers(), providers)
@@ -326,7 +326,7 @@ class OnnxRunner:
         return dict(zip(names, values, strict=True))
 
 
-def _import_ort() -> Any:
+def import_ort() -> Any:
     # Imported here so the agent (and FakeRunner tests) import without onnxruntime.
     try:
         import onnxruntime

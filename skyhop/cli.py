@@ -23,6 +23,7 @@ from skyhop.home import AutoscaleConfig, BrokerConfig, Home, default_home, updat
 
 if TYPE_CHECKING:
     from cloud_broker.pool import PoolBackend
+    from edge_agent.check import NodeCheck
 
 app = typer.Typer(
     help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, over MQTT 5.",
@@ -57,6 +58,20 @@ MqttOpt = Annotated[
     typer.Option("--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config."),
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+ProvidersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU)."
+    ),
+]
+GpuOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="The GPU to run on, numbered as CUDA numbers it (after CUDA_VISIBLE_DEVICES): "
+        "ONNX Runtime's device, and the one NVML reports. Default: GPU 0 if there is one.",
+    ),
+]
 
 
 def _identity(default: str) -> object:
@@ -217,24 +232,12 @@ def agent(
     role: Annotated[str, typer.Option(help="edge or cloud.")] = "edge",
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
-    providers: Annotated[
-        str | None,
-        typer.Option(
-            help="Force ONNX Runtime providers, comma-separated (default: TensorRT > CUDA > CPU)."
-        ),
-    ] = None,
+    providers: ProvidersOpt = None,
     concurrency: Annotated[
         int | None,
         typer.Option(help="Requests run at once (on a GPU, 2-4 pay for single images)."),
     ] = None,
-    gpu: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            help="The GPU to run on, numbered as CUDA numbers it (after CUDA_VISIBLE_DEVICES): "
-            "ONNX Runtime's device, and the one NVML reports. Default: GPU 0 if there is one.",
-        ),
-    ] = None,
+    gpu: GpuOpt = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
@@ -269,6 +272,55 @@ def agent(
     if a.taken_over.is_set():
         raise ConfigError(f"another agent connected as node {a.node_id}: give each its own "
                           "--node-id (this one stopped)")
+
+
+@app.command()
+def check(
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated models (default: every catalog model on disk)."),
+    ] = None,
+    providers: ProvidersOpt = None,
+    gpu: GpuOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    home: HomeOpt = None,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Check this machine before an agent joins a fleet: the telemetry probe, ONNX
+    Runtime's providers, and each model's provider and speed, loaded as the agent loads
+    them. Exits 1 if a model does not load or an explicit --gpu is not there."""
+    import json
+
+    from edge_agent.check import check_node
+
+    _logging(log_level)
+    with console.status("loading the models as an agent would…"):
+        report = check_node(_home(home), models.split(",") if models else None,
+                            providers.split(",") if providers else None, gpu)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_check(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_check(report: NodeCheck) -> None:
+    from rich.table import Table
+
+    out = Console()
+    p = report.probe
+    telemetry = report.probe_error or (
+        f"{p['kind']} on {p['device']}: util {p['util']:.0%}, memory "
+        f"{p['mem_used_mb'] / 1024:.1f}/{p['mem_total_mb'] / 1024:.1f} GiB"
+    )
+    out.print(f"telemetry    {escape(telemetry)}")
+    out.print(f"onnxruntime  {report.onnxruntime}: {', '.join(report.available)}")
+    table = Table("model", "provider", "warm-up ms", "run p50 ms", "problem")
+    for m in report.models:
+        table.add_row(m.model, m.provider, f"{m.warmup_ms:g}" if m.provider else "",
+                      f"{m.run_ms:g}" if m.provider else "", escape(m.error))
+    out.print(table)
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -579,7 +631,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n
     except RemoteError as exc:
         console.print(f"[red]error[/red] {exc.code}: {escape(exc.message)}")
         raise SystemExit(2) from None
@@ -598,6 +650,8 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             raise SystemExit(exc.exit_code) from None
         raise
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 def agent_main() -> None:

@@ -33,7 +33,8 @@ def skyhop(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def test_help_lists_every_command() -> None:
     out = skyhop("--help").stdout
-    for command in ("init", "broker", "agent", "infer", "models", "sla", "status", "demo"):
+    for command in ("init", "broker", "agent", "check", "infer", "models", "sla", "status",
+                    "demo"):
         assert command in out
     assert "--models" in skyhop("agent", "--help").stdout
 
@@ -126,3 +127,21 @@ def test_requests_take_the_model_sla(stack: LocalStack) -> None:
         client.infer("digits", image, budget_ms=800, priority=1)
     assert (sent[0].budget_ms, sent[0].priority) == (900, 6)
     assert (sent[1].budget_ms, sent[1].priority) == (800, 1)
+
+
+def test_check_reports_what_an_agent_would_run_here(tmp_path: Path) -> None:
+    import json
+
+    home = str(tmp_path / "h")
+    skyhop("init", "--home", home)
+    out = skyhop("check", "--home", home).stdout  # default: the models on disk
+    assert "telemetry    cpu on cpu" in out and "digits" in out
+    assert "CPUExecutionProvider" in out
+    proc = skyhop("check", "--home", home, "--models", "digits,ppocr-det", "--json",
+                  check=False)
+    assert proc.returncode == 1  # ppocr-det was never fetched into this home
+    report = json.loads(proc.stdout)
+    digits, det = report["models"]
+    assert report["ok"] is False and report["probe"]["kind"] == "cpu"
+    assert digits["provider"] == "CPUExecutionProvider" and digits["run_ms"] > 0
+    assert not digits["error"] and "skyhop models fetch ppocr-det" in det["error"]

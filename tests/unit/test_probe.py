@@ -517,22 +517,22 @@ def test_all_file_reads_go_through_root(tmp_path, no_nvml):
 
 
 def test_the_agent_reports_the_gpu_its_models_run_on(monkeypatch, caplog):
-    from edge_agent.builder import _probe
+    from edge_agent.builder import agent_probe
 
     use_nvml(monkeypatch, count=4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert _probe(None)._handle == ("handle", 2)  # CUDA's GPU 0 is NVML's 2
-    assert _probe(1)._handle == ("handle", 3)
+    assert agent_probe(None)._handle == ("handle", 2)  # CUDA's GPU 0 is NVML's 2
+    assert agent_probe(1)._handle == ("handle", 3)
     with pytest.raises(ConfigError, match="there is no GPU 2"):
-        _probe(2)
+        agent_probe(2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ConfigError, match="--gpu 0, but CUDA_VISIBLE_DEVICES is empty"):
-        _probe(0)
-    assert _probe(None).kind == "cpu"
+        agent_probe(0)
+    assert agent_probe(None).kind == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "all")
     with caplog.at_level("WARNING", logger="skyhop.agent"):
-        assert _probe(None).kind == "cpu"
+        assert agent_probe(None).kind == "cpu"
     assert "'all' is neither a GPU index nor a GPU-/MIG- UUID; no GPU telemetry" in caplog.text
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with pytest.raises(ConfigError, match="no GPU index 4"):
-        _probe(4)  # an explicit GPU must be one: no fallback to the CPU's numbers
+        agent_probe(4)  # an explicit GPU must be one: no fallback to the CPU's numbers

@@ -305,7 +305,7 @@ def test_a_model_on_tensorrt_gets_its_engine_cache_and_fp16_choice(tmp_path, mon
     ort = FakeOrt(set())
     ort.InferenceSession = lambda path, sess_options, providers, enable_fallback: FakeSession(
         providers)
-    monkeypatch.setattr(runner_module, "_import_ort", lambda: ort)
+    monkeypatch.setattr(runner_module, "import_ort", lambda: ort)
     (tmp_path / "m.onnx").write_bytes(b"not read by the fake")
     cache = tmp_path / "home" / "models" / "tensorrt"
     runner = runner_module.OnnxRunner.load("m", tmp_path / "m.onnx", trt_cache_dir=cache,

@@ -46,8 +46,7 @@ def build_agent(
     home.worker_keys(time.time())  # fail at start, not at the first request
     probe = agent_probe(gpu)
     catalog = home.catalog()
-    # One ORT thread per worker slot by default: several agents may share a small board.
-    threads = intra_op_threads or max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
+    threads = intra_op_threads or default_threads(agent_cfg)
     runners = {}
     for name in models:
         entry = catalog.get(name)
@@ -64,6 +63,12 @@ def build_agent(
         topics=Topics(config.prefix),
         role=role,
     )
+
+
+def default_threads(agent_cfg: AgentConfig) -> int:
+    """ORT's CPU threads per model: the cores shared by the worker slots, since several
+    agents may share a small board."""
+    return max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
 
 
 def load_runner(home: Home, entry: ModelEntry, path: Path, providers: list[str] | None,

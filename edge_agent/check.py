@@ -11,12 +11,11 @@ Nothing is downloaded: a model not on disk is reported with the command that fet
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edge_agent.builder import agent_probe, load_runner
+from edge_agent.builder import agent_probe, default_threads, load_runner
 from edge_agent.runner import import_ort, zeros_for
 from skyhop.errors import SkyhopError
 from skyhop.home import Home
@@ -59,8 +58,7 @@ def check_node(home: Home, models: list[str] | None, providers: list[str] | None
     if models is None:
         models = [e.name for e in catalog.models if model_path(e, home.models_dir).is_file()]
     probe, probe_error = _probe(gpu)
-    agent_cfg = home.config().agent
-    threads = max(1, (os.cpu_count() or 1) // agent_cfg.concurrency)
+    threads = default_threads(home.config().agent)
     checks = tuple(_model(home, name, providers, threads, gpu, runs) for name in models)
     return NodeCheck(ort.__version__, tuple(ort.get_available_providers()), probe,
                      probe_error, checks)

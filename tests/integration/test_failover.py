@@ -30,12 +30,15 @@ AGENTS = {"edge-1": "edge", "edge-2": "edge", "solo": "edge"}
 @pytest.fixture
 def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
     home = make_home(tmp_path)
+    config = home.path / "config.toml"
+    text = config.read_text()
+    assert "drain_s = 20.0" in text and "status_interval_s = 1.0" in text  # the template
+    # A fresh broker/status every 0.2 s, for tests that wait on the broker's view.
+    text = text.replace("status_interval_s = 1.0", "status_interval_s = 0.2")
     drain = request.node.get_closest_marker("drain_s")
     if drain is not None:  # [broker] drain_s for this test
-        config = home.path / "config.toml"
-        text = config.read_text()
-        assert "drain_s = 20.0" in text  # the home's template, which this edits
-        config.write_text(text.replace("drain_s = 20.0", f"drain_s = {drain.args[0]}"))
+        text = text.replace("drain_s = 20.0", f"drain_s = {drain.args[0]}")
+    config.write_text(text)
     with (
         fleet_server(home, AGENTS) as (url, server),
         LocalStack(home, url, tmp_path / "logs", server) as st,

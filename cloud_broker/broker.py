@@ -22,6 +22,7 @@ from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, Decision, PlacementState, place
 from cloud_broker.pool import PoolBackend, Worker, plan
+from cloud_broker.ratelimit import RateLimiter
 from cloud_broker.scaling import (
     DemandCounter,
     reason,
@@ -71,6 +72,8 @@ class Broker:
         self.fleet = Fleet(self.config.node_timeout_s * 1000)
         self.tracker = Tracker()
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
+        self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
+                        if self.config.client_rate > 0 else None)
         self.sla: dict[str, SlaConfig] = {}
         self.metrics = Metrics("skyhop_broker")
         self.metrics.gauge("pending_requests", lambda: len(self.tracker))
@@ -192,6 +195,7 @@ class Broker:
                     ErrorCode.BAD_REQUEST,
                     f"topic {msg.topic} does not match header model {header.model}",
                 )
+            self._check_rate(reply_topic, now)
             self.replay.check(header.id, header.sent_at_ms, time.time() * 1000, header.budget_ms)
         except ProtocolError as exc:
             self._refuse(reply_topic, msg.correlation, header.id, exc.code, exc.message)
@@ -206,6 +210,15 @@ class Broker:
         self.tracker.accept(pending)
         self.metrics.inc("requests_accepted_total", model=header.model)
         self._dispatch(pending, now)
+
+    def _check_rate(self, client: str | None, now: float) -> None:
+        """Before the replay guard, so that a refused request may be sent again."""
+        if self.limiter is not None and not self.limiter.allow(client or "", now):
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"this client sent more than {self.config.client_rate:g} requests/s "
+                f"(burst {self.config.client_burst:g}); slow down and retry",
+            )
 
     def _dispatch(self, p: Pending, now: float, after: ErrorCode | None = None) -> None:
         """Place and send ``p``; ``after`` is the code a previous node gave, if any."""

@@ -109,6 +109,8 @@ class BrokerConfig(_Strict):
     drain_s: float = Field(
         20.0, ge=0, description="on SIGTERM, wait this long for accepted requests' replies"
     )
+    client_rate: float = Field(0.0, ge=0, description="requests/s one client may send (0: any)")
+    client_burst: float = Field(100.0, ge=1, description="requests one client may send at once")
     autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
@@ -151,6 +153,8 @@ replay_window_s = 60.0
 status_interval_s = 1.0
 reply_grace_ms = 250.0
 drain_s = 20.0             # on SIGTERM: wait this long for the replies to requests taken
+client_rate = 0.0          # requests/s one client may send, beyond client_burst (0: any)
+client_burst = 100.0
 
 # The cloud GPU pool the broker scales (docs/architecture.md, The live cloud pool).
 # Uncomment to change; `skyhop broker --pool local --pool-models digits` overrides.

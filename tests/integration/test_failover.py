@@ -4,6 +4,7 @@ exactly one reply — re-dispatched while the budget allows, else a named error.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections import Counter
@@ -30,14 +31,15 @@ AGENTS = {"edge-1": "edge", "edge-2": "edge", "solo": "edge"}
 @pytest.fixture
 def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
     home = make_home(tmp_path)
+    # A fresh broker/status every 0.2 s, for tests that wait on the broker's view.
+    settings = {"status_interval_s": 0.2}
+    marker = request.node.get_closest_marker("broker_config")
+    settings |= marker.kwargs if marker is not None else {}
     config = home.path / "config.toml"
     text = config.read_text()
-    assert "drain_s = 20.0" in text and "status_interval_s = 1.0" in text  # the template
-    # A fresh broker/status every 0.2 s, for tests that wait on the broker's view.
-    text = text.replace("status_interval_s = 1.0", "status_interval_s = 0.2")
-    drain = request.node.get_closest_marker("drain_s")
-    if drain is not None:  # [broker] drain_s for this test
-        text = text.replace("drain_s = 20.0", f"drain_s = {drain.args[0]}")
+    for key, value in settings.items():  # each is a [broker] line of the home's template
+        text, found = re.subn(rf"(?m)^{key} = \S+", f"{key} = {value}", text)
+        assert found == 1, key
     config.write_text(text)
     with (
         fleet_server(home, AGENTS) as (url, server),
@@ -173,7 +175,7 @@ def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
     assert client.counters["unmatched_replies"] == 0
 
 
-@pytest.mark.drain_s(0)
+@pytest.mark.broker_config(drain_s=0)
 def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:  # type: ignore[no-untyped-def]
     stack, client = fleet
     futures, log = _stop_broker_mid_flight(stack, client, resume=False)
@@ -215,3 +217,17 @@ def _served_within(client: Client, seconds: float):  # type: ignore[no-untyped-d
             if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > end:
                 raise
             time.sleep(0.2)
+
+
+@pytest.mark.broker_config(client_rate=5, client_burst=5)
+def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> None:  # type: ignore[no-untyped-def]
+    stack, client = fleet
+    stack.agent("solo", ["digits"])
+    stack.wait_live(["solo"])
+    image = {"image": np.zeros((1, 64), np.float32)}
+    outcomes = _outcomes([client.submit("digits", image, budget_ms=5_000) for _ in range(30)])
+    assert set(outcomes) == {"OK", "OVERLOADED"} and 5 <= outcomes["OK"] <= 10, outcomes
+    home = stack.home
+    with Client(stack.mqtt_url, home.fleet_public(), topics=Topics(home.config().prefix),
+                client_id="client", tls=home.tls(stack.mqtt_url, "client")) as other:
+        assert other.infer("digits", image, budget_ms=5_000).outputs["label"].shape == (1,)

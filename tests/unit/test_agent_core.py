@@ -115,3 +115,16 @@ def test_status_table_shows_each_nodes_memory() -> None:
              if line.startswith("│")}
     assert "2.0/140.4 GiB" in lines["gpu-1"]
     assert " - " in lines["new-1"] and " - " in lines["old-1"]  # no report yet; older broker
+
+
+def test_rate_limiter_allows_a_burst_then_the_rate_per_client() -> None:
+    from cloud_broker.ratelimit import RateLimiter
+
+    limiter = RateLimiter(rate_per_s=10, burst=3, max_clients=2)
+    assert [limiter.allow("a", 0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b", 0)  # another client has its own bucket
+    assert not limiter.allow("a", 50) and limiter.allow("a", 100)  # 1 token per 100 ms
+    assert not limiter.allow("a", 100)
+    assert [limiter.allow("a", 10_000) for _ in range(4)] == [True, True, True, False]
+    limiter.allow("c", 10_000)  # a third client: the least recent ("b") is forgotten
+    assert list(limiter._buckets) == ["a", "c"]

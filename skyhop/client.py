@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -32,6 +33,12 @@ from skyhop.tensors import decode_body, encode_body
 from skyhop.topics import Topics
 
 log = logging.getLogger("skyhop.client")
+
+
+# Answered without a result and safe to send again (docs/protocol.md, error codes).
+RETRIED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED})
+RETRY_BACKOFF_S = 0.05  # the first retry waits up to this long, each next twice as long
+MIN_RETRY_BUDGET_S = 0.01  # no retry with less budget than this left
 
 
 @dataclass(frozen=True)
@@ -173,9 +180,30 @@ class Client:
         *,
         budget_ms: float | None = None,
         priority: int | None = None,
+        retries: int = 2,
     ) -> Result:
-        """Run one request and wait for its result (or its RemoteError)."""
-        return self.submit(model, inputs, budget_ms=budget_ms, priority=priority).result()
+        """Run one request and wait for its result (or its RemoteError).
+
+        An ``UNAVAILABLE`` or ``OVERLOADED`` answer (a broker stopping for a restart, no
+        node free, this client over its rate) is sent again, up to ``retries`` times, as
+        a new request with what is left of the budget, after a short jittered backoff.
+        Inference has no side effects, so a request a stopping broker gave up on may
+        safely run twice. ``submit`` never retries.
+        """
+        budget = self.budget_for(model, budget_ms)
+        end = time.monotonic() + budget / 1000
+        for attempt in range(retries + 1):
+            left_ms = budget if attempt == 0 else (end - time.monotonic()) * 1000
+            try:
+                return self.submit(model, inputs, budget_ms=left_ms, priority=priority).result()
+            except RemoteError as exc:
+                backoff_s = random.uniform(0, RETRY_BACKOFF_S * 2**attempt)
+                if exc.code not in RETRIED or attempt == retries \
+                        or time.monotonic() + backoff_s >= end - MIN_RETRY_BUDGET_S:
+                    raise
+                self.counters["retries"] += 1
+                time.sleep(backoff_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     # -- replies (paho thread) ------------------------------------------------------------
 

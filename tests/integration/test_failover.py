@@ -227,6 +227,9 @@ def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> No
     image = {"image": np.zeros((1, 64), np.float32)}
     outcomes = _outcomes([client.submit("digits", image, budget_ms=5_000) for _ in range(30)])
     assert set(outcomes) == {"OK", "OVERLOADED"} and 5 <= outcomes["OK"] <= 10, outcomes
+    # infer() retries OVERLOADED with backoff: 10 in a row over a 5/s limit all succeed.
+    results = [client.infer("digits", image, budget_ms=10_000, retries=8) for _ in range(10)]
+    assert len(results) == 10 and client.counters["retries"] >= 1
     home = stack.home
     with Client(stack.mqtt_url, home.fleet_public(), topics=Topics(home.config().prefix),
                 client_id="client", tls=home.tls(stack.mqtt_url, "client")) as other:

@@ -18,8 +18,8 @@ from typing import Any
 from edge_agent.builder import agent_probe, default_threads, load_runner
 from edge_agent.runner import import_ort, zeros_for
 from skyhop.errors import SkyhopError
-from skyhop.home import Home
-from skyhop.models import model_path
+from skyhop.home import AgentConfig, Home
+from skyhop.models import Catalog, model_path
 from skyhop.stats import percentile
 
 RUNS = 20  # timed runs per model, after the agent's own warm-up
@@ -58,8 +58,10 @@ def check_node(home: Home, models: list[str] | None, providers: list[str] | None
     if models is None:
         models = [e.name for e in catalog.models if model_path(e, home.models_dir).is_file()]
     probe, probe_error = _probe(gpu)
-    threads = default_threads(home.config().agent)
-    checks = tuple(_model(home, name, providers, threads, gpu, runs) for name in models)
+    agent_cfg = home.config().agent
+    threads = default_threads(agent_cfg)
+    checks = tuple(_model(home, catalog, name, providers, threads, gpu, agent_cfg, runs)
+                   for name in models)
     return NodeCheck(ort.__version__, tuple(ort.get_available_providers()), probe,
                      probe_error, checks)
 
@@ -77,15 +79,14 @@ def _probe(gpu: int | None) -> tuple[dict[str, Any], str]:
         probe.close()
 
 
-def _model(home: Home, name: str, providers: list[str] | None, threads: int,
-           gpu: int | None, runs: int) -> ModelCheck:
+def _model(home: Home, catalog: Catalog, name: str, providers: list[str] | None,
+           threads: int, gpu: int | None, agent_cfg: AgentConfig, runs: int) -> ModelCheck:
     try:
-        entry = home.catalog().get(name)
+        entry = catalog.get(name)
         path = model_path(entry, home.models_dir)
         if not path.is_file():
             return ModelCheck(name, error=f"not on disk: run `skyhop models fetch {name}`")
-        runner = load_runner(home, entry, path, providers, threads, gpu,
-                             home.config().agent)
+        runner = load_runner(home, entry, path, providers, threads, gpu, agent_cfg)
         feed = zeros_for(runner.inputs)
         times = []
         for _ in range(runs):

@@ -309,10 +309,12 @@ def _print_check(report: NodeCheck) -> None:
     from rich.table import Table
 
     out = Console()
+    from skyhop.status_view import memory_text
+
     p = report.probe
     telemetry = report.probe_error or (
         f"{p['kind']} on {p['device']}: util {p['util']:.0%}, memory "
-        f"{p['mem_used_mb'] / 1024:.1f}/{p['mem_total_mb'] / 1024:.1f} GiB"
+        f"{memory_text((p['mem_used_mb'], p['mem_total_mb']))}"
     )
     out.print(f"telemetry    {escape(telemetry)}")
     out.print(f"onnxruntime  {report.onnxruntime}: {', '.join(report.available)}")

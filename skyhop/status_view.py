@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -44,7 +45,7 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
             str(n["queue"]),
             str(n["in_flight"]),
             f"{n['gpu_util']:.0%}",
-            _memory(n.get("mem_mb")),
+            memory_text(n.get("mem_mb")),
             f"{n['rtt_ms']:.1f}",
             service,
             str(n["placements"]),
@@ -52,7 +53,7 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
     return table
 
 
-def _memory(mem_mb: list[float] | None) -> str:
+def memory_text(mem_mb: Sequence[float] | None) -> str:
     """``12.3/141.0 GiB`` from [used, total] MiB; '-' before a node's first load report
     (or from a broker that predates the field)."""
     if not mem_mb or not mem_mb[1]:

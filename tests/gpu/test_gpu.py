@@ -32,10 +32,7 @@ from skyhop.models import MODELS_DIR, fetch, load_catalog
 from skyhop.mosquitto import MosquittoProcess
 from skyhop.mqtt import Bus
 from skyhop.topics import Topics
-from tests.integration.fleet import make_home
-
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tests.integration.fleet import build_busy_model, make_home
 
 SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")
 MIB = 2**20
@@ -84,31 +81,9 @@ def test_nvml_probe_reads_this_gpu_as_nvidia_smi_does():
     assert sample.mem_total_mb == pytest.approx(float(total_mib), rel=0.01)
 
 
-def busy_model(path: Path, side: int = 4096, layers: int = 32) -> int:
-    """``x[64, 64]`` tiled to side×side, multiplied by one side×side matrix ``layers``
-    times, averaged to a scalar: seconds of GPU work for a few bytes in and out, so that
-    utilisation is kernels, not copies. Returns the weight's size in bytes."""
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((side, side)) / np.sqrt(side)).astype(np.float32)
-    reps = np.array([side // 64, side // 64], np.int64)
-    nodes = [helper.make_node("Tile", ["x", "reps"], ["h0"])]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["y"], keepdims=0))
-    graph = helper.make_graph(
-        nodes, "busy",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(reps, "reps")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return w.nbytes
-
-
 def test_nvml_sees_the_memory_and_the_load_that_onnx_runtime_puts_on_the_gpu(tmp_path):
-    weight_bytes = busy_model(tmp_path / "busy.onnx")
+    # Seconds of GPU work for a few bytes in and out: utilisation is kernels, not copies.
+    weight_bytes = build_busy_model(tmp_path / "busy.onnx", side=4096, layers=32)
     probe = NvmlProbe()
     try:
         before = probe.sample()
@@ -118,7 +93,7 @@ def test_nvml_sees_the_memory_and_the_load_that_onnx_runtime_puts_on_the_gpu(tmp
         stop = threading.Event()
 
         def spin() -> None:
-            x = np.ones((64, 64), np.float32)
+            x = np.ones((1, 64), np.float32)
             while not stop.is_set():
                 runner.run({"x": x})
 

@@ -23,8 +23,8 @@ SLOW_SIDE = 512
 SLOW_LAYERS = 24
 
 
-def _weight(rng: np.random.Generator) -> np.ndarray:
-    return (rng.standard_normal((SLOW_SIDE, SLOW_SIDE)) / np.sqrt(SLOW_SIDE)).astype(np.float32)
+def _weight(rng: np.random.Generator, side: int = SLOW_SIDE) -> np.ndarray:
+    return (rng.standard_normal((side, side)) / np.sqrt(side)).astype(np.float32)
 
 
 def _save(path: Path, name: str, nodes: list, inits: list, x: list, y: list) -> None:  # type: ignore[type-arg]
@@ -54,17 +54,19 @@ def build_slow_model(path: Path) -> None:
 BUSY_LAYERS = 48
 
 
-def build_busy_model(path: Path) -> None:
-    """``busy``: tens of milliseconds of compute with payloads of bytes. The [1, 64]
-    input is tiled to 512×512, multiplied by one matrix BUSY_LAYERS times, averaged."""
-    repeats = np.array([SLOW_SIDE, SLOW_SIDE // 64], np.int64)
-    inits = [numpy_helper.from_array(_weight(np.random.default_rng(1)), "w"),
-             numpy_helper.from_array(repeats, "repeats")]
+def build_busy_model(path: Path, side: int = SLOW_SIDE, layers: int = BUSY_LAYERS) -> int:
+    """``busy``: tens of milliseconds of compute (on a CPU, at the defaults) with payloads
+    of bytes. The [1, 64] input is tiled to side×side, multiplied by one matrix ``layers``
+    times, averaged. Returns the weight's size in bytes."""
+    weight = _weight(np.random.default_rng(1), side)
+    repeats = np.array([side, side // 64], np.int64)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(repeats, "repeats")]
     nodes = [helper.make_node("Tile", ["x", "repeats"], ["h0"])]
-    for i in range(BUSY_LAYERS):
+    for i in range(layers):
         nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{BUSY_LAYERS}"], ["y"], axes=[0, 1]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["y"], axes=[0, 1]))
     _save(path, "busy", nodes, inits, [1, 64], [1, 1])
+    return weight.nbytes
 
 
 BUSY_ENTRY = """

@@ -592,23 +592,23 @@ def simulate(
         str, typer.Option(help="deadline, round-robin, least-connection, weighted or power-of-two.")
     ] = "deadline",
     autoscaler: Annotated[
-        str, typer.Option(help="predictive, reactive or static-peak.")
+        str, typer.Option(help="predictive, reactive or static-peak; or clairvoyant, a "
+                          "yardstick only the simulator has: it plans the pool from the future.")
     ] = "predictive",
     seed: Annotated[int, typer.Option(help="Same seed, same report, byte for byte.")] = 1,
     report: Annotated[Path | None, typer.Option(help="Write the full report (JSON).")] = None,
 ) -> None:
     """Run a fleet in the discrete-event simulator with the broker's own placement and
     autoscaler, and print its SLO attainment, latency and cloud cost."""
-    from cloud_broker.autoscaler import AUTOSCALERS
     from cloud_broker.placement import POLICIES
-    from cloud_broker.sim import dumps, load_scenario
+    from cloud_broker.sim import SIM_AUTOSCALERS, dumps, load_scenario
     from cloud_broker.sim import simulate as run_simulation
 
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if autoscaler not in AUTOSCALERS:
+    if autoscaler not in SIM_AUTOSCALERS:
         raise ConfigError(
-            f"unknown autoscaler {autoscaler!r}; choose one of {', '.join(AUTOSCALERS)}"
+            f"unknown autoscaler {autoscaler!r}; choose one of {', '.join(SIM_AUTOSCALERS)}"
         )
     spec = load_scenario(scenario)
     started = time.perf_counter()

@@ -74,6 +74,11 @@ class AutoscaleConfig(_Strict):
     cold_start_prior_ms: float = Field(
         60_000.0, ge=0, description="assumed until a worker's cold start is measured"
     )
+    early_warning: float = Field(
+        1.0, ge=0, le=1,
+        description="share of the rise in all requests counted as cloud demand ahead of the "
+        "spill (docs/performance.md, Choosing early_warning)",
+    )
     worker_prefix: str = Field("pool", description="workers are named PREFIX-1, PREFIX-2, …")
     stop_grace_s: float = Field(10.0, gt=0, description="SIGKILL a stopped worker after this")
 
@@ -173,6 +178,8 @@ client_burst = 100.0
 # downscale_delay_ms = 30000.0  # an idle worker goes after this hold, or after
 # max_hold_leads = 2.0         # this many (cold start + interval) once bursts recur
 # cold_start_prior_ms = 60000.0  # assumed until a cold start is measured
+# early_warning = 1.0          # 1: buy ahead of any rise (holds the SLO through crowds);
+#                              # 0: wait for the spill, when edges absorb daily swings
 # cost_cap_per_hour = 4.0      # with price_per_gpu_hour = 1.0
 # worker_prefix = "pool"       # workers are pool-1, pool-2, …
 

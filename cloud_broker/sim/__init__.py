@@ -8,8 +8,9 @@ autoscaling can be judged at a scale one machine cannot host::
     report = simulate(load_scenario("flash-crowd"), policy="deadline", seed=1)
 """
 
-from cloud_broker.sim.engine import Simulation, simulate
+from cloud_broker.sim.engine import SIM_AUTOSCALERS, Simulation, simulate
 from cloud_broker.sim.report import dumps
 from cloud_broker.sim.scenario import BUILTIN, Scenario, load_scenario
 
-__all__ = ["BUILTIN", "Scenario", "Simulation", "dumps", "load_scenario", "simulate"]
+__all__ = ["BUILTIN", "SIM_AUTOSCALERS", "Scenario", "Simulation", "dumps", "load_scenario",
+           "simulate"]

@@ -31,13 +31,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cloud_broker.autoscaler import ModelDemand, PoolView, ScaleConfig, ScaleContext, scale
+from cloud_broker.autoscaler import (
+    AUTOSCALERS,
+    ModelDemand,
+    PoolView,
+    ScaleConfig,
+    ScaleContext,
+    scale,
+)
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, PlacementState, Tuning, place
 from cloud_broker.scaling import ModelCount, model_demand
 from cloud_broker.sim.arrivals import make_process
 from cloud_broker.sim.nodes import SimNode, SimRequest
-from cloud_broker.sim.planner import static_peak_size
+from cloud_broker.sim.planner import clairvoyant_targets, static_peak_size
 from cloud_broker.sim.pool import Pool
 from cloud_broker.sim.report import OK, Recorder
 from cloud_broker.sim.scenario import Scenario
@@ -47,6 +54,10 @@ from skyhop.errors import ProtocolError
 (ARRIVE, RECV, DONE, REPLY, LOAD, STATUS, TICK, AUTOSCALE, READY, FAIL, RECOVER,
  SAMPLE, BROKER_LOAD) = range(13)
 OVERLOADED, DEADLINE, UNAVAILABLE = "OVERLOADED", "DEADLINE_EXCEEDED", "UNAVAILABLE"
+# The simulator knows the future; a live broker does not: ``clairvoyant`` is a benchmark
+# yardstick (``planner.clairvoyant_targets``), not one of the broker's ``AUTOSCALERS``.
+CLAIRVOYANT = "clairvoyant"
+SIM_AUTOSCALERS = (*AUTOSCALERS, CLAIRVOYANT)
 
 
 class Simulation:
@@ -75,6 +86,9 @@ class Simulation:
         self.pool = Pool(scenario.cloud, self._cloud_node, self.rng["boot"])
         self.scaler = replace(self._scale_config(autoscaler), **(scaling or {}))
         self.scale_state: Any = None
+        # The sim-only ``clairvoyant`` autoscaler follows a schedule planned from the future.
+        self.schedule = clairvoyant_targets(scenario, margin) if autoscaler == CLAIRVOYANT \
+            else None
         self.target = 0
         self.demand = {m.name: 0 for m in scenario.models}  # since the last autoscaler call
         self.arrived = {m.name: 0 for m in scenario.models}
@@ -87,6 +101,8 @@ class Simulation:
     def _scale_config(self, policy: str) -> ScaleConfig:
         c = self.s.cloud
         static = static_peak_size(self.s, self.margin) if policy == "static-peak" else 0
+        if policy == CLAIRVOYANT:
+            policy = "static-peak"  # the config only paces the calls; the schedule decides
         return ScaleConfig(policy=policy, interval_ms=c.autoscale_interval_s * 1000,
                            min_size=c.min_gpus, max_size=c.max_gpus,
                            scale_to_zero=c.scale_to_zero, price_per_gpu_hour=c.price_per_gpu_hour,
@@ -121,8 +137,11 @@ class Simulation:
 
     def _start(self) -> None:
         self._build_edges()
-        initial = self.scaler.static_size if self.scaler.policy == "static-peak" \
-            else self.s.cloud.initial_gpus
+        initial = self.s.cloud.initial_gpus
+        if self.schedule is not None:
+            initial = self.schedule[0]
+        elif self.scaler.policy == "static-peak":
+            initial = self.scaler.static_size
         for _ in range(initial):
             node, _ = self.pool.ask(0.0)
             self.pool.became_ready(node.name, 0.0)
@@ -176,7 +195,8 @@ class Simulation:
         self.pool.account(max(self.now, end))
         extra = {"static_pool": self.scaler.static_size, "pool_peak": self.pool.peak,
                  "cloud_cold_start_s": round(self.s.cloud.cold_start_s, 3)}
-        return self.rec.report(policy=self.policy, autoscaler=self.scaler.policy,
+        name = CLAIRVOYANT if self.schedule is not None else self.scaler.policy
+        return self.rec.report(policy=self.policy, autoscaler=name,
                                seed=self.seed, gpu_ms=self.pool.gpu_ms, extra=extra)
 
     # -- arrivals and the broker ----------------------------------------------------------
@@ -375,8 +395,11 @@ class Simulation:
     # -- the cloud pool -------------------------------------------------------------------
 
     def _autoscale(self, _a: Any, _b: Any) -> None:
-        ctx = ScaleContext(self.now, self._model_demand(), self._pool_view(), self.scaler)
-        target, self.scale_state = scale(ctx, self.scale_state)
+        if self.schedule is not None:
+            target = self.schedule[min(int(self.now // 1000), len(self.schedule) - 1)]
+        else:
+            ctx = ScaleContext(self.now, self._model_demand(), self._pool_view(), self.scaler)
+            target, self.scale_state = scale(ctx, self.scale_state)
         self.demand = {m: 0 for m in self.demand}
         self.arrived = {m: 0 for m in self.arrived}
         if target != self.target:

@@ -6,9 +6,11 @@ meet each budget (at most ``EDGE_UTILISATION`` busy, slowest class first, as the
 ``deadline`` policy fills them), and the rest sized for the cloud with the same queueing
 model the predictive autoscaler uses. The pool is the largest of those sizes.
 
-The same per-second need gives a clairvoyant bound (``oracle_gpu_seconds``): a pool that
-knew the future and started in no time. No autoscaler reaches it; the benchmark shows it
-beside the others, so that "x % of static-peak" can be read against what was possible.
+The same per-second need gives two clairvoyant pools, so that "x % of static-peak" can be
+read against what was possible: ``oracle_gpu_seconds``, a pool that knew the future and
+started in no time (a bound no autoscaler reaches), and ``clairvoyant_targets``, one that
+knew the future and asked for each worker a cold start ahead (the simulator's
+``clairvoyant`` autoscaler: what perfect foresight buys when workers take time to boot).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def static_peak_size(s: Scenario, margin: float = 0.9) -> int:
 def oracle_gpu_seconds(s: Scenario, margin: float = 0.9) -> float:
     """GPU-seconds of a pool holding exactly each second's need, never below ``min_gpus``."""
     return float(sum(_bounded(s, n) for n in needs_per_second(s, margin)[:int(s.duration_s)]))
+
+
+def clairvoyant_targets(s: Scenario, margin: float = 0.9) -> list[int]:
+    """Per second, the pool a clairvoyant autoscaler asks for: the highest need of the next
+    lead (the mean cold start plus one autoscaler interval, the predictive lead), so each
+    worker is asked for about when it must start booting."""
+    needs = needs_per_second(s, margin)
+    lead = math.ceil(s.cloud.cold_start_s + s.cloud.autoscale_interval_s)
+    return [_bounded(s, max(needs[t:t + lead + 1])) for t in range(len(needs))]
 
 
 def needs_per_second(s: Scenario, margin: float = 0.9) -> list[int]:

@@ -17,7 +17,12 @@ import cloud_broker.sim.engine as engine
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
 from cloud_broker.sim import BUILTIN, Scenario, dumps, load_scenario, simulate
 from cloud_broker.sim.arrivals import make_process
-from cloud_broker.sim.planner import oracle_gpu_seconds, static_peak_size
+from cloud_broker.sim.planner import (
+    clairvoyant_targets,
+    needs_per_second,
+    oracle_gpu_seconds,
+    static_peak_size,
+)
 from cloud_broker.sim.scenario import Flash, Mmpp, Poisson
 from skyhop.errors import ConfigError
 
@@ -75,12 +80,14 @@ def test_failures_are_rescued(small: dict) -> None:  # type: ignore[type-arg]
     assert small["redispatched"] > 0  # work of the nodes that died was placed again
 
 
-@pytest.mark.parametrize("autoscaler", ["reactive", "static-peak"])
+@pytest.mark.parametrize("autoscaler", ["reactive", "static-peak", "clairvoyant"])
 def test_autoscaler_baselines_run(autoscaler: str) -> None:
     r = simulate(load_scenario(SMALL), autoscaler=autoscaler, seed=3)
     assert r["autoscaler"] == autoscaler and r["requests"] > 2000
     if autoscaler == "static-peak":
         assert r["scale_events"] == 0 and r["static_pool"] >= 1
+    if autoscaler == "clairvoyant":  # the pool it asked for is the planned one
+        assert r["pool_peak"] == max(clairvoyant_targets(load_scenario(SMALL)))
 
 
 # -- scenarios ------------------------------------------------------------------------------
@@ -141,6 +148,19 @@ def test_clairvoyant_bound_follows_the_need() -> None:
     bound = oracle_gpu_seconds(crowd)
     assert crowd.cloud.min_gpus * crowd.duration_s < bound
     assert bound < 0.5 * static_peak_size(crowd) * crowd.duration_s
+
+
+def test_clairvoyant_schedule_asks_a_cold_start_ahead() -> None:
+    """The schedule holds each second's need from a lead (cold start + one interval)
+    before it, so a worker asked for then is up when the need comes."""
+    crowd = load_scenario("flash-crowd")
+    needs, plan = needs_per_second(crowd), clairvoyant_targets(crowd)
+    lead = int(crowd.cloud.cold_start_s + crowd.cloud.autoscale_interval_s)
+    first_need = next(t for t, n in enumerate(needs) if n > crowd.cloud.min_gpus)
+    first_ask = next(t for t, n in enumerate(plan) if n > crowd.cloud.min_gpus)
+    assert first_ask == first_need - lead
+    assert all(p >= max(n, crowd.cloud.min_gpus) for p, n in zip(plan, needs, strict=True))
+    assert max(plan) == static_peak_size(crowd)
 
 
 def test_bad_scenarios_fail_with_one_line(tmp_path: Path) -> None:

@@ -109,10 +109,11 @@ def test_a_worker_not_yet_priced_does_not_make_the_cloud_link_free() -> None:
 
 
 def test_autoscale_config_feeds_scale_config() -> None:
-    cfg = AutoscaleConfig(policy="reactive", min_size=2, max_size=5, interval_ms=500)
+    cfg = AutoscaleConfig(policy="reactive", min_size=2, max_size=5, interval_ms=500,
+                          early_warning=0.0)
     scaling = scale_config(cfg, margin=0.8)
     assert (scaling.policy, scaling.min_size, scaling.max_size) == ("reactive", 2, 5)
-    assert (scaling.interval_ms, scaling.margin) == (500, 0.8)
+    assert (scaling.interval_ms, scaling.margin, scaling.early_warning) == (500, 0.8, 0.0)
 
 
 def test_autoscale_config_matches_the_autoscaler() -> None:

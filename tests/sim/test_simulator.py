@@ -55,6 +55,18 @@ def test_same_bytes_in_another_process_with_another_hash_seed(tmp_path: Path,
     assert out.read_text() == dumps(small)
 
 
+def test_cli_runs_the_clairvoyant_yardstick_and_names_it_when_asked_for_another() -> None:
+    def cli(autoscaler: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "skyhop", "simulate", "--scenario", SMALL,
+                               "--autoscaler", autoscaler], cwd=ROOT, capture_output=True,
+                              text=True)
+
+    ran = cli("clairvoyant")
+    assert ran.returncode == 0 and "autoscaler=clairvoyant" in ran.stdout, ran.stderr
+    refused = cli("oracle")
+    assert refused.returncode != 0 and "clairvoyant" in refused.stdout + refused.stderr
+
+
 def test_report_has_the_promised_fields(small: dict) -> None:  # type: ignore[type-arg]
     for key in ("requests", "slo_met_fraction", "feasible_fraction", "latency_ms",
                 "offload_fraction", "cloud_gpu_seconds", "scale_events", "placement_flaps",

@@ -213,7 +213,7 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
     arrivals = _smooth(state.arrivals, requests, dt, cfg)
     ahead_s = _lead_ms(state, cfg) / 1000
     step_s = cfg.interval_ms / 1000
-    rises = {m: h.rise(ahead_s, step_s, cfg.damping) for m, h in arrivals.items()}
+    rises = _rises(arrivals, state, cfg)
 
     # The cloud sees a crowd last: the edges absorb its start and then overflow at once.
     # So the rise expected in *all* requests by the time a worker started now is up is
@@ -235,6 +235,18 @@ def _predictive(ctx: ScaleContext, state: ScaleState) -> tuple[int, ScaleState]:
                     last_ms=ctx.now_ms, rates=requests)
     rising = any(rises[m] > cfg.hysteresis * max(0.0, h.level) for m, h in arrivals.items())
     return _settle(need, state, ctx.now_ms, cfg, rising)
+
+
+def _rises(arrivals: dict[str, Holt], state: ScaleState, cfg: ScaleConfig) -> dict[str, float]:
+    """Per model, how much higher its requests/s are expected a lead from now."""
+    ahead_s = _lead_ms(state, cfg) / 1000
+    return {m: h.rise(ahead_s, cfg.interval_ms / 1000, cfg.damping) for m, h in arrivals.items()}
+
+
+def early_warning_rate(state: ScaleState, cfg: ScaleConfig) -> float:
+    """Requests/s the early warning counted as cloud demand at the last call, all models
+    together: what a scale-up bought ahead of the spill (the broker logs it)."""
+    return cfg.early_warning * sum(_rises(state.arrivals, state, cfg).values())
 
 
 def _recurring_bursts(ctx: ScaleContext, state: ScaleState, dt: float,

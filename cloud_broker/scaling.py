@@ -26,6 +26,7 @@ from cloud_broker.autoscaler import (
     ScaleConfig,
     ScaleContext,
     ScaleState,
+    early_warning_rate,
     hold_ms,
 )
 from cloud_broker.fleet import Fleet, Group
@@ -158,6 +159,7 @@ def reason(ctx: ScaleContext, old: int, new: int, state: ScaleState) -> str:
     parts = ["up" if new > old else "down", f"cloud_wanted={wanted:.1f}/s",
              f"requests={requests:.1f}/s", f"cold_start={state.cold_start_ms / 1000:.1f}s"]
     if cfg.policy == "predictive":
+        parts.append(f"early_warning={early_warning_rate(state, cfg):.1f}/s")
         parts.append(f"hold={hold_ms(state, cfg) / 1000:.0f}s")
     if new == cfg.max_size:
         parts.append("at=max_size")

@@ -96,6 +96,29 @@ def test_a_burst_of_cloud_demand_grows_the_pool() -> None:
     assert why.endswith(",hold=30s")  # no regret yet: the shortest hold
 
 
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_the_early_warning_buys_ahead_of_a_rise_the_cloud_has_not_seen(share: float) -> None:
+    """Requests climb ×1.8 an interval while the edges take them all (no cloud demand).
+    With the early warning the pool grows before anything spills, and the log line says
+    by how much; with ``early_warning = 0`` it waits for the spill."""
+    fleet = Fleet()
+    add(fleet, "pool-1", role="cloud", mean=50, p95=70, rtt=1)
+    config = ScaleConfig(early_warning=share)
+    state, counter, target = initial_state(config, 1), DemandCounter(), 1
+    for i, n in enumerate((100, 180, 324, 583)):
+        for _ in range(n):
+            counter.request("m", budget_ms=400, cloud_wanted=False)
+        ctx = scale_context(NOW + i * config.interval_ms, counter.take(), fleet, {},
+                            PoolView(1, 0), config)
+        old = target
+        target, state = scale(ctx, state)
+    counted = float(reason(ctx, old, target, state).split("early_warning=")[1].split("/s")[0])
+    if share:
+        assert target > 1 and counted > 0
+    else:
+        assert target == 1 and counted == 0
+
+
 def test_a_worker_not_yet_priced_does_not_make_the_cloud_link_free() -> None:
     """A new pool worker is indexed at its birth with a 0 ms link; until its first load
     report or reply prices it, the autoscaler keeps the known workers' link cost."""

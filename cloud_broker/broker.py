@@ -34,6 +34,7 @@ from cloud_broker.tracker import Pending, Tracker
 from skyhop.envelope import error_reply, peek_reply, peek_request
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import BrokerConfig
+from skyhop.logthrottle import LogThrottle
 from skyhop.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
 from skyhop.metrics import Metrics
 from skyhop.mqtt import Bus, Message
@@ -72,6 +73,7 @@ class Broker:
         self.fleet = Fleet(self.config.node_timeout_s * 1000)
         self.tracker = Tracker()
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
+        self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
                         if self.config.client_rate > 0 else None)
         self.sla: dict[str, SlaConfig] = {}
@@ -113,11 +115,13 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         t = self.topics
-        self.bus.subscribe(t.status_all, self._guard(self._on_status), qos=1)
-        self.bus.subscribe(t.load_all, self._guard(self._on_load), qos=0)
-        self.bus.subscribe(t.sla_all, self._guard(self._on_sla), qos=1)
-        self.bus.subscribe(t.broker_replies(self.broker_id), self._guard(self._on_reply), qos=1)
-        self.bus.subscribe(t.req_shared(SHARE_GROUP), self._guard(self._on_request), qos=1)
+        self.bus.subscribe(t.status_all, self._guard(self._on_status, "status"), qos=1)
+        self.bus.subscribe(t.load_all, self._guard(self._on_load, "load"), qos=0)
+        self.bus.subscribe(t.sla_all, self._guard(self._on_sla, "sla"), qos=1)
+        self.bus.subscribe(t.broker_replies(self.broker_id), self._guard(self._on_reply, "reply"),
+                           qos=1)
+        self.bus.subscribe(t.req_shared(SHARE_GROUP), self._guard(self._on_request, "request"),
+                           qos=1)
         self.bus.start(timeout=timeout)
         self._ticker = threading.Thread(target=self._tick_loop, name="skyhop-ticker", daemon=True)
         self._ticker.start()
@@ -162,18 +166,31 @@ class Broker:
             self.metrics.inc("drain_unanswered_total", len(left))
             log.warning("stopped with %d request(s) unanswered: answered UNAVAILABLE", len(left))
 
-    def _guard(self, handler):  # type: ignore[no-untyped-def]
-        """Run a handler under the lock; a bug costs one message, never the thread."""
+    def _guard(self, handler, kind: str):  # type: ignore[no-untyped-def]
+        """Run a handler under the lock; a bug costs one message, never the thread.
+
+        A message that breaks the protocol is bad input from a peer, not a bug here: it
+        is counted (``bad_messages_total{kind}``) and logged in one line, at most once a
+        minute per kind, so a broken or hostile node cannot flood the log."""
 
         def run(msg: Message) -> None:
             with self._lock:
                 try:
                     handler(msg)
+                except ProtocolError as exc:
+                    self.metrics.inc("bad_messages_total", kind=kind)
+                    self._warn(kind, "dropped a bad %s message on %s: %s", kind, msg.topic, exc)
                 except Exception:
                     self.metrics.inc("handler_errors_total")
                     log.exception("handler failed on %s", msg.topic)
 
         return run
+
+    def _warn(self, key: str, fmt: str, *args: object) -> None:
+        """A warning that repeats is logged once a minute per ``key``, with a count."""
+        held = self._log_throttle.admit(key, _now_ms())
+        if held is not None:
+            log.warning(fmt + "%s", *args, LogThrottle.suffix(held))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -365,7 +382,8 @@ class Broker:
         if self.topics.node_of(msg.topic) == node:
             return True
         self.metrics.inc("spoofed_node_messages_total")
-        log.warning("dropped a message on %s that claims to be from node %s", msg.topic, node)
+        self._warn("spoofed", "dropped a message on %s that claims to be from node %s",
+                   msg.topic, node)
         return False
 
     def _on_sla(self, msg: Message) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import struct
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -314,6 +315,29 @@ def test_bad_input_is_counted_and_the_fleet_still_serves(
         assert proc.poll() is None
     result = client.infer("digits", {"image": SAMPLES["images"][:1]}, budget_ms=1000)
     assert result.outputs["label"][0] == SAMPLES["labels"][0]
+
+
+def test_a_bad_message_from_a_peer_is_counted_and_logged_once(stack: LocalStack) -> None:
+    """An operator publishes two SLAs that are not SLAs: the broker counts both as bad
+    input (not as its own handler errors), logs one line without a traceback, and serves
+    on. A hostile or broken peer cannot flood the broker's log."""
+    tls = stack.home.tls(stack.mqtt_url, "operator")
+    operator = Bus(stack.mqtt_url, "operator", tls=tls).start()
+    sla = Topics(stack.home.config().prefix).sla("junk")
+    try:
+        for _ in range(2):
+            operator.publish(sla, b"\xc1 not msgpack")
+        assert operator.flush(5)
+    finally:
+        operator.stop()
+    name = 'skyhop_broker_bad_messages_total{kind="sla"}'
+    deadline = time.monotonic() + 5
+    while metric(stack, name) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(stack, name) == 2
+    assert metric(stack, "skyhop_broker_handler_errors_total") == 0
+    log = (stack.log_dir / "broker.log").read_text()
+    assert log.count("dropped a bad sla message") == 1 and "Traceback" not in log
 
 
 def test_infeasible_budget_is_answered_at_once(client: Client) -> None:

@@ -308,9 +308,9 @@ def check(
 def _print_check(report: NodeCheck) -> None:
     from rich.table import Table
 
-    out = Console()
     from skyhop.status_view import memory_text
 
+    out = Console()  # the report is the command's output: stdout, unlike ``console``
     p = report.probe
     telemetry = report.probe_error or (
         f"{p['kind']} on {p['device']}: util {p['util']:.0%}, memory "

@@ -40,11 +40,10 @@ from skyhop.metrics import Metrics
 from skyhop.mqtt import Bus, Message
 from skyhop.replay import ReplayGuard
 from skyhop.stats import percentile
-from skyhop.topics import Topics
+from skyhop.topics import BROKERS_GROUP, Topics
 
 log = logging.getLogger("skyhop.broker")
 TICK_S = 0.02
-SHARE_GROUP = "skyhop-brokers"
 RETRYABLE = {ErrorCode.OVERLOADED}  # a node refused for a reason another node may not have
 
 
@@ -120,7 +119,7 @@ class Broker:
         self.bus.subscribe(t.sla_all, self._guard(self._on_sla, "sla"), qos=1)
         self.bus.subscribe(t.broker_replies(self.broker_id), self._guard(self._on_reply, "reply"),
                            qos=1)
-        self.bus.subscribe(t.req_shared(SHARE_GROUP), self._guard(self._on_request, "request"),
+        self.bus.subscribe(t.req_shared(BROKERS_GROUP), self._guard(self._on_request, "request"),
                            qos=1)
         self.bus.start(timeout=timeout)
         self._ticker = threading.Thread(target=self._tick_loop, name="skyhop-ticker", daemon=True)
@@ -148,7 +147,7 @@ class Broker:
         brokers. One this broker was sent before that, and takes after the last answer,
         is refused UNAVAILABLE at once (``_on_request``).
         """
-        self.bus.unsubscribe(self.topics.req_shared(SHARE_GROUP))
+        self.bus.unsubscribe(self.topics.req_shared(BROKERS_GROUP))
         with self._lock:
             pending = len(self.tracker)
         if pending:

@@ -555,7 +555,7 @@ def demo(
     tls: Annotated[
         bool,
         typer.Option(
-            help="Mutual TLS 1.3 with a fresh fleet CA and per-identity ACLs (when the demo "
+            help="Mutual TLS 1.3 with a fresh fleet CA and per-identity rights (when the demo "
             "starts its own Mosquitto)."
         ),
     ] = True,

@@ -1,5 +1,6 @@
-"""``skyhop certs``, ``skyhop acl`` and ``skyhop mosquitto-config``: the fleet's PKI, its
-Mosquitto ACL and a mutual-TLS Mosquitto config. ``register(app)`` adds them to the CLI.
+"""``skyhop certs``, ``skyhop acl`` and ``skyhop mosquitto-config``: the fleet's PKI, the
+rights Mosquitto grants each identity, and a mutual-TLS Mosquitto config.
+``register(app)`` adds them to the CLI.
 
 Errors are ConfigError with one line that says what to do; skyhop.cli.main prints them.
 """
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from skyhop.errors import ConfigError
 from skyhop.home import Home, default_home
 from skyhop.pki import CA_DAYS, CRL_DAYS, LEAF_DAYS, ROLES, Pki
 
@@ -21,7 +23,9 @@ certs_app = typer.Typer(
     no_args_is_help=True,
 )
 acl_app = typer.Typer(
-    help="The Mosquitto ACL rendered from the certificates' roles.", no_args_is_help=True
+    help="What Mosquitto lets each identity publish, read and subscribe to, from its "
+    "certificate's role.",
+    no_args_is_help=True,
 )
 
 # Same option as skyhop.cli's HomeOpt (not imported: skyhop.cli imports this module).
@@ -42,7 +46,8 @@ AgentRepliesOpt = Annotated[
         "see docs/security.md).",
     ),
 ]
-_APPLY = "apply it: `skyhop mosquitto-config --home {home} ...` again, then send Mosquitto SIGHUP"
+_APPLY = ("apply it: `skyhop mosquitto-config --home {home} ...` again, send Mosquitto "
+          "SIGHUP, and run `skyhop acl apply --home {home} --mqtt mqtts://...`")
 
 
 def register(app: typer.Typer) -> None:
@@ -115,7 +120,7 @@ def certs_issue(
     if role == "server":
         _err(f"use it with `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
     else:
-        _err(f"the ACL grants {name} nothing until you {_APPLY.format(home=pki.home)}")
+        _err(f"Mosquitto grants {name} nothing until you {_APPLY.format(home=pki.home)}")
 
 
 @certs_app.command("revoke")
@@ -183,7 +188,10 @@ def acl_render(
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
     agents_reply_to_clients: AgentRepliesOpt = False,
 ) -> None:
-    """Print the Mosquitto ACL for every name with an active certificate."""
+    """Print the rights of every active certificate, as the plugin's JSON file.
+
+    The file of Mosquitto's dynamic-security plugin; `skyhop mosquitto-config` writes it
+    too, for Mosquitto to start with."""
     from skyhop.acl import render
     from skyhop.topics import Topics
 
@@ -200,7 +208,46 @@ def acl_render(
         typer.echo(text, nl=False)
     else:
         out.write_text(text)
-        _err(f"ACL written to {out}")
+        _err(f"rights written to {out}")
+
+
+@acl_app.command("apply")
+def acl_apply(
+    mqtt: Annotated[
+        str | None, typer.Option(help="The Mosquitto to change (mqtts://HOST:PORT). "
+                                 "Default: the home's config.toml.")
+    ] = None,
+    home: HomeOpt = None,
+    prefix: PrefixOpt = None,
+    identity: Annotated[
+        str, typer.Option("--identity", help="Operator certificate (CN) to connect as.")
+    ] = "operator",
+    agents_reply_to_clients: AgentRepliesOpt = False,
+) -> None:
+    """Give a running Mosquitto the rights of the certificates now active.
+
+    New names get theirs; revoked and expired ones lose theirs and are disconnected.
+    Connects as an operator and sends only what differs; the rights are in force when
+    it returns. Run it after `certs issue` or `certs revoke`, `mosquitto-config` and
+    SIGHUP."""
+    from skyhop.acl import desired
+    from skyhop.dynsec import apply
+    from skyhop.mqtt import Bus
+    from skyhop.topics import Topics
+
+    h = _home(home)
+    url = mqtt or h.config().mqtt
+    tls = h.tls(url, identity)
+    if tls is None:
+        raise ConfigError(f"{url} is plain MQTT, which has no rights to apply: use mqtts://")
+    pki = Pki(h.path)
+    rights = desired(pki.entries(), Topics(_prefix(h, prefix)), now=dt.datetime.now(dt.UTC),
+                     agents_reply_to_clients=agents_reply_to_clients)
+    with Bus(url, identity, tls=tls) as bus:
+        commands = apply(bus, rights)
+    changed = sorted({str(c.get("username") or c.get("rolename")) for c in commands})
+    _err(f"{url}: {len(rights)} identities, {len(commands)} changes"
+         + (f" ({', '.join(changed)})" if changed else ""))
 
 
 # -- mosquitto ------------------------------------------------------------------------
@@ -215,7 +262,7 @@ def mosquitto_config(
     files_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Where Mosquitto reads its certificate, key, CRL and ACL. Default: "
+            help="Where Mosquitto reads its certificate, key, CRL and rights. Default: "
             "HOME/mosquitto (it must be reachable by the user Mosquitto drops to)."
         ),
     ] = None,
@@ -244,11 +291,12 @@ def mosquitto_config(
     prefix: PrefixOpt = None,
     agents_reply_to_clients: AgentRepliesOpt = False,
 ) -> None:
-    """Print a complete Mosquitto config for the fleet: mutual TLS 1.3, CRL, ACL.
+    """Print a complete Mosquitto config for the fleet: mutual TLS 1.3, CRL, per-identity
+    rights (the dynamic-security plugin).
 
-    Also writes the files it names (server certificate and key, CA, CRL, ACL) to
-    --files-dir. Run `mosquitto -c` on the result; rerun this after every certs issue or
-    revoke and send Mosquitto SIGHUP.
+    Also writes the files it names (server certificate and key, CA, CRL, rights) to
+    --files-dir. Run `mosquitto -c` on the result; after every certs issue or revoke,
+    rerun this, send Mosquitto SIGHUP, and run `skyhop acl apply`.
     """
     from skyhop.broker_config import prepare, render
 
@@ -270,4 +318,4 @@ def mosquitto_config(
     else:
         out.write_text(text)
         _err(f"Mosquitto config written to {out}; run: mosquitto -c {out}")
-    _err(f"server certificate {files.server}, CRL and ACL in {files.dir}")
+    _err(f"server certificate {files.server}, CRL and rights in {files.dir}")

@@ -32,7 +32,7 @@ class LocalStack:
                  server: TlsMosquitto | None = None) -> None:
         self.home = home
         self.mqtt_url = mqtt_url
-        self.server = server  # told to reload its ACL when an identity is issued here
+        self.server = server  # told to apply the rights when an identity is issued here
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -58,8 +58,7 @@ class LocalStack:
         if not pki.cert_path(name).exists():
             pki.issue(name, role)
             if self.server is not None:
-                self.server.refresh()
-                time.sleep(0.3)  # SIGHUP is asynchronous; a birth sent before it is denied
+                self.server.refresh()  # its rights are in force when this returns
 
     def broker(self, *extra: str, mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
         self.credentials("broker", "broker")

@@ -191,7 +191,7 @@ class MosquittoProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def reload(self) -> None:
-        """SIGHUP: Mosquitto re-reads its CRL and ACL (and only on this signal)."""
+        """SIGHUP: Mosquitto re-reads its CRL (and only on this signal)."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
 
@@ -237,7 +237,7 @@ class MosquittoProcess:
 
 
 class TlsMosquitto:
-    """A private Mosquitto with the fleet's mutual-TLS config, ACL and CRL.
+    """A private Mosquitto with the fleet's mutual-TLS config, rights and CRL.
 
         with TlsMosquitto.start(home) as server:    # server.url is mqtts://127.0.0.1:PORT
             ...
@@ -245,10 +245,14 @@ class TlsMosquitto:
 
     Its files live in a fresh directory under /tmp that the ``mosquitto`` user can
     enter: started as root, Mosquitto drops to that user before reading them.
+    ``refresh`` changes the rights as an operator: the home's first, else ``mqtt-admin``,
+    issued for it.
     """
 
-    def __init__(self, home: Path, prefix: str, files: Path, process: MosquittoProcess) -> None:
+    def __init__(self, home: Path, prefix: str, files: Path, process: MosquittoProcess,
+                 admin: str) -> None:
         self.home, self.prefix, self.files, self.process = home, prefix, files, process
+        self.admin = admin
 
     @classmethod
     def start(cls, home: Path | str, *, prefix: str = "skyhop/v1/",
@@ -256,6 +260,7 @@ class TlsMosquitto:
         from skyhop.broker_config import prepare, render
 
         home = Path(home)
+        admin = _operator(home)  # before prepare: its rights are in the file Mosquitto reads
         files = Path(tempfile.mkdtemp(prefix="skyhop-mqtt-files-"))
         files.chmod(0o755)  # prepare() puts a root:mosquitto 0750 directory inside
         prepared = prepare(home, files_dir=files / "tls", prefix=prefix)
@@ -265,18 +270,31 @@ class TlsMosquitto:
         conf = wd / "skyhop-tls.conf"
         conf.write_text(render(prepared.dir, port, bind="127.0.0.1"))
         process = MosquittoProcess.start(conf, port=port, workdir=wd)
-        return cls(home, prefix, files, process)
+        return cls(home, prefix, files, process, admin)
 
     @property
     def url(self) -> str:
         return f"mqtts://127.0.0.1:{self.process.port}"
 
     def refresh(self) -> None:
-        """Re-render the ACL and CRL from the home's PKI and make Mosquitto reload them."""
+        """Bring the CRL and the rights to the home's PKI: SIGHUP for the CRL (new
+        connections see it soon after), ``skyhop acl apply`` for the rights (in force when
+        this returns)."""
+        import datetime as dt
+
+        from skyhop.acl import desired
         from skyhop.broker_config import prepare
+        from skyhop.dynsec import apply
+        from skyhop.mqtt import Bus, TlsFiles
+        from skyhop.pki import Pki
+        from skyhop.topics import Topics
 
         prepare(self.home, files_dir=self.files / "tls", prefix=self.prefix)
         self.process.reload()
+        pki = Pki(self.home)
+        rights = desired(pki.entries(), Topics(self.prefix), now=dt.datetime.now(dt.UTC))
+        with Bus(self.url, self.admin, tls=TlsFiles(*pki.credentials(self.admin))) as bus:
+            apply(bus, rights)
 
     def stop(self) -> None:
         self.process.stop()
@@ -287,3 +305,15 @@ class TlsMosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _operator(home: Path) -> str:
+    """An operator identity of ``home`` to manage Mosquitto's rights with."""
+    from skyhop.pki import Pki
+
+    pki = Pki(home)
+    names = [e.name for e in pki.active() if e.role == "operator"]
+    if names:
+        return names[0]
+    pki.issue("mqtt-admin", "operator")
+    return "mqtt-admin"

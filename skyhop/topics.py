@@ -18,6 +18,8 @@ from skyhop.errors import ConfigError
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DEFAULT_PREFIX = "skyhop/v1/"
+# Broker replicas share the requests through this group; only brokers may join it.
+BROKERS_GROUP = "skyhop-brokers"
 
 
 def check_name(kind: str, name: str) -> str:

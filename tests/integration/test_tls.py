@@ -38,13 +38,22 @@ import pytest
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from skyhop.broker_config import DEPLOY_TEMPLATE, TEMPLATE_HEADER, prepare, render, template
+from skyhop.acl import desired, grants
+from skyhop.broker_config import (
+    DEBIAN_PLUGIN,
+    DEPLOY_TEMPLATE,
+    TEMPLATE_HEADER,
+    prepare,
+    render,
+    template,
+)
 from skyhop.cli import main
+from skyhop.dynsec import apply
 from skyhop.errors import ConfigError, TransportError
 from skyhop.mosquitto import MosquittoProcess, find_mosquitto, free_port
 from skyhop.mqtt import Bus, Message, TlsFiles, Will
 from skyhop.pki import Pki, key_pem, make_ca, make_leaf, pem
-from skyhop.topics import Topics
+from skyhop.topics import BROKERS_GROUP, Topics
 
 pytestmark = pytest.mark.integration
 T = Topics()  # the ACL is rendered for the default prefix
@@ -196,14 +205,19 @@ class Inbox:
 
 
 def watch(bus: Bus, *filters: str) -> Inbox:
-    """Subscribe ``bus`` to ``filters`` (default: everything); Mosquitto 2.0 grants
-    every subscription and filters each delivery through the ACL (a stricter server
-    that refuses the SUBSCRIBE outright is just as good)."""
+    """Subscribe ``bus`` to ``filters``, skipping those the server refuses (default:
+    everything its identity may read, as skyhop.acl grants it)."""
     inbox = Inbox()
-    for f in filters or ("#",):
+    for f in filters or _readable(bus.client_id):
         with contextlib.suppress(ConfigError):
             bus.subscribe(f, inbox.put)
     return inbox
+
+
+def _readable(name: str) -> list[str]:
+    return [f"$share/{BROKERS_GROUP}/{topic}" if access == "share" else topic
+            for access, topic in grants(name, IDENTITIES[name], T) if "read" in access
+            or access == "share"]
 
 
 def publish_once(
@@ -265,14 +279,15 @@ def test_deploy_template_matches_the_renderer() -> None:
 
 
 def test_config_states_every_security_setting() -> None:
-    lines = set(render("/srv/f", 8883, bind="10.0.0.1").splitlines())
+    lines = set(render("/srv/f", 8883, bind="10.0.0.1", plugin=DEBIAN_PLUGIN).splitlines())
     assert {
         "listener 8883 10.0.0.1",
         "cafile /srv/f/ca.crt",
         "certfile /srv/f/server.crt",
         "keyfile /srv/f/server.key",
         "crlfile /srv/f/crl.pem",
-        "acl_file /srv/f/acl",
+        "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+        "plugin_opt_config_file /srv/f/dynsec/dynsec.json",
         "tls_version tlsv1.3",
         "require_certificate true",
         "use_identity_as_username true",
@@ -303,7 +318,12 @@ def test_mosquitto_dropped_root_and_reads_its_files(fleet: Fleet) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, mosquitto.pw_gid, 0o750)
     for f in fleet.files.iterdir():
         st = f.stat()
+        if f.name == "dynsec":  # the plugin rewrites its rights file: Mosquitto owns it
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (mosquitto.pw_uid, 0o700)
+            continue
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, mosquitto.pw_gid, 0o640)
+    rights = fleet.files / "dynsec" / "dynsec.json"
+    assert (rights.stat().st_uid, stat.S_IMODE(rights.stat().st_mode)) == (mosquitto.pw_uid, 0o600)
 
 
 def test_not_root_keeps_the_files_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,7 +333,7 @@ def test_not_root_keeps_the_files_private(tmp_path: Path, monkeypatch: pytest.Mo
     files = prepare(tmp_path / "home")
     assert files.dir == tmp_path / "home" / "mosquitto" and files.server == "mqtt-server"
     assert stat.S_IMODE(files.dir.stat().st_mode) == 0o700
-    for f in (files.ca, files.cert, files.key, files.crl, files.acl):
+    for f in (files.ca, files.cert, files.key, files.crl, files.rights):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.stat().st_uid == os.getuid()
 
 
@@ -487,6 +507,7 @@ def test_an_agent_never_sees_another_agents_work(connect: Callable[..., Bus]) ->
         T.work("edge-2"),
         f"$share/snoop/{T.work('edge-2')}",
         P + "nodes/edge-2/req/#",
+        T.work("edge-1"),  # its own: where the sentinel comes (the rest is refused)
     )
     owner = watch(connect("edge-2"), T.work("edge-2"))
     broker = connect("broker-3")
@@ -502,7 +523,8 @@ def test_an_agent_never_sees_another_agents_work(connect: Callable[..., Bus]) ->
 
 def test_a_client_never_sees_another_clients_replies(connect: Callable[..., Bus]) -> None:
     snoop = watch(
-        connect("client-1"), "#", P + "reply/+", f"$share/snoop/{P}reply/+", T.reply("client-2")
+        connect("client-1"), "#", P + "reply/+", f"$share/snoop/{P}reply/+", T.reply("client-2"),
+        T.reply("client-1"),  # its own: where the sentinel comes (the rest is refused)
     )
     owner = watch(connect("client-2"), T.reply("client-2"))
     broker = connect("broker-3")
@@ -599,21 +621,17 @@ def test_another_certificate_cannot_take_over_a_nodes_client_id(
     assert publish_once(fleet, "edge-x", T.status("edge-1"), b"me") == NOT_AUTHORIZED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Mosquitto 2.0's acl_file cannot refuse a SUBSCRIBE (security_default.c: subscription "
-        "ACLs are a FIXME). A member of a shared group that may not read a message still gets "
-        "its turn, and Mosquitto then drops the message: any identity that joins "
-        "$share/skyhop-brokers/ swallows its share of requests (a denial of service; it "
-        "reads nothing). docs/security.md, 'Known gaps'."
-    ),
-)
 def test_only_brokers_can_join_the_brokers_shared_subscription(connect: Callable[..., Bus]) -> None:
+    # With Mosquitto's acl_file this failed: any identity could join the group, and
+    # Mosquitto dropped the requests it dealt it (half of them, here). Now the
+    # subscription is refused, and the brokers get every request.
     brokers = Inbox()
     connect("broker-2").subscribe(T.req_shared("skyhop-brokers"), brokers.put)
-    watch(connect("client-1"), T.req_shared("skyhop-brokers"))  # a client joins the group
+    intruder = connect("client-1")
+    with pytest.raises(ConfigError, match="refused the subscription"):
+        intruder.subscribe(T.req_shared("skyhop-brokers"), lambda m: None)
+    with pytest.raises(ConfigError, match="refused the subscription"):
+        connect("edge-1").subscribe(T.req_shared("other-group"), lambda m: None)
     client = connect("client-3")
     for i in range(20):
         client.publish(T.req("digits"), f"r{i}".encode())
@@ -624,10 +642,18 @@ def test_only_brokers_can_join_the_brokers_shared_subscription(connect: Callable
     assert len(got) == 20, f"the brokers got {len(got)} of 20 requests"
 
 
-# -- issuing and revoking take effect on SIGHUP ----------------------------------------------
+def test_subscriptions_beyond_ones_rights_are_refused(connect: Callable[..., Bus]) -> None:
+    for name, filt in [("edge-1", P + "#"), ("edge-1", T.work("edge-2")),
+                       ("client-1", T.reply("client-2")), ("op", T.req_shared("skyhop-brokers")),
+                       ("broker-1", P + "req/+")]:  # a broker only through the group
+        with pytest.raises(ConfigError, match="refused the subscription"):
+            connect(name).subscribe(filt, lambda m: None)
 
 
-def test_issue_and_revoke_apply_on_sighup(fleet: Fleet, connect: Callable[..., Bus]) -> None:
+# -- issuing and revoking take effect with `skyhop acl apply` -----------------------------
+
+
+def test_issue_and_revoke_apply_at_once(fleet: Fleet, connect: Callable[..., Bus]) -> None:
     """Runs last: it revokes edge-late and adds edge-new to the module's Mosquitto."""
     watcher = watch(connect("broker-2"), T.load_all)
     late = connect("edge-late")
@@ -635,26 +661,18 @@ def test_issue_and_revoke_apply_on_sighup(fleet: Fleet, connect: Callable[..., B
     # would take over late's client id (use_username_as_clientid) if it won the race.
     fleet.pki.issue("edge-probe", "edge")
     fleet.pki.issue("edge-new", "edge")
-    # A new certificate connects (the CA signed it) but has no rights before the reload.
+    # A new certificate connects (the CA signed it) but has no rights before the apply.
     assert publish_once(fleet, "edge-new", T.load("edge-new"), b"x") == NOT_AUTHORIZED
     fleet.pki.revoke("edge-late")
     fleet.pki.revoke("edge-probe")
-    _cli(
-        "mosquitto-config",
-        "--home",
-        fleet.home,
-        "--port",
-        fleet.port,
-        "--bind",
-        "127.0.0.1",
-        "--files-dir",
-        fleet.files,
-        "--out",
-        fleet.home / "m.conf",
-    )
+    _cli("mosquitto-config", "--home", fleet.home, "--port", fleet.port, "--bind", "127.0.0.1",
+         "--files-dir", fleet.files, "--out", fleet.home / "m.conf")
     fleet.reload()
+    _cli("acl", "apply", "--home", fleet.home, "--mqtt", fleet.url, "--identity", "op")
+    # The rights are in force once `acl apply` returns; the CRL soon after SIGHUP.
+    assert publish_once(fleet, "edge-new", T.load("edge-new"), b"x") == 0
     deadline = time.monotonic() + 5
-    while True:  # the reload is asynchronous: wait until the new CRL refuses edge-late
+    while True:  # the reload is asynchronous: wait until the new CRL refuses edge-probe
         try:
             Bus(fleet.url, "edge-probe", tls=fleet.tls("edge-probe")).start(timeout=2).stop()
         except ConfigError as exc:
@@ -664,13 +682,18 @@ def test_issue_and_revoke_apply_on_sighup(fleet: Fleet, connect: Callable[..., B
             pass
         assert time.monotonic() < deadline, "SIGHUP did not reload the CRL"
         time.sleep(0.05)
-    assert publish_once(fleet, "edge-new", T.load("edge-new"), b"x") == 0
-    # The revoked node's open connection survives, with no rights left.
-    assert late.connected
-    late.publish(T.load("edge-late"), b"after revocation")
+    # The revoked node's open connection is closed, and nothing it sends gets through.
+    while late.connected:
+        assert time.monotonic() < deadline + 5, "the revoked node is still connected"
+        time.sleep(0.05)
+    with contextlib.suppress(TransportError):
+        late.publish(T.load("edge-late"), b"after revocation")
     sentinel = uuid.uuid4().bytes
     connect("edge-2").publish(T.load("edge-2"), sentinel)
     assert b"after revocation" not in [m.payload for m in watcher.until(sentinel)]
+    # A second apply has nothing left to do.
+    with Bus(fleet.url, "op", tls=fleet.tls("op")) as op:
+        assert apply(op, desired(fleet.pki.entries(), T, now=dt.datetime.now(dt.UTC))) == []
 
 
 def test_a_refused_publish_is_counted_by_the_bus(connect: Callable[..., Bus]) -> None:

@@ -1,16 +1,17 @@
-"""The rendered Mosquitto ACL, judged by what it allows: a small evaluator with
-Mosquitto's rules (per-user blocks; a topic is allowed if a line of the user's block
-matches it with that access; everything else is denied) checks the role matrix of
-docs/security.md. tests/integration/test_tls.py checks the real Mosquitto agrees."""
+"""The rendered rights, judged by what they allow: a small evaluator with the
+dynamic-security plugin's rules (each user's own role; a topic is allowed if an entry of
+the role matches it with that access; everything else is denied) checks the role matrix
+of docs/security.md. tests/integration/test_tls.py checks the real Mosquitto agrees."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from skyhop.acl import GRANTS, render
+from skyhop.acl import DEFAULT_ACCESS, GRANTS, ROLE_PREFIX, render
 from skyhop.errors import ConfigError
 from skyhop.pki import ROLES, Issued
 from skyhop.topics import Topics
@@ -39,26 +40,33 @@ FLEET = [
 ]
 
 
-def parse(text: str) -> dict[str, list[tuple[str, str]]]:
-    users: dict[str, list[tuple[str, str]]] = {}
-    current: list[tuple[str, str]] | None = None
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        word, _, rest = line.partition(" ")
-        if word == "user":
-            assert rest not in users, f"two blocks for {rest}"
-            current = users[rest] = []
-        else:
-            assert word == "topic" and current is not None, f"unexpected line {line!r}"
-            access, _, topic = rest.partition(" ")
-            assert access in ("read", "write", "readwrite") and topic
-            current.append((access, topic))
+ACCESS = {"read": "publishClientReceive", "write": "publishClientSend",
+          "subscribe": "subscribePattern"}
+Acl = dict[str, list[tuple[str, str]]]  # user -> (acltype, topic filter)
+
+
+def parse(text: str) -> Acl:
+    config = json.loads(text)
+    assert config["defaultACLAccess"] == DEFAULT_ACCESS
+    roles = {r["rolename"]: r["acls"] for r in config["roles"]}
+    users: Acl = {}
+    for client in config["clients"]:
+        name = client["username"]
+        assert name not in users, f"two clients {name}"
+        assert client["roles"] == [{"rolename": ROLE_PREFIX + name}]  # its own role only
+        acls = roles.pop(ROLE_PREFIX + name)
+        assert all(a["allow"] is True for a in acls)
+        users[name] = [(a["acltype"], a["topic"]) for a in acls]
+    assert roles == {}, "a role no client has"
     return users
 
 
-def allowed(acl: dict[str, list[tuple[str, str]]], user: str, access: str, topic: str) -> bool:
-    return any(access in a and topic_matches_sub(f, topic) for a, f in acl.get(user, []))
+def allowed(acl: Acl, user: str, access: str, topic: str) -> bool:
+    """May ``user`` publish (write) or be sent (read) ``topic``, or subscribe to it?"""
+    kind = ACCESS[access]
+    if access == "subscribe":  # what components subscribe to is granted as is
+        return (kind, topic) in acl.get(user, [])
+    return any(t == kind and topic_matches_sub(f, topic) for t, f in acl.get(user, []))
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +176,24 @@ def test_nothing_outside_the_prefix_or_in_sys(acl, user: str) -> None:  # type: 
         assert not allowed(acl, user, access, "other/v1/nodes/edge-1/work")
 
 
+def test_only_brokers_may_join_the_brokers_group(acl) -> None:  # type: ignore[no-untyped-def]
+    share = f"$share/skyhop-brokers/{P}req/+"
+    assert allowed(acl, "b1", "subscribe", share)
+    assert not allowed(acl, "b1", "subscribe", P + "req/+")  # every request, unshared
+    for user in ("edge-1", "c1", "op"):
+        assert not allowed(acl, user, "subscribe", share)
+    assert allowed(acl, "edge-1", "subscribe", P + "nodes/edge-1/work")
+    assert not allowed(acl, "edge-1", "subscribe", P + "nodes/edge-2/work")
+
+
+def test_only_operators_may_change_the_rights(acl) -> None:  # type: ignore[no-untyped-def]
+    control = "$CONTROL/dynamic-security/v1"
+    assert allowed(acl, "op", "write", control)
+    assert allowed(acl, "op", "read", control + "/response")
+    for user in ("edge-1", "b1", "c1"):
+        assert not allowed(acl, user, "write", control)
+
+
 def test_revoked_expired_and_server_names_get_no_block(acl) -> None:  # type: ignore[no-untyped-def]
     assert set(acl) == {"edge-1", "edge-2", "cloud-1", "b1", "b2", "c1", "c2", "op"}
 
@@ -175,9 +201,8 @@ def test_revoked_expired_and_server_names_get_no_block(acl) -> None:  # type: ig
 def test_a_renewed_name_appears_once_and_output_is_stable() -> None:
     fleet = [*FLEET, issued("edge-1", "edge")]
     text = render(fleet, Topics(P), now=NOW)
-    assert text.count("user edge-1\n") == 1
     assert text == render(list(reversed(fleet)), Topics(P), now=NOW)
-    users = [line.split()[1] for line in text.splitlines() if line.startswith("user ")]
+    users = [c["username"] for c in json.loads(text)["clients"]]
     assert users == ["edge-1", "edge-2", "cloud-1", "b1", "b2", "c1", "c2", "op"]
 
 

@@ -291,8 +291,8 @@ def test_cli_init_issue_revoke_list(tmp_path: Path, capsys) -> None:  # type: ig
     assert "edge" in rows["cam-1"] and "no" not in rows["cam-1"].split("│")[5]
     assert rows["srv"].split("│")[5].strip() == "no"
     main(["acl", "render", "--home", home, "--prefix", "p/"])
-    users = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("user ")]
-    assert users == []  # cam-1 is revoked; server certificates get no block
+    rights = json.loads(capsys.readouterr().out)
+    assert rights["clients"] == []  # cam-1 is revoked; server certificates log in as nobody
     with pytest.raises(SystemExit):
         main(["certs", "issue", "x", "--role", "root", "--home", home])
     assert "unknown role 'root'" in capsys.readouterr().err

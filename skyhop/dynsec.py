@@ -1,0 +1,125 @@
+"""Bring a running Mosquitto's rights to the PKI registry's: ``skyhop acl apply``.
+
+    with Bus(url, "operator", tls=tls) as bus:
+        commands = apply(bus, desired(pki.entries(), topics, now=now))
+
+Mosquitto's dynamic-security plugin reads its file only when Mosquitto starts; a running
+one is changed by commands published to ``$CONTROL/dynamic-security/v1`` by a client its
+rights allow (operators: skyhop.acl). ``plan`` (pure) turns what the plugin holds and
+what the registry wants into those commands. It touches only what skyhop made: clients
+with a ``skyhop:NAME`` role, and those roles. Deleting a client closes its connections,
+so a revoked identity loses an open session as well as its rights.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from skyhop.acl import ROLE_PREFIX
+from skyhop.errors import ConfigError
+from skyhop.mqtt import Bus, Message
+
+TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE = TOPIC + "/response"
+
+Entry = tuple[str, str, bool]  # (acltype, topic, allow)
+Rights = Mapping[str, Sequence[Mapping[str, object]]]  # name -> ACL entries (skyhop.acl)
+
+
+@dataclass(frozen=True)
+class Live:
+    """What the plugin holds: each client's roles, each role's ACL entries."""
+
+    clients: dict[str, frozenset[str]] = field(default_factory=dict)
+    roles: dict[str, frozenset[Entry]] = field(default_factory=dict)
+
+
+def plan(live: Live, want: Rights) -> list[dict[str, object]]:
+    """The commands that turn ``live`` into ``want``, in an order the plugin accepts."""
+    commands: list[dict[str, object]] = []
+    for name, acls in want.items():
+        role = ROLE_PREFIX + name
+        wanted = {_entry(a) for a in acls}
+        have = live.roles.get(role)
+        if have is None:
+            commands.append({"command": "createRole", "rolename": role, "acls": list(acls)})
+        else:
+            # Entry by entry, so that the identity never goes without the rights it keeps.
+            commands += [{"command": "addRoleACL", "rolename": role, "acltype": t,
+                          "topic": topic, "allow": allow}
+                         for t, topic, allow in sorted(wanted - have)]
+            commands += [{"command": "removeRoleACL", "rolename": role, "acltype": t,
+                          "topic": topic} for t, topic, _ in sorted(have - wanted)]
+        if name not in live.clients:
+            commands.append({"command": "createClient", "username": name,
+                             "roles": [{"rolename": role}]})
+        elif role not in live.clients[name]:
+            commands.append({"command": "addClientRole", "username": name, "rolename": role})
+    ours = sorted(r.removeprefix(ROLE_PREFIX) for r in live.roles if r.startswith(ROLE_PREFIX))
+    for name in (n for n in ours if n not in want):
+        if ROLE_PREFIX + name in live.clients.get(name, ()):
+            commands.append({"command": "deleteClient", "username": name})  # disconnects it
+        commands.append({"command": "deleteRole", "rolename": ROLE_PREFIX + name})
+    return commands
+
+
+def live_state(clients: Sequence[Mapping[str, object]],
+               roles: Sequence[Mapping[str, object]]) -> Live:
+    """``Live`` from the ``data`` of verbose listClients and listRoles answers."""
+    return Live(
+        clients={str(c["username"]): frozenset(str(r["rolename"]) for r in c.get("roles", []))
+                 for c in clients},
+        roles={str(r["rolename"]): frozenset(_entry(a) for a in r.get("acls", []))
+               for r in roles},
+    )
+
+
+def apply(bus: Bus, want: Rights, timeout: float = 10.0) -> list[dict[str, object]]:
+    """Make the plugin behind ``bus`` (connected as an operator) hold ``want``; return
+    the commands sent. Raises ConfigError if the plugin refuses one or does not answer."""
+    answers: queue.Queue[bytes] = queue.Queue()
+
+    def on_answer(msg: Message) -> None:
+        answers.put(msg.payload)
+
+    try:
+        bus.subscribe(RESPONSE, on_answer, qos=1, timeout=timeout)
+    except ConfigError:
+        raise ConfigError(
+            f"{bus.client_id} may not manage Mosquitto's rights: connect with an "
+            "operator certificate (--identity)"
+        ) from None
+    listed = _call(bus, answers, [
+        {"command": "listClients", "verbose": True, "count": -1},
+        {"command": "listRoles", "verbose": True, "count": -1},
+    ], timeout)
+    live = live_state(listed[0].get("clients", []), listed[1].get("roles", []))
+    commands = plan(live, want)
+    if commands:
+        _call(bus, answers, commands, timeout)
+    return commands
+
+
+def _call(bus: Bus, answers: queue.Queue[bytes], commands: list[dict[str, object]],
+          timeout: float) -> list[dict[str, object]]:
+    """Send ``commands`` as one message; the ``data`` of each answer, in order."""
+    bus.publish(TOPIC, json.dumps({"commands": commands}).encode(), qos=1)
+    try:
+        reply = json.loads(answers.get(timeout=timeout))
+    except queue.Empty:
+        raise ConfigError(
+            f"Mosquitto at {bus.url} did not answer on {RESPONSE} within {timeout:g} s: is "
+            "it running with the dynamic-security plugin (`skyhop mosquitto-config`)?"
+        ) from None
+    responses = reply.get("responses", [])
+    failed = [f"{r.get('command')}: {r['error']}" for r in responses if r.get("error")]
+    if failed or len(responses) != len(commands):
+        raise ConfigError(f"Mosquitto refused the ACL change: {'; '.join(failed) or reply}")
+    return [r.get("data", {}) for r in responses]
+
+
+def _entry(acl: Mapping[str, object]) -> Entry:
+    return str(acl["acltype"]), str(acl["topic"]), bool(acl.get("allow", False))

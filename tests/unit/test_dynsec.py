@@ -1,0 +1,70 @@
+"""``skyhop.dynsec.plan``: the commands that bring the plugin to the registry's rights.
+tests/integration/test_tls.py runs them against a real Mosquitto."""
+
+from __future__ import annotations
+
+from skyhop.dynsec import Live, live_state, plan
+
+
+def acl(acltype: str, topic: str) -> dict[str, object]:
+    return {"acltype": acltype, "topic": topic, "allow": True}
+
+
+LOAD = acl("publishClientSend", "p/nodes/e1/load")
+WORK = acl("publishClientReceive", "p/nodes/e1/work")
+SUB = acl("subscribePattern", "p/nodes/e1/work")
+WANT = {"e1": [LOAD, WORK, SUB]}
+
+
+def live(clients: dict[str, list[str]], roles: dict[str, list[dict[str, object]]]) -> Live:
+    return live_state(
+        [{"username": u, "roles": [{"rolename": r} for r in rs]} for u, rs in clients.items()],
+        [{"rolename": r, "acls": [{**a, "priority": -1} for a in acls]}
+         for r, acls in roles.items()],
+    )
+
+
+def test_a_new_name_gets_its_role_then_its_client() -> None:
+    assert plan(Live(), WANT) == [
+        {"command": "createRole", "rolename": "skyhop:e1", "acls": [LOAD, WORK, SUB]},
+        {"command": "createClient", "username": "e1", "roles": [{"rolename": "skyhop:e1"}]},
+    ]
+
+
+def test_nothing_to_do_when_the_plugin_already_holds_the_rights() -> None:
+    assert plan(live({"e1": ["skyhop:e1"]}, {"skyhop:e1": [SUB, LOAD, WORK]}), WANT) == []
+
+
+def test_changed_rights_are_changed_entry_by_entry_added_first() -> None:
+    old = acl("publishClientSend", "p/nodes/e1/old")
+    got = plan(live({"e1": ["skyhop:e1"]}, {"skyhop:e1": [LOAD, WORK, old]}), WANT)
+    assert got == [
+        {"command": "addRoleACL", "rolename": "skyhop:e1", "acltype": "subscribePattern",
+         "topic": "p/nodes/e1/work", "allow": True},
+        {"command": "removeRoleACL", "rolename": "skyhop:e1", "acltype": "publishClientSend",
+         "topic": "p/nodes/e1/old"},
+    ]
+
+
+def test_a_revoked_name_is_deleted_and_so_disconnected() -> None:
+    state = live({"e1": ["skyhop:e1"], "gone": ["skyhop:gone"]},
+                 {"skyhop:e1": [LOAD, WORK, SUB], "skyhop:gone": [LOAD]})
+    assert plan(state, WANT) == [
+        {"command": "deleteClient", "username": "gone"},
+        {"command": "deleteRole", "rolename": "skyhop:gone"},
+    ]
+
+
+def test_what_skyhop_did_not_make_is_left_alone() -> None:
+    state = live({"admin": ["admin"], "e1": ["skyhop:e1"]},
+                 {"admin": [acl("publishClientSend", "#")], "skyhop:e1": [LOAD, WORK, SUB]})
+    assert plan(state, WANT) == []
+
+
+def test_half_done_states_are_completed() -> None:
+    # A client made by hand gets its role; a role left without its client is removed.
+    state = live({"e1": ["admin"]}, {"skyhop:e1": [LOAD, WORK, SUB], "skyhop:x": []})
+    assert plan(state, WANT) == [
+        {"command": "addClientRole", "username": "e1", "rolename": "skyhop:e1"},
+        {"command": "deleteRole", "rolename": "skyhop:x"},
+    ]

@@ -56,6 +56,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from skyhop.errors import ConfigError, TransportError
+from skyhop.logthrottle import LogThrottle
 
 log = logging.getLogger("skyhop.mqtt")
 _paho_log = logging.getLogger("skyhop.mqtt.paho")
@@ -68,6 +69,23 @@ def _not_paho_noise(record: logging.LogRecord) -> bool:
 
 
 _paho_log.addFilter(_not_paho_noise)
+
+
+class _PahoLog:
+    """paho's logger for one Bus. Everything goes on to ``skyhop.mqtt.paho`` but, once
+    the bus runs, a socket error that says the server refused a certificate: the bus
+    reports that itself, in words an operator can act on (``Bus._on_disconnect``)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        if level >= logging.ERROR and self._bus._state == "running":
+            text = fmt % args if args else fmt
+            if _is_certificate_problem(text):
+                self._bus._tls_refusal = text
+                return
+        _paho_log.log(level, fmt, *args)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -366,6 +384,7 @@ class Bus:
             "reconnects": 0,
             "dropped": 0,
             "publish_refused": 0,  # PUBACK >= 0x80, e.g. denied by the ACL
+            "certificate_refused": 0,  # reconnects the server refused at the TLS handshake
         }
         self._local = threading.local()  # .in_callback: are we on the network thread?
         self._connack = threading.Event()
@@ -373,6 +392,7 @@ class Bus:
         self._connack_props: Any = None
         self._last_socket_error = ""
         self._tls_refusal = ""
+        self._refusals = LogThrottle()
         self._attempt = 0
 
         c = paho.Client(
@@ -403,7 +423,7 @@ class Bus:
         c.on_publish = self._guard(self._on_publish)
         # Lazy %-formatting through logging; on_log (which formats every packet's debug
         # line) is only installed while start() needs it.
-        c.enable_logger(_paho_log)
+        c.enable_logger(_PahoLog(self))  # type: ignore[arg-type]
         self._client = c
 
     # ---------------------------------------------------------------- public API
@@ -414,7 +434,8 @@ class Bus:
 
     @property
     def counters(self) -> dict[str, int]:
-        """A snapshot: messages_in/out, handler_errors, callback_errors, reconnects, dropped."""
+        """A snapshot: messages_in/out, handler_errors, callback_errors, reconnects, dropped,
+        publish_refused, certificate_refused."""
         with self._counts_lock:
             return dict(self._counts)
 
@@ -826,6 +847,7 @@ class Bus:
             )
             return
         self._attempt = 0
+        self._tls_refusal = ""
         self._count("reconnects")
         server_max = getattr(props, "ReceiveMaximum", None)
         if server_max is not None and server_max < client.max_inflight_messages:
@@ -858,7 +880,9 @@ class Bus:
         if from_server and getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self._taken(client)
             return
-        if self._state == "running" and not self._stopping:
+        if self._state == "running" and not self._stopping and self._tls_refusal:
+            self._certificate_refused()
+        elif self._state == "running" and not self._stopping:
             # Without a DISCONNECT from the server paho invents a reason code (0x80,
             # "Unspecified error") that would only mislead.
             why = (
@@ -868,6 +892,19 @@ class Bus:
             )
             log.warning("%s: %s from %s; reconnecting", self.client_id, why, self.url)
         self._schedule_reconnect()
+
+    def _certificate_refused(self) -> None:
+        # Revoked, expired, or the server's CRL lapsed (then every client is refused, and
+        # a fleet that gave up would need every device restarted): keep retrying, backed
+        # off, and say why once a minute instead of "connection lost" every time.
+        self._count("certificate_refused")
+        held = self._refusals.admit("certificate", time.monotonic() * 1000)
+        if held is not None:
+            log.error("%s: %s refuses our certificate (%s): it was revoked or has expired, "
+                      "or the server's CRL is out of date (skyhop certs crl). Retrying every "
+                      "%g s at most until it is accepted%s", self.client_id, self.url,
+                      self._tls_refusal, RECONNECT_MAX_S, LogThrottle.suffix(held))
+        self._tls_refusal = ""
 
     def _taken(self, client: Any) -> None:
         self.taken_over = True

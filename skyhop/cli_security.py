@@ -231,7 +231,7 @@ def acl_apply(
     it returns. Run it after `certs issue` or `certs revoke`, `mosquitto-config` and
     SIGHUP."""
     from skyhop.acl import desired
-    from skyhop.dynsec import apply
+    from skyhop.dynsec import apply, summary
     from skyhop.mqtt import Bus
     from skyhop.topics import Topics
 
@@ -245,9 +245,7 @@ def acl_apply(
                      agents_reply_to_clients=agents_reply_to_clients)
     with Bus(url, identity, tls=tls) as bus:
         commands = apply(bus, rights)
-    changed = sorted({str(c.get("username") or c.get("rolename")) for c in commands})
-    _err(f"{url}: {len(rights)} identities, {len(commands)} changes"
-         + (f" ({', '.join(changed)})" if changed else ""))
+    _err(f"{url}: {len(rights)} identities with rights; {summary(commands)}")
 
 
 # -- mosquitto ------------------------------------------------------------------------

@@ -66,6 +66,21 @@ def plan(live: Live, want: Rights) -> list[dict[str, object]]:
     return commands
 
 
+def summary(commands: Sequence[Mapping[str, object]]) -> str:
+    """What ``commands`` do, by identity: "added a, b; removed c; changed d"."""
+    verbs = {"createClient": "added", "addClientRole": "added", "deleteClient": "removed",
+             "addRoleACL": "changed", "removeRoleACL": "changed"}
+    names: dict[str, set[str]] = {}
+    for c in commands:
+        verb = verbs.get(str(c["command"]))
+        if verb is not None:
+            name = str(c.get("username") or c["rolename"]).removeprefix(ROLE_PREFIX)
+            names.setdefault(verb, set()).add(name)
+    parts = [f"{verb} {', '.join(sorted(names[verb]))}"
+             for verb in ("added", "removed", "changed") if verb in names]
+    return "; ".join(parts) or "nothing to change"
+
+
 def live_state(clients: Sequence[Mapping[str, object]],
                roles: Sequence[Mapping[str, object]]) -> Live:
     """``Live`` from the ``data`` of verbose listClients and listRoles answers."""

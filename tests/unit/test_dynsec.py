@@ -3,7 +3,7 @@ tests/integration/test_tls.py runs them against a real Mosquitto."""
 
 from __future__ import annotations
 
-from skyhop.dynsec import Live, live_state, plan
+from skyhop.dynsec import Live, live_state, plan, summary
 
 
 def acl(acltype: str, topic: str) -> dict[str, object]:
@@ -68,3 +68,11 @@ def test_half_done_states_are_completed() -> None:
         {"command": "addClientRole", "username": "e1", "rolename": "skyhop:e1"},
         {"command": "deleteRole", "rolename": "skyhop:x"},
     ]
+
+
+def test_the_summary_names_identities_not_commands() -> None:
+    state = live({"gone": ["skyhop:gone"], "e2": ["skyhop:e2"]},
+                 {"skyhop:gone": [LOAD], "skyhop:e2": [LOAD]})
+    want = {**WANT, "e2": [LOAD, WORK]}
+    assert summary(plan(state, want)) == "added e1; removed gone; changed e2"
+    assert summary([]) == "nothing to change"

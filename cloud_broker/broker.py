@@ -75,6 +75,11 @@ class Broker:
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
                         if self.config.client_rate > 0 else None)
+        # One node's flood of telemetry must not starve everyone's requests: a status or
+        # load message beyond its node's rate is dropped before it is decoded.
+        self.node_limiter = (RateLimiter(self.config.node_rate, self.config.node_burst,
+                                         max_clients=100_000)
+                             if self.config.node_rate > 0 else None)
         self.sla: dict[str, SlaConfig] = {}
         self.metrics = Metrics("skyhop_broker")
         self.metrics.gauge("pending_requests", lambda: len(self.tracker))
@@ -114,8 +119,9 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         t = self.topics
-        self.bus.subscribe(t.status_all, self._guard(self._on_status, "status"), qos=1)
-        self.bus.subscribe(t.load_all, self._guard(self._on_load, "load"), qos=0)
+        self.bus.subscribe(t.status_all, self._limit(self._guard(self._on_status, "status")),
+                           qos=1)
+        self.bus.subscribe(t.load_all, self._limit(self._guard(self._on_load, "load")), qos=0)
         self.bus.subscribe(t.sla_all, self._guard(self._on_sla, "sla"), qos=1)
         self.bus.subscribe(t.broker_replies(self.broker_id), self._guard(self._on_reply, "reply"),
                            qos=1)
@@ -182,6 +188,25 @@ class Broker:
                 except Exception:
                     self.metrics.inc("handler_errors_total")
                     log.exception("handler failed on %s", msg.topic)
+
+        return run
+
+    def _limit(self, handler):  # type: ignore[no-untyped-def]
+        """Drop a node's message beyond ``[broker] node_rate`` before any work is done
+        on it (no lock, no decoding): counted in ``node_messages_limited_total``, and
+        logged once a minute. The network thread alone calls it: no lock needed."""
+        if self.node_limiter is None:
+            return handler
+
+        def run(msg: Message) -> None:
+            node = self.topics.node_of(msg.topic) or ""
+            if self.node_limiter.allow(node, _now_ms()):
+                handler(msg)
+                return
+            self.metrics.inc("node_messages_limited_total")
+            self._warn("node_rate", "node %s sends status and load faster than node_rate "
+                       "(%g/s, burst %g): dropped the excess", node, self.config.node_rate,
+                       self.config.node_burst)
 
         return run
 

@@ -116,6 +116,10 @@ class BrokerConfig(_Strict):
     )
     client_rate: float = Field(0.0, ge=0, description="requests/s one client may send (0: any)")
     client_burst: float = Field(100.0, ge=1, description="requests one client may send at once")
+    node_rate: float = Field(
+        20.0, ge=0, description="status and load messages/s one node may send (0: any)"
+    )
+    node_burst: float = Field(40.0, ge=1, description="such messages one node may send at once")
     autoscale: AutoscaleConfig = AutoscaleConfig()
 
 
@@ -160,6 +164,8 @@ reply_grace_ms = 250.0
 drain_s = 20.0             # on SIGTERM: wait this long for the replies to requests taken
 client_rate = 0.0          # requests/s one client may send, beyond client_burst (0: any)
 client_burst = 100.0
+node_rate = 20.0           # status and load messages/s one node may send, beyond node_burst
+node_burst = 40.0          # (0: any); an agent sends 1 / load_interval_s, 2/s by default
 
 # The cloud GPU pool the broker scales (docs/architecture.md, The live cloud pool).
 # Uncomment to change; `skyhop broker --pool local --pool-models digits` overrides.

@@ -22,7 +22,7 @@ from skyhop.envelope import MAGIC, FleetKeyPair, body_size, seal_request
 from skyhop.errors import ErrorCode, RemoteError
 from skyhop.home import Home
 from skyhop.localstack import LocalStack
-from skyhop.messages import RequestHeader
+from skyhop.messages import LoadReport, RequestHeader
 from skyhop.mosquitto import free_port
 from skyhop.mqtt import Bus, Message, MqttUrl
 from skyhop.tensors import encode_body
@@ -317,27 +317,48 @@ def test_bad_input_is_counted_and_the_fleet_still_serves(
     assert result.outputs["label"][0] == SAMPLES["labels"][0]
 
 
+def publish_as(stack: LocalStack, name: str, topic: str, payload: bytes, times: int) -> None:
+    """Publish ``payload`` ``times`` times as identity ``name``, all acknowledged."""
+    bus = Bus(stack.mqtt_url, name, tls=stack.home.tls(stack.mqtt_url, name)).start()
+    try:
+        for _ in range(times):
+            bus.publish(topic, payload)
+        assert bus.flush(10)
+    finally:
+        bus.stop()
+
+
+def wait_metric(stack: LocalStack, name: str, at_least: float) -> float:
+    deadline = time.monotonic() + 5
+    while metric(stack, name) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metric(stack, name)
+
+
 def test_a_bad_message_from_a_peer_is_counted_and_logged_once(stack: LocalStack) -> None:
     """An operator publishes two SLAs that are not SLAs: the broker counts both as bad
     input (not as its own handler errors), logs one line without a traceback, and serves
     on. A hostile or broken peer cannot flood the broker's log."""
-    tls = stack.home.tls(stack.mqtt_url, "operator")
-    operator = Bus(stack.mqtt_url, "operator", tls=tls).start()
     sla = Topics(stack.home.config().prefix).sla("junk")
-    try:
-        for _ in range(2):
-            operator.publish(sla, b"\xc1 not msgpack")
-        assert operator.flush(5)
-    finally:
-        operator.stop()
-    name = 'skyhop_broker_bad_messages_total{kind="sla"}'
-    deadline = time.monotonic() + 5
-    while metric(stack, name) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(stack, name) == 2
+    publish_as(stack, "operator", sla, b"\xc1 not msgpack", 2)
+    assert wait_metric(stack, 'skyhop_broker_bad_messages_total{kind="sla"}', 2) == 2
     assert metric(stack, "skyhop_broker_handler_errors_total") == 0
     log = (stack.log_dir / "broker.log").read_text()
     assert log.count("dropped a bad sla message") == 1 and "Traceback" not in log
+
+
+def test_a_node_that_floods_its_telemetry_is_cut_to_its_rate(stack: LocalStack) -> None:
+    """A node sends 300 load reports at once: beyond its burst (40) the broker drops
+    them before decoding, counts them, and names the node in one log line."""
+    stack.credentials("chatty", "edge")
+    report = LoadReport(node="chatty", session=1, seq=0, queue=0, in_flight=0, capacity=1,
+                        rtt_ms=1.0, gpu_util=0.0, probe="cpu", models={})
+    topic = Topics(stack.home.config().prefix).load("chatty")
+    publish_as(stack, "chatty", topic, report.encode(), 300)
+    limited = wait_metric(stack, "skyhop_broker_node_messages_limited_total", 250)
+    assert 250 <= limited <= 260  # 40 at once, and 20/s while they arrive
+    log = (stack.log_dir / "broker.log").read_text()
+    assert log.count("node chatty sends status and load faster than node_rate") == 1
 
 
 def test_infeasible_budget_is_answered_at_once(client: Client) -> None:

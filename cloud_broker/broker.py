@@ -75,8 +75,9 @@ class Broker:
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
                         if self.config.client_rate > 0 else None)
-        # One node's flood of telemetry must not starve everyone's requests: a status or
-        # load message beyond its node's rate is dropped before it is decoded.
+        # A node's status and load beyond its rate are dropped before they are decoded:
+        # this bounds the broker's work on one chatty or flapping node and names it. It
+        # cannot stop a flood on the wire (docs/security.md, Known gaps).
         self.node_limiter = (RateLimiter(self.config.node_rate, self.config.node_burst,
                                          max_clients=100_000)
                              if self.config.node_rate > 0 else None)

@@ -72,20 +72,17 @@ _paho_log.addFilter(_not_paho_noise)
 
 
 class _PahoLog:
-    """paho's logger for one Bus. Everything goes on to ``skyhop.mqtt.paho`` but, once
-    the bus runs, a socket error that says the server refused a certificate: the bus
-    reports that itself, in words an operator can act on (``Bus._on_disconnect``)."""
+    """paho's logger for one Bus: everything goes on to ``skyhop.mqtt.paho``, but for the
+    errors ``claim`` takes (it returns True), which the bus reports in its own words."""
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
+    def __init__(self, claim: Callable[[str], bool]) -> None:
+        self._claim = claim
 
     def log(self, level: int, fmt: str, *args: object) -> None:
-        if level >= logging.ERROR and self._bus._state == "running":
-            text = fmt % args if args else fmt
-            if _is_certificate_problem(text):
-                self._bus._tls_refusal = text
-                return
+        if level >= logging.ERROR and self._claim(fmt % args if args else fmt):
+            return
         _paho_log.log(level, fmt, *args)
+
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -423,7 +420,7 @@ class Bus:
         c.on_publish = self._guard(self._on_publish)
         # Lazy %-formatting through logging; on_log (which formats every packet's debug
         # line) is only installed while start() needs it.
-        c.enable_logger(_PahoLog(self))  # type: ignore[arg-type]
+        c.enable_logger(_PahoLog(self._claim_paho_error))  # type: ignore[arg-type]
         self._client = c
 
     # ---------------------------------------------------------------- public API
@@ -892,6 +889,14 @@ class Bus:
             )
             log.warning("%s: %s from %s; reconnecting", self.client_id, why, self.url)
         self._schedule_reconnect()
+
+    def _claim_paho_error(self, text: str) -> bool:
+        """Once running, a certificate refused at a reconnect is ours to report: kept for
+        ``_on_disconnect``, which follows it (start() reports its own)."""
+        if self._state == "running" and _is_certificate_problem(text):
+            self._tls_refusal = text
+            return True
+        return False
 
     def _certificate_refused(self) -> None:
         # Revoked, expired, or the server's CRL lapsed (then every client is refused, and

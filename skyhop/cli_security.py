@@ -243,9 +243,34 @@ def acl_apply(
     pki = Pki(h.path)
     rights = desired(pki.entries(), Topics(_prefix(h, prefix)), now=dt.datetime.now(dt.UTC),
                      agents_reply_to_clients=agents_reply_to_clients)
-    with Bus(url, identity, tls=tls) as bus:
-        commands = apply(bus, rights)
+    with Bus(url, identity, tls=tls) as bus, _Bar("applying rights") as bar:
+        commands = apply(bus, rights, progress=bar.update)
     _err(f"{url}: {len(rights)} identities with rights; {summary(commands)}")
+
+
+class _Bar:
+    """A progress bar on stderr, shown only once there is more than one batch to send."""
+
+    def __init__(self, what: str) -> None:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.what, self.task = what, None
+        self.progress = Progress(console=Console(stderr=True), transient=True)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None and done < total:
+            self.progress.start()
+            self.task = self.progress.add_task(self.what, total=total)
+        if self.task is not None:
+            self.progress.update(self.task, completed=done)
 
 
 # -- mosquitto ------------------------------------------------------------------------

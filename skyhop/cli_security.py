@@ -230,22 +230,17 @@ def acl_apply(
     Connects as an operator and sends only what differs; the rights are in force when
     it returns. Run it after `certs issue` or `certs revoke`, `mosquitto-config` and
     SIGHUP."""
-    from skyhop.acl import desired
-    from skyhop.dynsec import apply, summary
-    from skyhop.mqtt import Bus
-    from skyhop.topics import Topics
+    from skyhop.dynsec import apply_registry, summary
 
     h = _home(home)
     url = mqtt or h.config().mqtt
-    tls = h.tls(url, identity)
-    if tls is None:
+    if h.tls(url, identity) is None:
         raise ConfigError(f"{url} is plain MQTT, which has no rights to apply: use mqtts://")
-    pki = Pki(h.path)
-    rights = desired(pki.entries(), Topics(_prefix(h, prefix)), now=dt.datetime.now(dt.UTC),
-                     agents_reply_to_clients=agents_reply_to_clients)
-    with Bus(url, identity, tls=tls) as bus, _Bar("applying rights") as bar:
-        commands = apply(bus, rights, progress=bar.update)
-    _err(f"{url}: {len(rights)} identities with rights; {summary(commands)}")
+    with _Bar("applying rights") as bar:
+        count, commands = apply_registry(Pki(h.path), url, identity, _prefix(h, prefix),
+                                         agents_reply_to_clients=agents_reply_to_clients,
+                                         progress=bar.update)
+    _err(f"{url}: {count} identities with rights; {summary(commands)}")
 
 
 class _Bar:

@@ -1,7 +1,9 @@
 """Bring a running Mosquitto's rights to the PKI registry's: ``skyhop acl apply``.
 
-    with Bus(url, "operator", tls=tls) as bus:
-        commands = apply(bus, desired(pki.entries(), topics, now=now))
+    count, commands = apply_registry(Pki(home), url, "operator", prefix)
+
+or, with rights of one's own making, ``apply(bus, rights)`` on a Bus connected as an
+operator.
 
 Mosquitto's dynamic-security plugin reads its file only when Mosquitto starts; a running
 one is changed by commands published to ``$CONTROL/dynamic-security/v1`` by a client its
@@ -13,14 +15,17 @@ so a revoked identity loses an open session as well as its rights.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import queue
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from skyhop.acl import ROLE_PREFIX
+from skyhop.acl import ROLE_PREFIX, desired
 from skyhop.errors import ConfigError
-from skyhop.mqtt import Bus, Message
+from skyhop.mqtt import Bus, Message, TlsFiles
+from skyhop.pki import Pki
+from skyhop.topics import Topics
 
 TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE = TOPIC + "/response"
@@ -99,6 +104,19 @@ def live_state(clients: Sequence[Mapping[str, object]],
         roles={str(r["rolename"]): frozenset(_entry(a) for a in r.get("acls", []))
                for r in roles},
     )
+
+
+def apply_registry(pki: Pki, url: str, identity: str, prefix: str, *,
+                   agents_reply_to_clients: bool = False,
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[int, list[dict[str, object]]]:
+    """Give the Mosquitto at ``url`` the rights of ``pki``'s active certificates,
+    connected as ``identity`` (an operator of ``pki``): (identities with rights, the
+    commands sent)."""
+    rights = desired(pki.entries(), Topics(prefix), now=dt.datetime.now(dt.UTC),
+                     agents_reply_to_clients=agents_reply_to_clients)
+    with Bus(url, identity, tls=TlsFiles(*pki.credentials(identity))) as bus:
+        return len(rights), apply(bus, rights, progress=progress)
 
 
 def apply(bus: Bus, want: Rights, timeout: float = 10.0,

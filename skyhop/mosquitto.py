@@ -280,21 +280,13 @@ class TlsMosquitto:
         """Bring the CRL and the rights to the home's PKI: SIGHUP for the CRL (new
         connections see it soon after), ``skyhop acl apply`` for the rights (in force when
         this returns)."""
-        import datetime as dt
-
-        from skyhop.acl import desired
         from skyhop.broker_config import prepare
-        from skyhop.dynsec import apply
-        from skyhop.mqtt import Bus, TlsFiles
+        from skyhop.dynsec import apply_registry
         from skyhop.pki import Pki
-        from skyhop.topics import Topics
 
         prepare(self.home, files_dir=self.files / "tls", prefix=self.prefix)
         self.process.reload()
-        pki = Pki(self.home)
-        rights = desired(pki.entries(), Topics(self.prefix), now=dt.datetime.now(dt.UTC))
-        with Bus(self.url, self.admin, tls=TlsFiles(*pki.credentials(self.admin))) as bus:
-            apply(bus, rights)
+        apply_registry(Pki(self.home), self.url, self.admin, self.prefix)
 
     def stop(self) -> None:
         self.process.stop()

@@ -1,12 +1,13 @@
-"""Each client's request rate at the broker: a token bucket per client. Pure.
+"""A token bucket per sender at the broker: each client's requests (keyed by reply
+topic), each node's status and load (keyed by node id). Pure.
 
     limiter = RateLimiter(rate_per_s=50, burst=100)
     if not limiter.allow(reply_topic, now_ms):   # one client is one reply topic
         refuse OVERLOADED
 
-A client may send ``burst`` requests at once, then ``rate_per_s`` on average. Without
+A sender may send ``burst`` messages at once, then ``rate_per_s`` on average. Without
 it one client's flood takes the whole fleet from the others (docs/security.md). The
-buckets of the ``max_clients`` most recent clients are kept; an older one starts full.
+buckets of the ``max_clients`` most recent senders are kept; an older one starts full.
 """
 
 from __future__ import annotations

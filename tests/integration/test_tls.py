@@ -38,7 +38,7 @@ import pytest
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from skyhop.acl import desired, grants
+from skyhop.acl import acl_entries, desired
 from skyhop.broker_config import (
     DEBIAN_PLUGIN,
     DEPLOY_TEMPLATE,
@@ -53,7 +53,7 @@ from skyhop.errors import ConfigError, TransportError
 from skyhop.mosquitto import MosquittoProcess, find_mosquitto, free_port
 from skyhop.mqtt import Bus, Message, TlsFiles, Will
 from skyhop.pki import Pki, key_pem, make_ca, make_leaf, pem
-from skyhop.topics import BROKERS_GROUP, Topics
+from skyhop.topics import Topics
 
 pytestmark = pytest.mark.integration
 T = Topics()  # the ACL is rendered for the default prefix
@@ -215,9 +215,8 @@ def watch(bus: Bus, *filters: str) -> Inbox:
 
 
 def _readable(name: str) -> list[str]:
-    return [f"$share/{BROKERS_GROUP}/{topic}" if access == "share" else topic
-            for access, topic in grants(name, IDENTITIES[name], T) if "read" in access
-            or access == "share"]
+    return [e["topic"] for e in acl_entries(name, IDENTITIES[name], T)
+            if e["acltype"] == "subscribePattern"]
 
 
 def publish_once(

@@ -1,10 +1,13 @@
-"""The orchestrator's shell: requests in, placement, work out, replies back.
+"""The orchestrator's shell: MQTT messages in, the dispatcher's actions out.
 
-One lock guards the pure core (fleet, tracker, replay guard); paho's network thread
-and one ticker thread take it for microseconds per event. Replies from nodes come
-back through the broker (``broker/{id}/replies``) rather than straight to clients, so
-that the tracker sees every completion: that is what lets it re-dispatch the work
-of a dead node and still answer each request exactly once.
+The request lifecycle itself is ``dispatch.Dispatcher`` (pure, shared with the
+simulator); this file reads messages, checks what only a shell can (the replay window,
+the client's rate, the broker stopping), and turns the dispatcher's actions into
+publishes, metrics and log lines. One lock guards the pure core (dispatcher, replay
+guard); paho's network thread and one ticker thread take it for microseconds per
+event. Replies from nodes come back through the broker (``broker/{id}/replies``) rather
+than straight to clients, so that the dispatcher sees every completion: that is what
+lets it re-dispatch the work of a dead node and still answer each request exactly once.
 """
 
 from __future__ import annotations
@@ -16,21 +19,26 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
+from cloud_broker.dispatch import (
+    Action,
+    Answer,
+    DispatchConfig,
+    Dispatcher,
+    LateReply,
+    NodeDown,
+    NodeUp,
+    Redispatch,
+    Reply,
+    Send,
+)
 from cloud_broker.fleet import Fleet
-from cloud_broker.placement import Ask, Decision, PlacementState, place
 from cloud_broker.pool import PoolBackend, Worker, plan
 from cloud_broker.ratelimit import RateLimiter
-from cloud_broker.scaling import (
-    DemandCounter,
-    reason,
-    scale_config,
-    scale_context,
-    wanted_cloud,
-)
-from cloud_broker.tracker import Pending, Tracker
+from cloud_broker.scaling import reason, scale_config, scale_context
+from cloud_broker.tracker import Request
 from skyhop.envelope import error_reply, peek_reply, peek_request
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import BrokerConfig
@@ -44,7 +52,6 @@ from skyhop.topics import BROKERS_GROUP, Topics
 
 log = logging.getLogger("skyhop.broker")
 TICK_S = 0.02
-RETRYABLE = {ErrorCode.OVERLOADED}  # a node refused for a reason another node may not have
 
 
 def _now_ms() -> float:
@@ -52,6 +59,15 @@ def _now_ms() -> float:
 
 
 FLUSH_S = 5.0  # at stop, how long the last replies may take to reach the MQTT server
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``Request.ref`` at the live broker: what it forwards, and where the answer goes."""
+
+    envelope: bytes
+    reply_topic: str
+    correlation: bytes | None
 
 
 class Broker:
@@ -69,8 +85,14 @@ class Broker:
         self.config = config or BrokerConfig()
         self.topics = topics or Topics()
         self.broker_id = broker_id or f"broker-{uuid.uuid4().hex[:8]}"
-        self.fleet = Fleet(self.config.node_timeout_s * 1000)
-        self.tracker = Tracker()
+        pool_models = frozenset(pool.models) if pool is not None else frozenset()
+        self.dispatcher = Dispatcher(
+            Fleet(self.config.node_timeout_s * 1000),
+            DispatchConfig(policy=self.config.policy, margin=self.config.margin,
+                           reply_grace_ms=self.config.reply_grace_ms, pool_models=pool_models),
+            random.Random(seed),
+        )
+        self.fleet = self.dispatcher.fleet
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
@@ -83,12 +105,10 @@ class Broker:
                              if self.config.node_rate > 0 else None)
         self.sla: dict[str, SlaConfig] = {}
         self.metrics = Metrics("skyhop_broker")
-        self.metrics.gauge("pending_requests", lambda: len(self.tracker))
+        self.metrics.gauge("pending_requests", lambda: len(self.dispatcher))
         self.metrics.gauge("live_nodes", self._live_count)
         self.where: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=10_000)
-        self._rng = random.Random(seed)
-        self._placement_state = PlacementState()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._closed = False  # drained: a request now is refused, not taken
@@ -97,7 +117,6 @@ class Broker:
         self.bus = Bus(mqtt_url, self.broker_id, **kwargs)
         # The cloud pool, when this broker sizes one (docs/architecture.md).
         self.pool = pool
-        self.demand = DemandCounter()
         self.scaling = scale_config(self.config.autoscale, self.config.margin)
         self._scale_state: ScaleState | None = None
         self._next_scale_ms = 0.0  # the first call sizes the pool at once (min_size)
@@ -156,18 +175,17 @@ class Broker:
         """
         self.bus.unsubscribe(self.topics.req_shared(BROKERS_GROUP))
         with self._lock:
-            pending = len(self.tracker)
+            pending = len(self.dispatcher)
         if pending:
             log.info("draining %d request(s) for up to %.0f s", pending, timeout_s)
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end and len(self.tracker):
+        while time.monotonic() < end and len(self.dispatcher):
             time.sleep(0.05)
         with self._lock:
             self._closed = True
-            left = list(self.tracker)
-            for p in left:
-                self._answer_error(p, ErrorCode.UNAVAILABLE,
-                                   "the broker stopped before a reply; retry")
+            left = self.dispatcher.close(ErrorCode.UNAVAILABLE,
+                                         "the broker stopped before a reply; retry", _now_ms())
+            self._act(left)
         if left:
             self.metrics.inc("drain_unanswered_total", len(left))
             log.warning("stopped with %d request(s) unanswered: answered UNAVAILABLE", len(left))
@@ -228,7 +246,7 @@ class Broker:
             self._refuse(msg.response_topic, msg.correlation, "", exc.code, exc.message)
             return
         reply_topic = msg.response_topic or header.reply
-        if header.id in self.tracker:
+        if self.dispatcher.holds(header.id):
             self.metrics.inc("duplicates_total")  # QoS 1 redelivery: the first copy answers
             return
         try:
@@ -246,12 +264,12 @@ class Broker:
             self._refuse(reply_topic, msg.correlation, header.id, ErrorCode.UNAVAILABLE,
                          "this broker is stopping; retry")
             return
-        pending = Pending(
-            header, msg.payload, reply_topic, msg.correlation, now, now + header.budget_ms
-        )
-        self.tracker.accept(pending)
+        route = Route(msg.payload, reply_topic, msg.correlation)
+        # One client's requests are one stream (placement's hysteresis): origin = its topic.
+        request = Request(header.id, header.model, header.size, header.budget_ms,
+                          header.priority, origin=reply_topic, ref=route)
         self.metrics.inc("requests_accepted_total", model=header.model)
-        self._dispatch(pending, now)
+        self._act(self.dispatcher.accept(request, now))
 
     def _check_rate(self, client: str | None, now: float) -> None:
         """Before the replay guard, so that a refused request may be sent again."""
@@ -262,101 +280,77 @@ class Broker:
                 f"(burst {self.config.client_burst:g}); slow down and retry",
             )
 
-    def _dispatch(self, p: Pending, now: float, after: ErrorCode | None = None) -> None:
-        """Place and send ``p``; ``after`` is the code a previous node gave, if any."""
-        ask = Ask(
-            p.header.model,
-            p.header.size,
-            p.remaining_ms(now),
-            p.header.priority,
-            frozenset(p.tried),
-            origin=p.reply_topic,  # one client's requests are one stream (hysteresis)
-        )
-        decision = place(
-            self.fleet,
-            ask,
-            now,
-            self._rng,
-            policy=self.config.policy,
-            margin=self.config.margin,
-            state=self._placement_state,
-        )
-        if p.attempt == 0:  # demand is counted once per request, as the simulator does
-            models = self.pool.models if self.pool is not None else ()
-            wanted = wanted_cloud(decision, p.header.model, models, int(self.pool_gauges["ready"]))
-            self.demand.request(p.header.model, p.header.budget_ms, wanted)
-        if not decision.placed:
-            code = decision.code or ErrorCode.INTERNAL
-            if after is not None and code == ErrorCode.UNAVAILABLE:
-                code = after  # every other node was tried: report why the last one refused
-            self._answer_error(p, code, decision.reason)
-            return
-        self._send(p, decision, now)
-
-    def _send(self, p: Pending, decision: Decision, now: float) -> None:
-        assert decision.node is not None
-        self.tracker.assign(p.header.id, decision.node, now)
-        self.fleet.dispatched(decision.node, p.deadline_ms, decision.service_ms)
-        remaining = p.remaining_ms(now)
-        self.bus.publish(
-            self.topics.work(decision.node),
-            p.envelope,
-            qos=1,
-            response_topic=self.topics.broker_replies(self.broker_id),
-            correlation=p.header.id.encode(),
-            user_properties=tuple(WorkMeta(remaining, p.attempt).properties()),
-            expiry_s=max(1, math.ceil(remaining / 1000)),
-        )
-        log.debug(
-            "request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
-            p.header.id,
-            decision.node,
-            p.attempt,
-            decision.predicted_ms,
-            remaining,
-        )
-
     # -- replies ------------------------------------------------------------------------
 
     def _on_reply(self, msg: Message) -> None:
-        now = _now_ms()
         header = peek_reply(msg.payload)
         request_id = msg.correlation.decode() if msg.correlation else header.id
-        p = self.tracker.complete(request_id)
-        if p is None:
-            self.metrics.inc("late_replies_total")  # answered already (deadline or re-dispatch)
+        reply = Reply(request_id, header.status, header.node, header.where, header.queue_ms,
+                      header.service_ms, len(msg.payload))
+        self._act(self.dispatcher.reply(reply, _now_ms()), msg.payload)
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _act(self, actions: list[Action], payload: bytes = b"") -> None:
+        """Carry out the dispatcher's actions; ``payload`` is the node reply being read."""
+        for a in actions:
+            match a:
+                case Send():
+                    self._send(a)
+                case Answer():
+                    self._answer(a, payload)
+                case Redispatch(reason=why):
+                    self.metrics.inc("redispatched_total", reason=why)
+                case LateReply():
+                    self.metrics.inc("late_replies_total")  # answered already
+                case NodeDown():
+                    self._node_down(a)
+                case NodeUp(status=status):
+                    log.info("node %s online: role=%s models=%s", status.node, status.role,
+                             ",".join(status.models))
+                    if self.pool is not None:
+                        self._pool_born(status.node)
+
+    def _send(self, a: Send) -> None:
+        p, route = a.pending, a.pending.request.ref
+        self.bus.publish(
+            self.topics.work(a.node),
+            route.envelope,
+            qos=1,
+            response_topic=self.topics.broker_replies(self.broker_id),
+            correlation=p.request.id.encode(),
+            user_properties=tuple(WorkMeta(a.remaining_ms, a.attempt).properties()),
+            expiry_s=max(1, math.ceil(a.remaining_ms / 1000)),
+        )
+        log.debug(
+            "request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
+            p.request.id,
+            a.node,
+            a.attempt,
+            a.decision.predicted_ms,
+            a.remaining_ms,
+        )
+
+    def _answer(self, a: Answer, payload: bytes) -> None:
+        """The request's one reply: the node's reply bytes unchanged, or our error."""
+        request, route = a.pending.request, a.pending.request.ref
+        if not a.forward:
+            log.info("request %s (%s) answered %s: %s", request.id, request.model, a.code,
+                     a.message)
+            payload = error_reply(ReplyHeader(id=request.id, status=a.code, message=a.message))
+        self.bus.publish(route.reply_topic, payload, qos=1, correlation=route.correlation)
+        self.metrics.inc("replies_total", code=a.code, where=a.where or "none")
+        if a.where:
+            self.where[a.where] += 1
+        self.latencies.append(a.latency_ms)
+
+    def _node_down(self, a: NodeDown) -> None:
+        if a.session is None:
+            log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s)
             return
-        network = now - p.dispatched_ms - header.queue_ms - header.service_ms
-        size = p.header.size + len(msg.payload)
-        self._release(p, network if header.ok else None, size)
-        if header.ok:
-            self.demand.reply(p.header.model, size)
-        if not header.ok and ErrorCode(header.status) in RETRYABLE and p.remaining_ms(now) > 0:
-            self.tracker.accept(p)
-            self.metrics.inc("redispatched_total", reason=header.status)
-            self._dispatch(p, now, after=ErrorCode(header.status))
-            return
-        self._forward(p, msg.payload, header.status, now, header.where)
-
-    def _forward(self, p: Pending, payload: bytes, status: str, now: float, where: str) -> None:
-        self.bus.publish(p.reply_topic, payload, qos=1, correlation=p.correlation)
-        self.metrics.inc("replies_total", code=status, where=where or "none")
-        if where:
-            self.where[where] += 1
-        self.latencies.append(now - p.accepted_ms)
-
-    def _release(self, p: Pending, network_ms: float | None = None, size: int = 0) -> None:
-        """Give the node back the credit ``p`` held (once), learning the link if we can."""
-        if p.node is not None:
-            self.fleet.answered(p.node, network_ms, size, p.deadline_ms)
-            p.node = None
-
-    def _answer_error(self, p: Pending, code: ErrorCode, message: str) -> None:
-        self.tracker.complete(p.header.id)
-        self._release(p)
-        log.info("request %s (%s) answered %s: %s", p.header.id, p.header.model, code, message)
-        reply = error_reply(ReplyHeader(id=p.header.id, status=code, message=message))
-        self._forward(p, reply, code, _now_ms(), "")
+        stopped = self.pool is not None and a.node in self.pool.stopping()
+        level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
+        log.log(level, "node %s went offline (session %d)", a.node, a.session)
 
     def _refuse(
         self,
@@ -381,26 +375,13 @@ class Broker:
         status = NodeStatus.decode(msg.payload)
         if not self._from_its_node(msg, status.node):
             return
-        if self.fleet.on_status(status, _now_ms()):
-            stopped = self.pool is not None and status.node in self.pool.stopping()
-            level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
-            log.log(level, "node %s went offline (session %d)", status.node, status.session)
-            self._rescue(status.node)
-        elif status.online:
-            log.info(
-                "node %s online: role=%s models=%s",
-                status.node,
-                status.role,
-                ",".join(status.models),
-            )
-            if self.pool is not None:
-                self._pool_born(status.node)
+        self._act(self.dispatcher.node_status(status, _now_ms()))
 
     def _on_load(self, msg: Message) -> None:
         if msg.payload:
             load = LoadReport.decode(msg.payload)
             if self._from_its_node(msg, load.node):
-                self.fleet.on_load(load, _now_ms())
+                self.dispatcher.node_load(load, _now_ms())
 
     def _from_its_node(self, msg: Message, node: str) -> bool:
         """The ACL binds a node to its own topics, not to what its payload claims."""
@@ -417,17 +398,6 @@ class Broker:
             self.sla[sla.model] = sla
             self.fleet.known_models.add(sla.model)
 
-    def _rescue(self, node: str) -> None:
-        """Re-place the work of a dead node while its budget allows."""
-        now = _now_ms()
-        for p in self.tracker.on_node(node):
-            self._release(p)
-            self.metrics.inc("redispatched_total", reason="node_lost")
-            if p.remaining_ms(now) <= 0:
-                self._answer_error(p, ErrorCode.DEADLINE_EXCEEDED, f"node {node} was lost")
-            else:
-                self._dispatch(p, now)
-
     # -- ticker -------------------------------------------------------------------------
 
     def _tick_loop(self) -> None:
@@ -442,17 +412,7 @@ class Broker:
 
     def _tick(self, next_status: float) -> float:
         now = _now_ms()
-        for node in self.fleet.expire(now):
-            log.warning("node %s silent for %.1f s: offline", node, self.config.node_timeout_s)
-            self._rescue(node)
-        # Wait a grace past the deadline: the reply may be on the wire.
-        for p in self.tracker.overdue(now - self.config.reply_grace_ms):
-            self._answer_error(
-                p,
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"no reply within {p.header.budget_ms:.0f} ms"
-                + (f" from node {p.node}" if p.node else ""),
-            )
+        self._act(self.dispatcher.tick(now))
         if self.pool is not None:
             self._pool_tick(now)
         if now >= next_status:
@@ -472,7 +432,7 @@ class Broker:
             "v": 1,
             "broker": self.broker_id,
             "policy": self.config.policy,
-            "pending": len(self.tracker),
+            "pending": len(self.dispatcher),
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
             "placements": dict(self.where),
             **({"pool": self._pool_status()} if self.pool is not None else {}),
@@ -505,15 +465,14 @@ class Broker:
         lost = self.pool.poll(now)  # the pool logs each, with its exit code
         self.metrics.inc("pool_worker_crashes_total", len(lost))
         for name in lost:  # its process is gone: no need to wait for its will
-            view = self.fleet.nodes.get(name)
-            if view is not None and self.fleet.on_status(replace(view.status, online=False), now):
-                self._rescue(name)
+            self._act(self.dispatcher.node_lost(name, now))
         if now >= self._next_scale_ms:
             self._next_scale_ms = now + self.scaling.interval_ms
             self._scale(now)
         ready, starting = self._pool_counts()
         self.pool_gauges.update(ready=ready, starting=starting,
                                 stopping=len(self.pool.stopping()))
+        self.dispatcher.pool_ready = ready  # an empty pool's demand (demand.wanted_cloud)
 
     def _pool_counts(self) -> tuple[int, int]:
         assert self.pool is not None
@@ -542,7 +501,7 @@ class Broker:
         assert self.pool is not None
         ongoing = sum(busy.get(w.name, 0) for w in workers if w.ready)
         view = replace(self.pool.view(), ongoing=ongoing)
-        counts = self.demand.take(self.fleet.known_models)
+        counts = self.dispatcher.demand.take(self.fleet.known_models)
         return scale_context(now, counts, self.fleet, self.sla, view, self.scaling)
 
     def _resize(self, target: int, workers: list[Worker], busy: dict[str, int],

@@ -5,17 +5,19 @@
 
 What is real and what is modelled:
 
-- **Real (imported, not copied):** the broker's fleet view (``Fleet``), placement
-  (``place``), the autoscaler (``scale``), the agent's earliest-deadline-first queue
-  (``WorkQueue``) and service-time estimator (``ServiceTime``), and the wire messages
-  the broker learns from (``NodeStatus``, ``LoadReport``). The broker sees only what
-  the live one sees: births, deaths (after the will's delay), load reports (late by
-  ``report_delay_ms``, every ``report_interval_s``), and replies.
+- **Real (imported, not copied):** the broker's request lifecycle (``Dispatcher``:
+  placement, re-dispatch after ``OVERLOADED``, rescue of a lost node's work,
+  ``DEADLINE_EXCEEDED`` at deadline + grace, the demand the autoscaler reads), its
+  fleet view (``Fleet``), the autoscaler (``scale``, fed by ``scale_context``), the
+  agent's earliest-deadline-first queue (``WorkQueue``) and service-time estimator
+  (``ServiceTime``), and the wire messages the broker learns from (``NodeStatus``,
+  ``LoadReport``). The broker sees only what the live one sees: births, deaths (after
+  the will's delay), load reports (late by ``report_delay_ms``, every
+  ``report_interval_s``), and replies.
 - **Modelled:** service time (class mean × a per-request lognormal factor), the
-  network (site RTT and bandwidth, no loss), cold starts (lognormal), and the broker
-  shell's rules, which mirror ``cloud_broker/broker.py``: re-dispatch after
-  ``OVERLOADED``, rescue of a dead node's work, ``DEADLINE_EXCEEDED`` at deadline +
-  grace. Latency is measured at the broker, from receipt to the reply's arrival.
+  network (site RTT and bandwidth, no loss), cold starts (lognormal). Each model's
+  budget is its SLA. Latency is measured at the broker, from receipt to the reply's
+  arrival.
 
 Everything random comes from ``random.Random`` streams seeded from ``seed``, and every
 container that decides an order is ordered, so a seed gives one report, byte for byte.
@@ -31,29 +33,33 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cloud_broker.autoscaler import (
-    AUTOSCALERS,
-    ModelDemand,
-    PoolView,
-    ScaleConfig,
-    ScaleContext,
-    scale,
+from cloud_broker.autoscaler import AUTOSCALERS, PoolView, ScaleConfig, scale
+from cloud_broker.dispatch import (
+    Action,
+    Answer,
+    DispatchConfig,
+    Dispatcher,
+    Redispatch,
+    Reply,
+    Send,
 )
 from cloud_broker.fleet import Fleet
-from cloud_broker.placement import Ask, PlacementState, Tuning, place
-from cloud_broker.scaling import ModelCount, model_demand
+from cloud_broker.placement import Tuning
+from cloud_broker.scaling import scale_context
 from cloud_broker.sim.arrivals import make_process
 from cloud_broker.sim.nodes import SimNode, SimRequest
 from cloud_broker.sim.planner import clairvoyant_targets, static_peak_size
 from cloud_broker.sim.pool import Pool
 from cloud_broker.sim.report import OK, Recorder
 from cloud_broker.sim.scenario import Scenario
+from cloud_broker.tracker import Request
 from skyhop.errors import ProtocolError
+from skyhop.messages import SlaConfig
 
 # Event kinds, in the heap as (time ms, seq, kind, a, b).
 (ARRIVE, RECV, DONE, REPLY, LOAD, STATUS, TICK, AUTOSCALE, READY, FAIL, RECOVER,
  SAMPLE, BROKER_LOAD) = range(13)
-OVERLOADED, DEADLINE, UNAVAILABLE = "OVERLOADED", "DEADLINE_EXCEEDED", "UNAVAILABLE"
+OVERLOADED, DEADLINE = "OVERLOADED", "DEADLINE_EXCEEDED"
 # The simulator knows the future; a live broker does not: ``clairvoyant`` is a benchmark
 # yardstick (``planner.clairvoyant_targets``), not one of the broker's ``AUTOSCALERS``.
 CLAIRVOYANT = "clairvoyant"
@@ -71,15 +77,23 @@ class Simulation:
         self.rng = {k: random.Random(f"{seed}/{k}") for k in streams}
         speeds = {e.gpu: e.speed for e in scenario.edges} | {scenario.cloud.gpu:
                                                              scenario.cloud.speed}
-        self.fleet = Fleet(net.node_timeout_s * 1000, gpu_speed=speeds)
-        self.placement = PlacementState()
+        pool_models = frozenset(m.name for m in scenario.models) \
+            if scenario.cloud.max_gpus > 0 else frozenset()
+        self.dispatcher = Dispatcher(
+            Fleet(net.node_timeout_s * 1000, gpu_speed=speeds),
+            DispatchConfig(policy=policy, margin=margin, reply_grace_ms=net.reply_grace_ms,
+                           tuning=self.tuning, pool_models=pool_models),
+            self.rng["place"],
+        )
+        self.fleet = self.dispatcher.fleet
+        # Each model's budget is its SLA, as an operator would have published it.
+        self.sla = {m.name: SlaConfig(model=m.name, budget_ms=m.budget_ms, priority=m.priority)
+                    for m in scenario.models}
         self.rec = Recorder(scenario)
         self.q: list[tuple[float, int, int, Any, Any]] = []
         self._seq = itertools.count()
         self.now = 0.0
         self.nodes: dict[str, SimNode] = {}
-        self.pending: dict[str, dict[int, SimRequest]] = {}  # node -> requests it holds
-        self.overdue: list[tuple[float, int, SimRequest]] = []
         self.models = {m.name: m for m in scenario.models}
         self._ids = itertools.count(1)
         self.open = 0  # requests arrived and not yet answered
@@ -90,8 +104,6 @@ class Simulation:
         self.schedule = clairvoyant_targets(scenario, margin) if autoscaler == CLAIRVOYANT \
             else None
         self.target = 0
-        self.demand = {m.name: 0 for m in scenario.models}  # since the last autoscaler call
-        self.arrived = {m.name: 0 for m in scenario.models}
         self.session = 0
         self._frontier: dict[str, list[tuple[float, float]]] = {}
         self._alive: dict[tuple[str, int], int] = {}  # live edges per (class, site)
@@ -147,6 +159,7 @@ class Simulation:
             self.pool.became_ready(node.name, 0.0)
             self.pool.cold_starts.clear()  # warm from the start: nothing was measured
             self.nodes[node.name] = node
+        self.dispatcher.pool_ready = len(self.pool.ready)
         self.target = initial
         interval = self.s.network.report_interval_s * 1000
         phase = self.rng["fleet"]
@@ -215,91 +228,62 @@ class Simulation:
                          int(m.request_kb * 1000), int(m.reply_kb * 1000), factor, origin)
         req.feasible = self._feasible(req)
         self.open += 1
-        self.arrived[m.name] += 1
         self.rec.arrival(req)
-        heapq.heappush(self.overdue, (req.deadline + self.s.network.reply_grace_ms, req.id, req))
-        self._dispatch(req)
+        request = Request(str(req.id), m.name, req.size, m.budget_ms, m.priority, origin, req)
+        self._act(self.dispatcher.accept(request, self.now))
 
-    def _dispatch(self, req: SimRequest) -> None:
-        ask = Ask(req.model, req.size, req.deadline - self.now, req.priority, req.tried,
-                  req.origin)
-        d = place(self.fleet, ask, self.now, self.rng["place"], policy=self.policy,
-                  margin=self.margin, state=self.placement, tuning=self.tuning)
-        if req.attempt == 0 and d.cloud_wanted:
-            self.demand[req.model] += 1
+    def _act(self, actions: list[Action]) -> None:
+        """What the live broker's shell does with the dispatcher's actions, on our clock."""
+        for a in actions:
+            if type(a) is Send:
+                self._send(a)
+            elif type(a) is Answer:
+                self._finish(a)
+            elif type(a) is Redispatch:
+                self.rec.redispatched += 1
+            # LateReply, NodeDown and NodeUp are the live broker's log lines and counters.
+
+    def _send(self, a: Send) -> None:
+        req: SimRequest = a.pending.request.ref
+        node, d = self.nodes[a.node], a.decision
+        if a.attempt == 1 and d.cloud_wanted:
             self.rec.wanted_cloud(req)
-        if d.node is None:
-            self._finish(req, str(d.code), 0.0)
-            return
-        node = self.nodes[d.node]
-        req.node, req.dispatched, req.where = node.name, self.now, node.role
-        req.attempt += 1
-        req.tried = req.tried | {node.name}
-        self.fleet.dispatched(node.name, req.deadline, d.service_ms)
-        self.pending.setdefault(node.name, {})[req.id] = req
+        req.where = node.role
         self.rec.placed(req, node.role, d.cloud_wanted, d.pulled_back)
-        self._at(self.now + self._transit(node, req.size), RECV, req, (node, node.session))
+        self._at(self.now + self._transit(node, req.size), RECV, req,
+                 (node, node.session, a.remaining_ms))
 
-    def _release(self, req: SimRequest, network_ms: float | None = None) -> None:
-        """Give the node back the credit ``req`` held (once), learning the link if we can."""
-        if req.node is None:
-            return
-        self.pending.get(req.node, {}).pop(req.id, None)
-        self.fleet.answered(req.node, network_ms, req.size + req.reply_size, req.deadline)
-        req.node = None
-
-    def _finish(self, req: SimRequest, code: str, latency: float) -> None:
-        if req.done:
-            return
-        req.done = True
+    def _finish(self, a: Answer) -> None:
+        req: SimRequest = a.pending.request.ref
+        if a.pending.attempt == 0 and a.decision is not None and a.decision.cloud_wanted:
+            self.rec.wanted_cloud(req)  # refused at its first placement
+        if a.where:
+            req.where = a.where  # the node that answered (it may not be the last one sent)
         self.open -= 1
-        self._release(req)
-        self.rec.terminal(req, code, latency)
+        self.rec.terminal(req, a.code, a.latency_ms)
 
     def _reply(self, req: SimRequest, info: tuple[str, str, float, float]) -> None:
         node_name, code, queue_ms, service_ms = info
-        if req.done or req.node != node_name:
-            return  # answered already (deadline, rescue): the broker drops a late reply
-        network = self.now - req.dispatched - queue_ms - service_ms if code == OK else None
-        self._release(req, network)
-        if code == OVERLOADED and req.deadline > self.now:
-            self.rec.redispatched += 1
-            self._dispatch(req)
-            return
-        self._finish(req, code, self.now - req.arrival)
-
-    def _rescue(self, node_name: str) -> None:
-        """Re-place the work of a node that went away, while its budget allows."""
-        for req in sorted(self.pending.get(node_name, {}).values(), key=lambda r: r.id):
-            self._release(req)
-            self.rec.redispatched += 1
-            if req.deadline <= self.now:
-                self._finish(req, DEADLINE, self.now - req.arrival)
-            else:
-                self._dispatch(req)
+        reply = Reply(str(req.id), code, node_name, self.nodes[node_name].role, queue_ms,
+                      service_ms, req.reply_size)
+        self._act(self.dispatcher.reply(reply, self.now))
 
     def _tick(self, _a: Any, _b: Any) -> None:
-        for node in self.fleet.expire(self.now):
-            self._rescue(node)
-        while self.overdue and self.overdue[0][0] <= self.now:
-            _, _, req = heapq.heappop(self.overdue)
-            self._finish(req, DEADLINE, self.now - req.arrival)
+        self._act(self.dispatcher.tick(self.now))
         self._at(self.now + self.s.network.tick_ms, TICK, None, None)
 
     def _status(self, node: SimNode, status: Any) -> None:
-        if self.fleet.on_status(status, self.now):
-            self._rescue(node.name)
+        self._act(self.dispatcher.node_status(status, self.now))
 
     def _broker_load(self, report: Any, _b: Any) -> None:
-        self.fleet.on_load(report, self.now)
+        self.dispatcher.node_load(report, self.now)
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def _recv(self, req: SimRequest, where: tuple[SimNode, int]) -> None:
-        node, session = where
+    def _recv(self, req: SimRequest, where: tuple[SimNode, int, float]) -> None:
+        node, session, remaining = where  # remaining: WorkMeta.remaining_ms at dispatch
         if not node.up or node.session != session or node.retiring:
             return  # lost with the node: the broker rescues it when it learns
-        remaining = req.deadline - req.dispatched  # WorkMeta.remaining_ms at dispatch
         try:
             node.queue.push(str(req.id), self.now + remaining, self.now, req, req.priority)
         except ProtocolError:  # OVERLOADED: the queue is full
@@ -395,28 +379,18 @@ class Simulation:
     # -- the cloud pool -------------------------------------------------------------------
 
     def _autoscale(self, _a: Any, _b: Any) -> None:
+        counts = self.dispatcher.demand.take(self.models)  # zeroed for the next call either way
         if self.schedule is not None:
             target = self.schedule[min(int(self.now // 1000), len(self.schedule) - 1)]
         else:
-            ctx = ScaleContext(self.now, self._model_demand(), self._pool_view(), self.scaler)
+            ctx = scale_context(self.now, counts, self.fleet, self.sla, self._pool_view(),
+                                self.scaler)
             target, self.scale_state = scale(ctx, self.scale_state)
-        self.demand = {m: 0 for m in self.demand}
-        self.arrived = {m: 0 for m in self.arrived}
         if target != self.target:
             self.rec.scale_events += 1
             self.target = target
         self._resize(target)
         self._at(self.now + self.scaler.interval_ms, AUTOSCALE, None, None)
-
-    def _model_demand(self) -> tuple[ModelDemand, ...]:
-        """What the live broker tells the autoscaler (``cloud_broker/scaling.py``), from
-        the same fleet view; payload sizes are the scenario's."""
-        return tuple(
-            model_demand(m.name, ModelCount(cloud_wanted=self.demand[m.name],
-                                            requests=self.arrived[m.name], budget_ms=m.budget_ms,
-                                            message_bytes=(m.request_kb + m.reply_kb) * 1000),
-                         self.fleet, sla=None)
-            for m in self.s.models)
 
     def _pool_view(self) -> PoolView:
         return PoolView(ready=len(self.pool.ready), starting=len(self.pool.booting),
@@ -434,6 +408,7 @@ class Simulation:
                          node.status(False))
                 node.queue = type(node.queue)(node.capacity)  # queued work is rescued
                 self._retire_step(node)
+        self.dispatcher.pool_ready = len(self.pool.ready)
 
     def _retire_step(self, node: SimNode) -> None:
         if node.busy == 0:
@@ -443,6 +418,7 @@ class Simulation:
     def _ready(self, node: SimNode, _b: Any) -> None:
         if self.pool.became_ready(node.name, self.now) is None:
             return  # cancelled while it booted
+        self.dispatcher.pool_ready = len(self.pool.ready)
         self._boot(node)
         self._at(self.now + self.s.network.report_delay_ms, STATUS, node, node.status(True))
         report = node.load_report()  # an agent's first report follows its birth

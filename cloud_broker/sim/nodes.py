@@ -9,11 +9,11 @@ from skyhop.stats import ServiceTime
 
 
 class SimRequest:
-    """One request's life, broker side and node side."""
+    """One request as the nodes and the report see it; the broker's side of its life is
+    the dispatcher's ``Pending``."""
 
-    __slots__ = ("arrival", "attempt", "budget", "deadline", "dispatched", "done", "factor",
-                 "feasible", "id", "model", "node", "origin", "priority", "reply_size", "size",
-                 "tried", "where")
+    __slots__ = ("arrival", "budget", "deadline", "factor", "feasible", "id", "model", "origin",
+                 "priority", "reply_size", "size", "where")
 
     def __init__(self, rid: int, model: str, arrival: float, budget: float, priority: int,
                  size: int, reply_size: int, factor: float, origin: str) -> None:
@@ -22,12 +22,7 @@ class SimRequest:
         self.priority, self.size, self.reply_size = priority, size, reply_size
         self.factor, self.origin = factor, origin
         self.feasible = False
-        self.node: str | None = None
-        self.dispatched = 0.0
-        self.attempt = 0
-        self.tried: frozenset[str] = frozenset()
-        self.done = False
-        self.where = ""
+        self.where = ""  # the role of the node that ran it
 
 
 class SimNode:

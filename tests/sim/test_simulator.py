@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import cloud_broker.broker as broker
+import cloud_broker.dispatch as dispatch
 import cloud_broker.placement as placement
 import cloud_broker.sim.engine as engine
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
@@ -37,7 +38,11 @@ def small() -> dict:  # type: ignore[type-arg]
 
 
 def test_one_placement_implementation() -> None:
-    assert engine.place is placement.place and broker.place is placement.place
+    # One lifecycle (dispatch.Dispatcher), one placement inside it; neither shell calls
+    # place() itself.
+    assert dispatch.place is placement.place
+    assert engine.Dispatcher is dispatch.Dispatcher and broker.Dispatcher is dispatch.Dispatcher
+    assert not hasattr(engine, "place") and not hasattr(broker, "place")
 
 
 def test_same_seed_same_report_byte_for_byte(small: dict) -> None:  # type: ignore[type-arg]

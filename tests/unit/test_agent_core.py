@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_broker.tracker import Pending, Tracker
+from cloud_broker.tracker import Pending, Request, Tracker
 from edge_agent.workqueue import ResultCache, WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.messages import RequestHeader
 from skyhop.replay import ReplayGuard
 from skyhop.stats import ServiceTime, percentile
 
@@ -64,10 +63,7 @@ def test_replay_guard() -> None:
 
 
 def _pending(rid: str, deadline: float) -> Pending:
-    h = RequestHeader(
-        id=rid * 32, model="m", budget_ms=deadline, sent_at_ms=0, kid="k", size=0, reply="r"
-    )
-    return Pending(h, b"", "r", None, 0.0, deadline)
+    return Pending(Request(rid * 32, "m", 0, deadline), 0.0, deadline)
 
 
 def test_tracker_completes_each_request_once() -> None:
@@ -75,10 +71,10 @@ def test_tracker_completes_each_request_once() -> None:
     t.accept(_pending("a", 100))
     t.accept(_pending("b", 50))
     t.assign("a" * 32, "n1", 1.0)
-    assert [p.header.id[0] for p in t.on_node("n1")] == ["a"]
+    assert [p.request.id[0] for p in t.on_node("n1")] == ["a"]
     assert t.complete("a" * 32) is not None
     assert t.complete("a" * 32) is None
-    assert [p.header.id[0] for p in t.overdue(60)] == ["b"]
+    assert [p.request.id[0] for p in t.overdue(60)] == ["b"]
     assert t.overdue(1000) == [] and len(t) == 0
 
 

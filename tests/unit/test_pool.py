@@ -272,7 +272,7 @@ def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture
     _load(broker, "pool-1", mean_ms=50)
     assert broker.pool_gauges["last_cold_start_seconds"] > 0
     for _ in range(50):  # 50/s of 50 ms work wanting the cloud: far more than one worker
-        broker.demand.request("m", budget_ms=200, cloud_wanted=True)
+        broker.dispatcher.demand.request("m", budget_ms=200, cloud_wanted=True)
     broker._pool_tick(t0 + 1000)
     assert "scale target=3 ready=1 starting=2 reason=up,cloud_wanted=50.0/s" in caplog.text
     assert list(procs) == ["pool-1", "pool-2", "pool-3"]

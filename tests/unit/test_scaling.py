@@ -8,16 +8,10 @@ import typing
 import pytest
 
 from cloud_broker.autoscaler import AUTOSCALERS, PoolView, ScaleConfig, initial_state, scale
+from cloud_broker.demand import DemandCounter, wanted_cloud
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Decision
-from cloud_broker.scaling import (
-    DemandCounter,
-    cloud_network,
-    reason,
-    scale_config,
-    scale_context,
-    wanted_cloud,
-)
+from cloud_broker.scaling import cloud_network, reason, scale_config, scale_context
 from skyhop.errors import ErrorCode
 from skyhop.home import AutoscaleConfig
 from skyhop.messages import NodeStatus, SlaConfig

@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from skyhop.acl import desired
-from skyhop.dynsec import apply
-from skyhop.mosquitto import TlsMosquitto
-from skyhop.mqtt import Bus, TlsFiles
-from skyhop.pki import Issued, Pki
-from skyhop.topics import Topics
+from skyhop.dev.mosquitto import TlsMosquitto
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.url import TlsFiles
+from skyhop.protocol.topics import Topics
+from skyhop.security.acl import desired
+from skyhop.security.dynsec import apply
+from skyhop.security.pki import Issued, Pki
 
 
 def timed(bus: Bus, rights: dict[str, list[dict[str, object]]]) -> tuple[int, float]:

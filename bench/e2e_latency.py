@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from skyhop.client import Client
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import MosquittoProcess
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.mosquitto import MosquittoProcess
-from skyhop.mqtt import Bus, Message
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message
 from skyhop.stats import percentile
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import POLICIES, Ask, PlacementState, place
-from cloud_broker.sim import load_scenario
-from skyhop.messages import LoadReport, ModelLoad, NodeStatus
+from sim import load_scenario
+from skyhop.protocol.messages import LoadReport, ModelLoad, NodeStatus
 from skyhop.stats import percentile
 
 SIZES = (100, 1_000, 10_000, 100_000)

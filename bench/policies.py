@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud_broker.placement import POLICIES
-from cloud_broker.sim import BUILTIN, SIM_AUTOSCALERS, load_scenario, simulate
-from cloud_broker.sim.planner import oracle_gpu_seconds
+from sim import BUILTIN, SIM_AUTOSCALERS, load_scenario, simulate
+from sim.planner import oracle_gpu_seconds
 
 Run = tuple[str, str, str]  # scenario, policy, autoscaler
 KEYS = ("requests", "slo_met_fraction", "slo_missed", "feasible_fraction", "slo_met_of_feasible",

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cloud_broker.sim import SIM_AUTOSCALERS, load_scenario, simulate
+from sim import SIM_AUTOSCALERS, load_scenario, simulate
 
 SCENARIOS = ("bursty", "flash-crowd", "diurnal")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from cloud_broker.autoscaler import AUTOSCALERS
 from cloud_broker.placement import Tuning
-from cloud_broker.sim import load_scenario, simulate
+from sim import load_scenario, simulate
 
 COLD_STARTS = (15.0, 30.0, 45.0, 60.0)
 HYSTERESIS = ((0.0, 0.0), (0.15, 0.0), (0.15, 3_000.0), (0.15, 10_000.0))

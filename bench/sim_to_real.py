@@ -32,17 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from cloud_broker.sim import Scenario, simulate
+from sim import Scenario, simulate
 from skyhop.client import Client, Result
-from skyhop.envelope import FleetKeyPair, body_size, open_request, seal_reply, seal_request
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import MosquittoProcess
+from skyhop.dev.netem import DelayProxy
 from skyhop.errors import RemoteError
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.messages import OK, ReplyHeader, RequestHeader
-from skyhop.mosquitto import MosquittoProcess
-from skyhop.netem import DelayProxy
+from skyhop.protocol.envelope import FleetKeyPair, body_size, open_request, seal_reply, seal_request
+from skyhop.protocol.messages import OK, ReplyHeader, RequestHeader
+from skyhop.protocol.tensors import decode_body, encode_body
 from skyhop.stats import percentile
-from skyhop.tensors import decode_body, encode_body
 
 # What the project claims the simulator reproduces, for a fleet it was calibrated on.
 # Set from the spread of repeated live runs (docs/performance.md §Sim-to-real): the

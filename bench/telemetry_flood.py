@@ -22,15 +22,15 @@ from pathlib import Path
 
 from e2e_latency import skyhop_round_trips, summary
 
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import MosquittoProcess
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.mosquitto import MosquittoProcess
 
 FLOODER = r"""
 import sys, time
-from skyhop.messages import LoadReport, ModelLoad, NodeStatus
-from skyhop.mqtt import Bus
-from skyhop.topics import Topics
+from skyhop.protocol.messages import LoadReport, ModelLoad, NodeStatus
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.topics import Topics
 
 url, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 t = Topics()

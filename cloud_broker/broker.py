@@ -22,6 +22,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 
 from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
+from cloud_broker.config import BrokerConfig, scale_config
 from cloud_broker.dispatch import (
     Action,
     Answer,
@@ -37,18 +38,18 @@ from cloud_broker.dispatch import (
 from cloud_broker.fleet import Fleet
 from cloud_broker.pool import PoolBackend, Worker, plan
 from cloud_broker.ratelimit import RateLimiter
-from cloud_broker.scaling import reason, scale_config, scale_context
+from cloud_broker.scaling import reason, scale_context
 from cloud_broker.tracker import Request
-from skyhop.envelope import error_reply, peek_reply, peek_request
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.home import BrokerConfig
 from skyhop.logthrottle import LogThrottle
-from skyhop.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
 from skyhop.metrics import Metrics
-from skyhop.mqtt import Bus, Message
-from skyhop.replay import ReplayGuard
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message
+from skyhop.protocol.envelope import error_reply, peek_reply, peek_request
+from skyhop.protocol.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
+from skyhop.protocol.replay import ReplayGuard
+from skyhop.protocol.topics import BROKERS_GROUP, Topics
 from skyhop.stats import percentile
-from skyhop.topics import BROKERS_GROUP, Topics
 
 log = logging.getLogger("skyhop.broker")
 TICK_S = 0.02

@@ -37,7 +37,7 @@ from cloud_broker.fleet import Fleet
 from cloud_broker.placement import Ask, Decision, PlacementState, Tuning, place
 from cloud_broker.tracker import Pending, Request, Tracker
 from skyhop.errors import ErrorCode
-from skyhop.messages import OK, LoadReport, NodeStatus
+from skyhop.protocol.messages import OK, LoadReport, NodeStatus
 
 RETRYABLE = frozenset({ErrorCode.OVERLOADED})  # a refusal another node may not give
 NODE_LOST = "node_lost"  # ``Redispatch.reason`` when the holder died or went silent

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
-from skyhop.messages import LoadReport, NodeStatus
+from skyhop.protocol.messages import LoadReport, NodeStatus
 
 DEFAULT_MS_PER_BYTE = 8 / 50_000  # 50 Mbit/s until a link is measured
 RTT_ALPHA = 0.2

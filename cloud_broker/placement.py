@@ -1,6 +1,6 @@
 """Where a request runs: ``place(fleet, ask, now_ms, rng, ...) -> Decision``. Pure.
 
-The live broker and the simulator (``cloud_broker.sim``) both call this function;
+The live broker and the simulator (``sim``) both call this function;
 there is no other placement. Policies (``--policy``):
 
 - ``deadline`` (default): predict completion on candidates — queue wait + service time

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Protocol
 
 from cloud_broker.autoscaler import PoolView
+from cloud_broker.config import AutoscaleConfig
 from skyhop.errors import ConfigError
-from skyhop.home import AutoscaleConfig, Home
-from skyhop.localstack import agent_args, spawn, terminate
-from skyhop.mqtt import MqttUrl
+from skyhop.home import Home
+from skyhop.mqtt.url import MqttUrl
+from skyhop.process import agent_args, spawn, terminate
 
 log = logging.getLogger("skyhop.broker")
 # A worker that dies before its birth (a broken model, a missing certificate) would die
@@ -269,7 +270,7 @@ def _check_home(home: Home, mqtt_url: str, models: Sequence[str], names: Sequenc
             f"`skyhop init` (the broker process itself never reads them)"
         )
     if MqttUrl.parse(mqtt_url).tls:
-        from skyhop.pki import Pki
+        from skyhop.security.pki import Pki
 
         pki = Pki(home.path)
         missing = [n for n in names if not pki.cert_path(n).exists()]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import fields
 
 from cloud_broker.autoscaler import (
     ModelDemand,
@@ -29,8 +28,7 @@ from cloud_broker.autoscaler import (
 from cloud_broker.demand import ModelCount
 from cloud_broker.fleet import Fleet, Group
 from cloud_broker.placement import CLOUD
-from skyhop.home import AutoscaleConfig
-from skyhop.messages import SlaConfig
+from skyhop.protocol.messages import SlaConfig
 
 
 def scale_context(now_ms: float, counts: Mapping[str, ModelCount], fleet: Fleet,
@@ -81,14 +79,6 @@ def cloud_network(fleet: Fleet, model: str, message_bytes: float) -> float:
         return 0.0
     rtt, per_byte = min(links)
     return rtt + message_bytes * per_byte
-
-
-def scale_config(config: AutoscaleConfig, margin: float) -> ScaleConfig:
-    """The autoscaler's config from the home's ``[broker.autoscale]`` and the placement's
-    margin; fields only the pool backend reads (backend, models, …) are left out."""
-    shared = {f.name for f in fields(ScaleConfig)}
-    values = {k: v for k, v in config.model_dump().items() if k in shared}
-    return ScaleConfig(**values, margin=margin)
 
 
 def reason(ctx: ScaleContext, old: int, new: int, state: ScaleState) -> str:

@@ -21,19 +21,27 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from edge_agent.config import AgentConfig
 from edge_agent.probe import MIB, Probe, ProbeError, ProbeSample
 from edge_agent.runner import ModelRunner
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
-from skyhop.envelope import OpenedRequest, error_reply, open_request, peek_request, seal_reply
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.home import AgentConfig, WorkerKeys
-from skyhop.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
+from skyhop.home import WorkerKeys
 from skyhop.metrics import Metrics
-from skyhop.mqtt import Bus, Message, Will
-from skyhop.replay import ReplayGuard
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message, Will
+from skyhop.protocol.envelope import (
+    OpenedRequest,
+    error_reply,
+    open_request,
+    peek_request,
+    seal_reply,
+)
+from skyhop.protocol.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
+from skyhop.protocol.replay import ReplayGuard
+from skyhop.protocol.tensors import decode_body, encode_body
+from skyhop.protocol.topics import Topics
 from skyhop.stats import ServiceTime
-from skyhop.tensors import decode_body, encode_body
-from skyhop.topics import Topics
 
 log = logging.getLogger("skyhop.agent")
 KEY_REFRESH_S = 2.0

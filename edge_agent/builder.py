@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, load
 from edge_agent.probe import Probe, choose_probe, nvml_device
 from edge_agent.runner import OnnxRunner
 from skyhop.errors import ConfigError
-from skyhop.home import AgentConfig, Home
+from skyhop.home import Home
 from skyhop.models import ModelEntry, fetch
-from skyhop.topics import Topics, check_name
+from skyhop.protocol.topics import Topics, check_name
 
 log = logging.getLogger("skyhop.agent")
 
@@ -40,7 +41,7 @@ def build_agent(
         raise ConfigError("--models is empty: name at least one model (skyhop models list)")
     check_name("node", node_id)
     config = home.config()
-    agent_cfg = config.agent
+    agent_cfg = load(home)
     if concurrency is not None:
         agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
     home.worker_keys(time.time())  # fail at start, not at the first request

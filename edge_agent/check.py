@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edge_agent.builder import agent_probe, default_threads, load_runner
+from edge_agent.config import AgentConfig, load
 from edge_agent.runner import import_ort, zeros_for
 from skyhop.errors import SkyhopError
-from skyhop.home import AgentConfig, Home
+from skyhop.home import Home
 from skyhop.models import Catalog, model_path
 from skyhop.stats import percentile
 
@@ -58,7 +59,7 @@ def check_node(home: Home, models: list[str] | None, providers: list[str] | None
     if models is None:
         models = [e.name for e in catalog.models if model_path(e, home.models_dir).is_file()]
     probe, probe_error = _probe(gpu)
-    agent_cfg = home.config().agent
+    agent_cfg = load(home)
     threads = default_threads(agent_cfg)
     checks = tuple(_model(home, catalog, name, providers, threads, gpu, agent_cfg, runs)
                    for name in models)

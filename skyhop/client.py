@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from skyhop.announcement import verify as announcement_verify
-from skyhop.envelope import FleetPublicKey, body_size, open_reply, seal_request
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
-from skyhop.messages import KeyAnnouncement, ReplyHeader, RequestHeader, SlaConfig
-from skyhop.mqtt import Bus, Message
-from skyhop.tensors import decode_body, encode_body
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message
+from skyhop.protocol.announcement import verify as announcement_verify
+from skyhop.protocol.envelope import FleetPublicKey, body_size, open_reply, seal_request
+from skyhop.protocol.messages import KeyAnnouncement, ReplyHeader, RequestHeader, SlaConfig
+from skyhop.protocol.tensors import decode_body, encode_body
+from skyhop.protocol.topics import Topics
 
 log = logging.getLogger("skyhop.client")
 

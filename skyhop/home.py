@@ -15,137 +15,35 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
+from pydantic import Field
 
-from skyhop.envelope import FleetKeyPair, FleetPublicKey
 from skyhop.errors import ConfigError
 from skyhop.models import Catalog, load_catalog
-from skyhop.mqtt import MqttUrl, TlsFiles
-from skyhop.topics import DEFAULT_PREFIX, check_name
+from skyhop.mqtt.url import MqttUrl, TlsFiles
+from skyhop.protocol.envelope import FleetKeyPair, FleetPublicKey
+from skyhop.protocol.topics import DEFAULT_PREFIX
+from skyhop.schema import Strict, validated
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-_S = TypeVar("_S", bound=_Strict)
-
-
-class AutoscaleConfig(_Strict):
-    """The cloud GPU pool the broker sizes with ``cloud_broker.autoscaler.scale()``.
-
-    The fields shared with ``ScaleConfig`` keep its defaults (a unit test checks it),
-    except ``max_size``: a local pool's workers share this machine.
-    """
-
-    backend: Literal["none", "local"] = Field(
-        "none", description="none: cloud workers are started by hand; local: as processes here"
-    )
-    policy: Literal["predictive", "reactive", "static-peak"] = (
-        "predictive"  # cloud_broker.autoscaler.AUTOSCALERS; a unit test keeps the two equal
-    )
-    models: list[str] = Field([], description="the models a pool worker serves")
-    min_size: int = Field(1, ge=0)
-    max_size: int = Field(4, ge=0)
-    static_size: int = Field(0, ge=0, description="the fixed size of policy static-peak")
-    interval_ms: float = Field(5_000.0, gt=0, description="how often the pool is sized")
-    slots: int = Field(1, ge=1, le=64, description="requests a worker runs at once")
-    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
-        [], description="a worker's ONNX Runtime providers ([]: its own TensorRT > CUDA > CPU)"
-    )
-    gpus: list[NonNegativeInt] = Field(
-        [], description="GPUs to spread workers over, round robin ([]: each takes GPU 0)"
-    )
-    scale_to_zero: bool = False
-    idle_to_zero_ms: float = Field(300_000.0, ge=0)
-    downscale_delay_ms: float = Field(30_000.0, ge=0, description="the shortest hold")
-    max_hold_leads: float = Field(
-        2.0, ge=0, description="the hold after a regret, in cold start + interval (0: none)"
-    )
-    hold_memory_ms: float = Field(600_000.0, ge=0, description="how long a regret counts")
-    price_per_gpu_hour: float = Field(1.0, ge=0)
-    cost_cap_per_hour: float | None = Field(None, ge=0)
-    cold_start_prior_ms: float = Field(
-        60_000.0, ge=0, description="assumed until a worker's cold start is measured"
-    )
-    early_warning: float = Field(
-        1.0, ge=0, le=1,
-        description="share of the rise in all requests counted as cloud demand ahead of the "
-        "spill (docs/performance.md, Choosing early_warning)",
-    )
-    worker_prefix: str = Field("pool", description="workers are named PREFIX-1, PREFIX-2, …")
-    stop_grace_s: float = Field(10.0, gt=0, description="SIGKILL a stopped worker after this")
-
-    @model_validator(mode="after")
-    def _coherent(self) -> AutoscaleConfig:
-        if self.min_size > self.max_size:
-            raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
-        if self.backend == "local" and not self.models:
-            raise ValueError(
-                'the local pool needs the models its workers serve: models = ["digits"] '
-                "under [broker.autoscale], or skyhop broker --pool-models digits"
-            )
-        if self.policy == "static-peak" and not self.static_size:
-            raise ValueError("policy static-peak needs static_size, the pool's fixed size")
-        try:
-            check_name("worker prefix", self.worker_prefix)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return self
-
-
-class BrokerConfig(_Strict):
-    policy: Literal["deadline", "round-robin", "least-connection", "weighted", "power-of-two"] = (
-        "deadline"  # cloud_broker.placement.POLICIES; a unit test keeps the two equal
-    )
-    margin: float = Field(0.9, gt=0, le=1, description="plan to finish within margin × budget")
-    node_timeout_s: float = Field(5.0, gt=0, description="a node silent this long is dead")
-    replay_window_s: float = Field(60.0, gt=0)
-    status_interval_s: float = Field(1.0, gt=0)
-    reply_grace_ms: float = Field(
-        250.0, ge=0, description="wait this long past a deadline before answering it"
-    )
-    drain_s: float = Field(
-        20.0, ge=0, description="on SIGTERM, wait this long for accepted requests' replies"
-    )
-    client_rate: float = Field(0.0, ge=0, description="requests/s one client may send (0: any)")
-    client_burst: float = Field(100.0, ge=1, description="requests one client may send at once")
-    node_rate: float = Field(
-        20.0, ge=0, description="status and load messages/s one node may send (0: any)"
-    )
-    node_burst: float = Field(40.0, ge=1, description="such messages one node may send at once")
-    autoscale: AutoscaleConfig = AutoscaleConfig()
-
-
-class AgentConfig(_Strict):
-    queue_capacity: int = Field(64, ge=1, le=100_000)
-    concurrency: int = Field(1, ge=1, le=64)
-    load_interval_s: float = Field(0.5, gt=0)
-    replay_window_s: float = Field(60.0, gt=0)
-    result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")
-    tensorrt_fp16: bool = Field(
-        False, description="let TensorRT build fp16 engines: faster, and different numerics"
-    )
-
-
-class SlaEntry(_Strict):
+class SlaEntry(Strict):
     budget_ms: float = Field(gt=0, le=3_600_000)
     priority: int = Field(0, ge=0, le=7)
 
 
-class Config(_Strict):
+class Config(Strict):
     mqtt: str = "mqtt://127.0.0.1:1883"
     prefix: str = DEFAULT_PREFIX
     catalog: Path | None = Field(None, description="model catalog; default: models/catalog.toml")
-    broker: BrokerConfig = BrokerConfig()
-    agent: AgentConfig = AgentConfig()
-    sla: dict[str, SlaEntry] = {}
+    # Raw: each process validates its own section (cloud_broker/config.py, edge_agent/config.py).
+    broker: dict[str, Any] = Field(default_factory=dict)
+    agent: dict[str, Any] = Field(default_factory=dict)
+    sla: dict[str, SlaEntry] = Field(default_factory=dict)
 
 
 DEFAULT_CONFIG = """\
@@ -255,16 +153,22 @@ class Home:
         }
         (self.keys_dir / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n")
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
     def config(self) -> Config:
-        path = self.path / "config.toml"
+        """The validated config; the ``broker`` and ``agent`` sections stay raw: their
+        processes validate them (``cloud_broker.config.load``, ``edge_agent.config.load``)."""
+        path = self.config_path
         if not path.exists():
             return Config()
         try:
-            return Config.model_validate(tomllib.loads(path.read_text()))
+            raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except ValidationError as exc:
-            raise ConfigError(f"{path}: {_pretty(exc)}") from None
+        return validated(Config, raw, str(path))
+
 
     def catalog(self) -> Catalog:
         """The model catalog this fleet uses (relative paths are from the home)."""
@@ -279,7 +183,7 @@ class Home:
         """
         if not MqttUrl.parse(mqtt_url).tls:
             return None
-        from skyhop.pki import Pki
+        from skyhop.security.pki import Pki
 
         return TlsFiles(*Pki(self.path).credentials(identity))
 
@@ -352,21 +256,3 @@ class WorkerKeys:
 
     active: dict[str, X25519PrivateKey]
     retired: frozenset[str] = frozenset()
-
-
-def updated(config: _S, where: str, **changes: object) -> _S:
-    """``config`` with ``changes``, validated again (``model_copy`` does not validate);
-    a bad value is a ConfigError that names the field under ``where``."""
-    try:
-        return type(config).model_validate({**config.model_dump(), **changes})
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {_pretty(exc)}") from None
-
-
-def _pretty(exc: ValidationError) -> str:
-    return "; ".join(_one(e["loc"], e["msg"]) for e in exc.errors())
-
-
-def _one(loc: tuple[int | str, ...], msg: str) -> str:
-    msg = msg.removeprefix("Value error, ")  # our own validators' messages read on their own
-    return f"{'.'.join(str(p) for p in loc)}: {msg}" if loc else msg

@@ -43,8 +43,8 @@ from pydantic import (
 )
 
 from skyhop.errors import ConfigError
-from skyhop.tensors import DTYPES
-from skyhop.topics import NAME_RE
+from skyhop.protocol.tensors import DTYPES
+from skyhop.protocol.topics import NAME_RE
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_CATALOG = MODELS_DIR / "catalog.toml"

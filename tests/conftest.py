@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from skyhop.dev.mosquitto import MosquittoProcess, find_mosquitto
 from skyhop.errors import ConfigError
-from skyhop.mosquitto import MosquittoProcess, find_mosquitto
-from skyhop.mqtt import Bus
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.topics import Topics
 
 
 @pytest.fixture(scope="session")

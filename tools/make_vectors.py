@@ -17,10 +17,11 @@ rewritten byte-identically on every run (tests/unit/test_vectors.py checks that)
   small RFC 9180 implementation in this file (not by the library skyhop uses), with its
   intermediate values and a complete request envelope built from the spec alone.
 
-``request_envelopes.json`` holds request envelopes sealed by ``skyhop.envelope.seal_request``
-itself. HPKE draws a fresh ephemeral key for every seal, so they cannot be reproduced
-byte-for-byte: they were generated once and are committed. This script writes that file
-only when it does not exist yet, or when ``--regenerate-envelopes`` is given.
+``request_envelopes.json`` holds request envelopes sealed by
+``skyhop.protocol.envelope.seal_request`` itself. HPKE draws a fresh ephemeral key for
+every seal, so they cannot be reproduced byte-for-byte: they were generated once and are
+committed. This script writes that file only when it does not exist yet, or when
+``--regenerate-envelopes`` is given.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from skyhop.envelope import (  # noqa: E402
+from skyhop.errors import ErrorCode  # noqa: E402
+from skyhop.protocol.envelope import (  # noqa: E402
     REPLY_INFO,
     SUITE,
     WRAP_INFO,
@@ -59,8 +61,7 @@ from skyhop.envelope import (  # noqa: E402
     seal_reply,
     seal_request,
 )
-from skyhop.errors import ErrorCode  # noqa: E402
-from skyhop.messages import (  # noqa: E402
+from skyhop.protocol.messages import (  # noqa: E402
     LoadReport,
     ModelLoad,
     NodeStatus,
@@ -68,7 +69,7 @@ from skyhop.messages import (  # noqa: E402
     RequestHeader,
     SlaConfig,
 )
-from skyhop.tensors import encode_body  # noqa: E402
+from skyhop.protocol.tensors import encode_body  # noqa: E402
 
 VECTORS = ROOT / "tests" / "vectors"
 ENVELOPES = "request_envelopes.json"
@@ -180,7 +181,7 @@ def hpke_open(sk_r: bytes, info: bytes, wrapped: bytes) -> bytes:
 
 def spec_request_envelope(header: RequestHeader, body: bytes, pk_r: bytes, sk_e: bytes,
                           request_key: bytes, nonce: bytes) -> tuple[bytes, dict[str, bytes]]:
-    """Build a request envelope from docs/protocol.md alone (no skyhop.envelope code)."""
+    """Build a request envelope from docs/protocol.md alone (no skyhop.protocol.envelope code)."""
     kid = hashlib.sha256(pk_r).digest()[:8].hex()
     wrap = hpke_seal(pk_r, b"skyhop/v1 wrap " + kid.encode("ascii"), request_key, sk_e)
     raw_header = header.encode()
@@ -387,7 +388,7 @@ def tensor_encoding() -> dict[str, Any]:
             "body": body.hex(),
         })
     return {
-        "description": "Bodies from skyhop.tensors.encode_body(field, tensors): msgpack "
+        "description": "Bodies from skyhop.protocol.tensors.encode_body(field, tensors): msgpack "
                        "{field: {name: {dtype: str, shape: [int], data: bin}}}, data = C-order "
                        "little-endian element bytes. 'values' are the elements as nested lists "
                        "(a bare number for a 0-d tensor); 'byte_order_given' is the order of the "
@@ -562,7 +563,7 @@ def hpke_wrap() -> dict[str, Any]:
                        "DHKEM(X25519, HKDF-SHA256), KDF 0x0001 HKDF-SHA256, AEAD 0x0003 "
                        "ChaCha20-Poly1305, aad empty, with a FIXED ephemeral key so that "
                        "senders can check their wrap byte for byte. Computed by the RFC 9180 "
-                       "code in tools/make_vectors.py; skyhop.envelope must open it. "
+                       "code in tools/make_vectors.py; skyhop.protocol.envelope must open it. "
                        "wrapped_key = enc || ct (80 bytes).",
         "recipient_private_key": FLEET.private.private_bytes_raw().hex(),
         "recipient_public_key": pk_r.hex(),
@@ -660,7 +661,8 @@ def request_envelopes() -> dict[str, Any]:
          ErrorCode.BAD_REQUEST),
     ]
     return {
-        "description": "Request envelopes sealed by skyhop.envelope.seal_request to the fleet "
+        "description": "Request envelopes sealed by skyhop.protocol.envelope.seal_request to "
+                       "the fleet "
                        "key below. HPKE uses a random ephemeral key, so these bytes are not "
                        "reproducible: generated once and committed (tools/make_vectors.py "
                        "--regenerate-envelopes re-seals them). open_request(envelope, "

@@ -25,13 +25,13 @@ import pytest
 from edge_agent.probe import NvmlProbe, choose_probe, gpu_class
 from edge_agent.runner import CPU, CUDA, TRT, OnnxRunner
 from skyhop.client import Client
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import MosquittoProcess
 from skyhop.errors import ConfigError
-from skyhop.localstack import LocalStack
-from skyhop.messages import LoadReport
 from skyhop.models import MODELS_DIR, fetch, load_catalog
-from skyhop.mosquitto import MosquittoProcess
-from skyhop.mqtt import Bus
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.messages import LoadReport
+from skyhop.protocol.topics import Topics
 from tests.integration.fleet import build_busy_model, make_home
 
 SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from skyhop.dev.mosquitto import MosquittoProcess, TlsMosquitto
 from skyhop.home import Home
-from skyhop.mosquitto import MosquittoProcess, TlsMosquitto
-from skyhop.pki import Pki
+from skyhop.security.pki import Pki
 
 # Names the tests connect as; agents are issued by LocalStack as they start.
 IDENTITIES = {

@@ -1,4 +1,4 @@
-"""skyhop.mqtt.Bus and skyhop.netem.DelayProxy against a real Mosquitto."""
+"""skyhop.mqtt.Bus and skyhop.dev.netem.DelayProxy against a real Mosquitto."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from skyhop.dev.mosquitto import DEV_CONF, MosquittoProcess, free_port
+from skyhop.dev.netem import DelayProxy
 from skyhop.errors import ConfigError, TransportError
-from skyhop.mosquitto import DEV_CONF, MosquittoProcess, free_port
-from skyhop.mqtt import Bus, Message, TlsFiles, Will
-from skyhop.netem import DelayProxy
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message, Will
+from skyhop.mqtt.url import TlsFiles
+from skyhop.protocol.topics import Topics
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from skyhop.client import Client
+from skyhop.dev.localstack import LocalStack
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.messages import RequestHeader
-from skyhop.topics import Topics
+from skyhop.protocol.messages import RequestHeader
+from skyhop.protocol.topics import Topics
 from tests.integration.fleet import make_home
 
 pytestmark = pytest.mark.integration

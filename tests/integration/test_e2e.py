@@ -18,15 +18,17 @@ import onnxruntime as ort
 import pytest
 
 from skyhop.client import Client
-from skyhop.envelope import MAGIC, FleetKeyPair, body_size, seal_request
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import free_port
 from skyhop.errors import ErrorCode, RemoteError
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.messages import LoadReport, RequestHeader
-from skyhop.mosquitto import free_port
-from skyhop.mqtt import Bus, Message, MqttUrl
-from skyhop.tensors import encode_body
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message
+from skyhop.mqtt.url import MqttUrl
+from skyhop.protocol.envelope import MAGIC, FleetKeyPair, body_size, seal_request
+from skyhop.protocol.messages import LoadReport, RequestHeader
+from skyhop.protocol.tensors import encode_body
+from skyhop.protocol.topics import Topics
 from tests.integration.fleet import make_home
 
 pytestmark = pytest.mark.integration
@@ -192,7 +194,7 @@ class RawRequester:
         )
 
     def status_of(self, correlation: bytes, timeout: float = 10.0) -> str:
-        from skyhop.envelope import peek_reply
+        from skyhop.protocol.envelope import peek_reply
 
         with self.arrived:
             self.arrived.wait_for(lambda: correlation in self.replies, timeout)

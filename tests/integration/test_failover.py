@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from skyhop.client import Client
+from skyhop.dev.localstack import LocalStack
 from skyhop.errors import ErrorCode, RemoteError
-from skyhop.localstack import LocalStack, agent_args, spawn, terminate
-from skyhop.messages import NodeStatus
-from skyhop.mqtt import Bus
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.process import agent_args, spawn, terminate
+from skyhop.protocol.messages import NodeStatus
+from skyhop.protocol.topics import Topics
 from tests.integration.fleet import SLOW_SIDE, make_home
 
 pytestmark = pytest.mark.integration
@@ -105,7 +106,7 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: i
 
 
 def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from skyhop.mosquitto import MosquittoProcess
+    from skyhop.dev.mosquitto import MosquittoProcess
 
     home = make_home(tmp_path)
     topics = Topics(home.config().prefix)

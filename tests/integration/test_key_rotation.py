@@ -12,12 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from skyhop import announcement
 from skyhop.client import Client
-from skyhop.envelope import FleetKeyPair
+from skyhop.dev.localstack import LocalStack
 from skyhop.errors import ErrorCode, RemoteError
-from skyhop.localstack import LocalStack
-from skyhop.mqtt import Bus
-from skyhop.pki import Pki
-from skyhop.topics import Topics
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.envelope import FleetKeyPair
+from skyhop.protocol.topics import Topics
+from skyhop.security.pki import Pki
 from tests.integration.fleet import make_home
 
 pytestmark = pytest.mark.integration

@@ -22,10 +22,10 @@ import pytest
 
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
 from skyhop.client import Client, Result
+from skyhop.dev.localstack import LocalStack
 from skyhop.errors import RemoteError
 from skyhop.home import Home
-from skyhop.localstack import LocalStack
-from skyhop.topics import Topics
+from skyhop.protocol.topics import Topics
 from tests.integration.fleet import add_busy_model, make_home
 
 pytestmark = pytest.mark.integration

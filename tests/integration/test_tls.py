@@ -38,8 +38,16 @@ import pytest
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from skyhop.acl import acl_entries, desired
-from skyhop.broker_config import (
+from skyhop.cli import main
+from skyhop.dev.mosquitto import MosquittoProcess, find_mosquitto, free_port
+from skyhop.errors import ConfigError, TransportError
+from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.message import Message, Will
+from skyhop.mqtt.url import TlsFiles
+from skyhop.protocol.topics import Topics
+from skyhop.security.acl import acl_entries, desired
+from skyhop.security.dynsec import apply
+from skyhop.security.mosquitto_conf import (
     DEBIAN_PLUGIN,
     DEPLOY_TEMPLATE,
     TEMPLATE_HEADER,
@@ -47,13 +55,7 @@ from skyhop.broker_config import (
     render,
     template,
 )
-from skyhop.cli import main
-from skyhop.dynsec import apply
-from skyhop.errors import ConfigError, TransportError
-from skyhop.mosquitto import MosquittoProcess, find_mosquitto, free_port
-from skyhop.mqtt import Bus, Message, TlsFiles, Will
-from skyhop.pki import Pki, key_pem, make_ca, make_leaf, pem
-from skyhop.topics import Topics
+from skyhop.security.pki import Pki, key_pem, make_ca, make_leaf, pem
 
 pytestmark = pytest.mark.integration
 T = Topics()  # the ACL is rendered for the default prefix
@@ -206,7 +208,7 @@ class Inbox:
 
 def watch(bus: Bus, *filters: str) -> Inbox:
     """Subscribe ``bus`` to ``filters``, skipping those the server refuses (default:
-    everything its identity may read, as skyhop.acl grants it)."""
+    everything its identity may read, as skyhop.security.acl grants it)."""
     inbox = Inbox()
     for f in filters or _readable(bus.client_id):
         with contextlib.suppress(ConfigError):
@@ -270,7 +272,7 @@ def client_context(tls: TlsFiles | None, ca: Path, *, max_tls12: bool = False) -
 
 def test_deploy_template_matches_the_renderer() -> None:
     assert DEPLOY_TEMPLATE.read_text() == template(), (
-        "regenerate: python -c 'from skyhop.broker_config import template; "
+        "regenerate: python -c 'from skyhop.security.mosquitto_conf import template; "
         'print(template(), end="")\' > deploy/mosquitto/tls.conf'
     )
     filled = template().format(port=8883, files="/etc/mosquitto/skyhop")
@@ -327,7 +329,7 @@ def test_mosquitto_dropped_root_and_reads_its_files(fleet: Fleet) -> None:
 
 def test_not_root_keeps_the_files_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A Mosquitto started by a normal user stays that user: nothing to hand over.
-    monkeypatch.setattr("skyhop.broker_config.os.geteuid", lambda: 4242)
+    monkeypatch.setattr("skyhop.security.mosquitto_conf.os.geteuid", lambda: 4242)
     Pki(tmp_path / "home").init()
     files = prepare(tmp_path / "home")
     assert files.dir == tmp_path / "home" / "mosquitto" and files.server == "mqtt-server"
@@ -583,7 +585,7 @@ def test_every_role_does_its_job_with_its_real_subscriptions(connect: Callable[.
 
 def test_an_agent_cannot_speak_for_another_in_its_own_status(fleet: Fleet) -> None:
     from cloud_broker.broker import Broker
-    from skyhop.messages import NodeStatus
+    from skyhop.protocol.messages import NodeStatus
 
     broker = Broker(fleet.url, broker_id="broker-2", tls=fleet.tls("broker-2"))
     broker.start(timeout=5)

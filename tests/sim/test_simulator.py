@@ -14,17 +14,17 @@ import pytest
 import cloud_broker.broker as broker
 import cloud_broker.dispatch as dispatch
 import cloud_broker.placement as placement
-import cloud_broker.sim.engine as engine
+import sim.engine as engine
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
-from cloud_broker.sim import BUILTIN, Scenario, dumps, load_scenario, simulate
-from cloud_broker.sim.arrivals import make_process
-from cloud_broker.sim.planner import (
+from sim import BUILTIN, Scenario, dumps, load_scenario, simulate
+from sim.arrivals import make_process
+from sim.planner import (
     clairvoyant_targets,
     needs_per_second,
     oracle_gpu_seconds,
     static_peak_size,
 )
-from cloud_broker.sim.scenario import Flash, Mmpp, Poisson
+from sim.scenario import Flash, Mmpp, Poisson
 from skyhop.errors import ConfigError
 
 HERE = Path(__file__).parent

@@ -11,10 +11,10 @@ import json
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from skyhop.acl import DEFAULT_ACCESS, GRANTS, ROLE_PREFIX, render
 from skyhop.errors import ConfigError
-from skyhop.pki import ROLES, Issued
-from skyhop.topics import Topics
+from skyhop.protocol.topics import Topics
+from skyhop.security.acl import DEFAULT_ACCESS, GRANTS, ROLE_PREFIX, render
+from skyhop.security.pki import ROLES, Issued
 
 NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 LATER = NOW + dt.timedelta(days=30)

@@ -7,7 +7,7 @@ import pytest
 from cloud_broker.tracker import Pending, Request, Tracker
 from edge_agent.workqueue import ResultCache, WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.replay import ReplayGuard
+from skyhop.protocol.replay import ReplayGuard
 from skyhop.stats import ServiceTime, percentile
 
 
@@ -88,18 +88,18 @@ def test_service_time_estimator() -> None:
 
 
 def test_config_accepts_exactly_the_placement_policies() -> None:
-    import typing
-
+    from cloud_broker.config import BrokerConfig
     from cloud_broker.placement import POLICIES
-    from skyhop.home import BrokerConfig
 
-    assert typing.get_args(BrokerConfig.model_fields["policy"].annotation) == POLICIES
+    assert [BrokerConfig(policy=p).policy for p in POLICIES] == list(POLICIES)
+    with pytest.raises(ValueError, match="unknown policy 'fastest'; choose one of deadline"):
+        BrokerConfig(policy="fastest")
 
 
 def test_status_table_shows_each_nodes_memory() -> None:
     from rich.console import Console
 
-    from skyhop.status_view import status_table
+    from skyhop.cli.status_view import status_table
 
     node = {"node": "gpu-1", "role": "cloud", "live": True, "gpu": "nvidia-h200", "queue": 0,
             "in_flight": 1, "gpu_util": 0.42, "rtt_ms": 3.0, "service_ms": {}, "placements": 7}

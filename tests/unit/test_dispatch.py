@@ -31,7 +31,7 @@ from cloud_broker.fleet import Fleet
 from cloud_broker.tracker import Request
 from edge_agent.workqueue import WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.messages import OK, NodeStatus
+from skyhop.protocol.messages import OK, NodeStatus
 from tests.unit.test_placement import NOW, add
 
 GRACE = 250.0

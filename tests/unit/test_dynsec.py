@@ -1,4 +1,4 @@
-"""``skyhop.dynsec.plan``: the commands that bring the plugin to the registry's rights.
+"""``skyhop.security.dynsec.plan``: the commands that bring the plugin to the registry's rights.
 tests/integration/test_tls.py runs them against a real Mosquitto."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from skyhop.dynsec import BATCH, Live, apply, live_state, plan, summary
 from skyhop.errors import ConfigError
+from skyhop.security.dynsec import BATCH, Live, apply, live_state, plan, summary
 
 
 def acl(acltype: str, topic: str) -> dict[str, object]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from skyhop.envelope import (
+from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.protocol.envelope import (
     FleetKeyPair,
     body_size,
     error_reply,
@@ -15,8 +16,7 @@ from skyhop.envelope import (
     seal_reply,
     seal_request,
 )
-from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.messages import ReplyHeader, RequestHeader
+from skyhop.protocol.messages import ReplyHeader, RequestHeader
 
 BODY = b"\x81\xa6inputs\x80" + bytes(range(256))
 

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.messages import (
+from skyhop.protocol.messages import (
     LoadReport,
     ModelLoad,
     NodeStatus,

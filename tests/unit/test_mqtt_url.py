@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from skyhop.errors import ConfigError
-from skyhop.mqtt import MqttUrl, TlsFiles
+from skyhop.mqtt.url import MqttUrl, TlsFiles
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_a_bus_whose_session_is_taken_over_stays_down_and_says_so(caplog) -> Non
     import threading
     from types import SimpleNamespace
 
-    from skyhop.mqtt import SESSION_TAKEN_OVER, Bus
+    from skyhop.mqtt.bus import SESSION_TAKEN_OVER, Bus
 
     taken = threading.Event()
     bus = Bus("mqtt://127.0.0.1:1", "twin", on_taken_over=taken.set)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from skyhop.errors import ConfigError
-from skyhop.pki import (
+from skyhop.security.pki import (
     CA_DAYS,
     LEAF_DAYS,
     NOT_BEFORE_SLACK,

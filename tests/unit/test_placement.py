@@ -24,7 +24,7 @@ from cloud_broker.placement import (
     predict_ms,
 )
 from skyhop.errors import ErrorCode
-from skyhop.messages import LoadReport, ModelLoad, NodeStatus
+from skyhop.protocol.messages import LoadReport, ModelLoad, NodeStatus
 
 NOW = 10_000.0
 

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 
 from cloud_broker.broker import Broker
+from cloud_broker.config import AutoscaleConfig, BrokerConfig
 from cloud_broker.pool import LocalProcessPool, Worker, choose_stop, plan
 from skyhop.errors import ConfigError
-from skyhop.home import AutoscaleConfig, BrokerConfig, Home, updated
-from skyhop.messages import LoadReport, ModelLoad, NodeStatus
-from skyhop.mqtt import Message
+from skyhop.home import Home
+from skyhop.mqtt.message import Message
+from skyhop.protocol.messages import LoadReport, ModelLoad, NodeStatus
+from skyhop.schema import updated
 
 OLD, NEW, NEWER = 1_000.0, 2_000.0, 3_000.0
 

@@ -2,7 +2,7 @@
 
 Deterministic parts must match byte for byte; the committed request envelopes (random
 HPKE ephemerals, sealed once) must open to exactly the recorded header, body and key,
-both with skyhop.envelope and with the RFC 9180 code in tools/make_vectors.py that
+both with skyhop.protocol.envelope and with the RFC 9180 code in tools/make_vectors.py that
 follows docs/protocol.md alone; every negative must fail with its recorded error code.
 Finally tools/make_vectors.py must rewrite the deterministic files byte-identically and
 must leave the committed envelopes alone unless told to re-seal them.
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from skyhop.envelope import (
+from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.protocol.envelope import (
     SUITE,
     FleetKeyPair,
     Kind,
@@ -35,9 +36,8 @@ from skyhop.envelope import (
     reply_key,
     seal_reply,
 )
-from skyhop.errors import ErrorCode, ProtocolError
-from skyhop.messages import ReplyHeader, RequestHeader
-from skyhop.tensors import decode_body, encode_body, encode_tensor
+from skyhop.protocol.messages import ReplyHeader, RequestHeader
+from skyhop.protocol.tensors import decode_body, encode_body, encode_tensor
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"

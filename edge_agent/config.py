@@ -1,0 +1,27 @@
+"""The agent's configuration: the ``[agent]`` section of a fleet's config.toml.
+
+    config = load(home)                      # validated, or a ConfigError naming the key
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from skyhop.home import Home
+from skyhop.schema import Strict, validated
+
+
+class AgentConfig(Strict):
+    queue_capacity: int = Field(64, ge=1, le=100_000)
+    concurrency: int = Field(1, ge=1, le=64)
+    load_interval_s: float = Field(0.5, gt=0)
+    replay_window_s: float = Field(60.0, gt=0)
+    result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")
+    tensorrt_fp16: bool = Field(
+        False, description="let TensorRT build fp16 engines: faster, and different numerics"
+    )
+
+
+def load(home: Home) -> AgentConfig:
+    """The home's ``[agent]`` section, validated."""
+    return validated(AgentConfig, home.config().agent, str(home.config_path), "agent")

@@ -1,0 +1,62 @@
+"""Running ``skyhop`` subcommands as child processes: the cloud pool's workers
+(``cloud_broker/pool.py``) and the dev stack's fleet (``skyhop/dev/localstack.py``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from skyhop.home import Home
+
+
+def spawn(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``python -m skyhop ARGS`` with its output appended to ``log_path``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "skyhop", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            **popen,
+        )
+
+
+def terminate(procs: Iterable[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every process (a clean exit: an agent publishes its own death), wait up
+    to ``grace_s`` for each, then SIGKILL what is left; all are reaped on return."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def agent_args(
+    home: Home, mqtt_url: str, node_id: str, models: Sequence[str], role: str, *extra: str
+) -> list[str]:
+    """The ``skyhop`` arguments that run one agent from ``home``."""
+    return [
+        "agent",
+        "--mqtt",
+        mqtt_url,
+        "--home",
+        str(home.path),
+        "--node-id",
+        node_id,
+        "--models",
+        ",".join(models),
+        "--role",
+        role,
+        *extra,
+    ]

@@ -648,12 +648,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except typer.Abort:
         raise SystemExit(130) from None
-    except Exception as exc:  # click's usage errors come through standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
+    except Exception as exc:
+        # Usage errors come through standalone_mode=False as the CLI framework's own
+        # ClickException (typer vendors click since 0.29): it shows itself, usage and
+        # all, and carries the exit code (2 for a usage error). Duck-typed, so that it
+        # does not hang on where typer keeps click.
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            raise SystemExit(exit_code) from None
         raise
     if isinstance(code, int) and code:
         raise SystemExit(code)

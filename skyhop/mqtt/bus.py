@@ -55,7 +55,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 from skyhop.errors import ConfigError, TransportError
 from skyhop.logthrottle import LogThrottle
 from skyhop.mqtt.message import Handler, Message, Will, check_topic, match_filter
-from skyhop.mqtt.url import MqttUrl, TlsFiles, system_tls_context
+from skyhop.mqtt.url import MqttUrl, TlsFiles
 
 log = logging.getLogger("skyhop.mqtt")
 _paho_log = logging.getLogger("skyhop.mqtt.paho")
@@ -138,6 +138,12 @@ class _Transient(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _system_tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()  # the system's CAs, host name checked
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
 
 
 def _reason_name(reason: Any) -> str:
@@ -246,7 +252,7 @@ class Bus:
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.max_queued_messages_set(MAX_QUEUED)
         if self.url.tls:
-            c.tls_set_context(tls.context() if tls else system_tls_context())
+            c.tls_set_context(tls.context() if tls else _system_tls_context())
         if will is not None:
             c.will_set(check_topic(will.topic), bytes(will.payload), will.qos, will.retain)
         self._connect_props: Properties | None = None

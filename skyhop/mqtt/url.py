@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import re
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from skyhop.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl  # imported where a context is made: ssl brings the socket module
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -90,6 +93,8 @@ class TlsFiles:
 
     def context(self) -> ssl.SSLContext:
         """A client SSLContext (TLS 1.3 minimum). Raises ConfigError on unreadable files."""
+        import ssl
+
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
@@ -104,9 +109,3 @@ class TlsFiles:
                     f"cannot load TLS client certificate {self.cert} / key {self.key}: {exc}"
                 ) from None
         return ctx
-
-
-def system_tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()  # the system's CAs, host name checked
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    return ctx

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from skyhop import announcement
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
 from skyhop.errors import ErrorCode, RemoteError
 from skyhop.mqtt.bus import Bus
+from skyhop.protocol import announcement
 from skyhop.protocol.envelope import FleetKeyPair
 from skyhop.protocol.topics import Topics
 from skyhop.security.pki import Pki

@@ -9,7 +9,7 @@ EXTRAS ?= cpu,dev
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 
-.PHONY: install test test-gpu unit demo lint bench clean check-mosquitto
+.PHONY: install test test-gpu unit demo lint typecheck bench clean check-mosquitto
 
 install: $(STAMP)
 
@@ -26,8 +26,13 @@ check-mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 		{ echo "mosquitto not found: install it with 'sudo apt-get install mosquitto'"; exit 1; }
 
-test: install check-mosquitto
+test: install check-mosquitto typecheck
 	$(PY) -m pytest
+
+# The packages, strict on the pure cores ([tool.mypy] in pyproject.toml); tests are not
+# type-checked.
+typecheck: install
+	$(PY) -m mypy
 
 # On an NVIDIA GPU host: tests/gpu must run there, not skip.
 test-gpu: install check-mosquitto

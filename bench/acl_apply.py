@@ -68,8 +68,8 @@ def main() -> None:
           "commands, s |", "| ---: | ---: | ---: | ---: |"]
     for r in runs:
         a, z, v = r["add_all"], r["nothing_to_do"], r["revoke_one"]
-        md.append(f"| {r['identities']:,} | {a['commands']:,}, {a['seconds']} | "  # type: ignore[index]
-                  f"{z['seconds']} | {v['commands']}, {v['seconds']} |")  # type: ignore[index]
+        md.append(f"| {r['identities']:,} | {a['commands']:,}, {a['seconds']} | "
+                  f"{z['seconds']} | {v['commands']}, {v['seconds']} |")
     (args.out / "acl_apply.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -35,7 +35,7 @@ SIZES = (100, 1_000, 10_000, 100_000)
 NOW = 1_000_000.0
 
 
-def build(n: int, rng: random.Random) -> tuple[Fleet, list]:  # type: ignore[type-arg]
+def build(n: int, rng: random.Random) -> tuple[Fleet, list]:
     spec = load_scenario("steady")
     fleet = Fleet(node_timeout_ms=1e12)
     cloud = max(2, min(100, n // 100))
@@ -59,7 +59,7 @@ def build(n: int, rng: random.Random) -> tuple[Fleet, list]:  # type: ignore[typ
 
 
 def _node(fleet: Fleet, name: str, role: str, gpu: str, speed: float, slots: int, rtt: float,
-          models: tuple[str, ...], spec, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
+          models: tuple[str, ...], spec, rng: random.Random) -> None:
     fleet.on_status(NodeStatus(node=name, online=True, session=1, role=role, models=models,
                                gpu=gpu, concurrency=slots), NOW)
     stats = {m.name: ModelLoad(m.service_ms / speed, 1.4 * m.service_ms / speed, 50)
@@ -68,7 +68,7 @@ def _node(fleet: Fleet, name: str, role: str, gpu: str, speed: float, slots: int
                              rtt_ms=rtt, models=stats), NOW)
 
 
-def asks(models: list, rng: random.Random, n: int) -> list[Ask]:  # type: ignore[type-arg]
+def asks(models: list, rng: random.Random, n: int) -> list[Ask]:
     weights = [300, 150, 80]  # the scenarios' mix of detect, ocr, caption
     out = []
     for _ in range(n):

@@ -64,12 +64,12 @@ def one(run: Run, seed: int) -> dict[str, Any]:
 
 
 def find(results: list[dict], scenario: str, policy: str = "deadline",
-         autoscaler: str = "predictive") -> dict:  # type: ignore[type-arg]
+         autoscaler: str = "predictive") -> dict:
     return next(r for r in results if r["scenario"] == scenario and r["policy"] == policy
                 and r["autoscaler"] == autoscaler)
 
 
-def goals(results: list[dict]) -> dict[str, Any]:  # type: ignore[type-arg]
+def goals(results: list[dict]) -> dict[str, Any]:
     scenarios = sorted({r["scenario"] for r in results}, key=_order)
     out: dict[str, Any] = {"deadline": {}, "predictive": {}, "flash_ramp": None,
                            "wall_s_max": max(r["wall_s"] for r in results)}
@@ -104,7 +104,7 @@ def goals(results: list[dict]) -> dict[str, Any]:  # type: ignore[type-arg]
     return out
 
 
-def markdown(results: list[dict], g: dict[str, Any], seed: int) -> str:  # type: ignore[type-arg]
+def markdown(results: list[dict], g: dict[str, Any], seed: int) -> str:
     lines = ["# Placement policies and autoscalers in the simulator", "",
              f"Seed {seed}; {platform.python_implementation()} {platform.python_version()} on "
              f"{platform.machine()}, two runs at a time. `of feasible` = SLO met ÷ the feasible "
@@ -144,12 +144,12 @@ def markdown(results: list[dict], g: dict[str, Any], seed: int) -> str:  # type:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
+def plots(results: list[dict], out: Path) -> None:
     plot_slo(results, out)
     plot_pools(results, out)
 
 
-def plot_slo(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
+def plot_slo(results: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +171,7 @@ def plot_slo(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
     plt.close(fig)
 
 
-def plot_pools(results: list[dict], out: Path) -> None:  # type: ignore[type-arg]
+def plot_pools(results: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -197,7 +197,7 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def live_fleet(args: argparse.Namespace) -> tuple[dict[str, float], float, list, list]:  # type: ignore[type-arg]
+def live_fleet(args: argparse.Namespace) -> tuple[dict[str, float], float, list, list]:
     """Start the fleet, calibrate, run the load ``args.runs`` times; what the broker
     believed about its nodes at the end comes back too."""
     work = Path(tempfile.mkdtemp(prefix="skyhop-s2r-"))

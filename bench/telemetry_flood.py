@@ -94,7 +94,7 @@ def main() -> None:
     for r in runs:
         a, f = r["alone"], r["flooded"]
         md.append(f"| {r['flood_per_s']:,.0f} | {r['node_rate'] or 'off'} | "
-                  f"{a['p50_ms']} / {a['p99_ms']} | {f['p50_ms']} / {f['p99_ms']} | "  # type: ignore[index]
+                  f"{a['p50_ms']} / {a['p99_ms']} | {f['p50_ms']} / {f['p99_ms']} | "
                   f"{r['ratio_p50']}× | {r['ratio_p99']}× |")
     (args.out / "telemetry_flood.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -12,6 +12,7 @@ lets it re-dispatch the work of a dead node and still answer each request exactl
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -44,7 +45,8 @@ from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.logthrottle import LogThrottle
 from skyhop.metrics import Metrics
 from skyhop.mqtt.bus import Bus
-from skyhop.mqtt.message import Message
+from skyhop.mqtt.message import Handler, Message
+from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.envelope import error_reply, peek_reply, peek_request
 from skyhop.protocol.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
 from skyhop.protocol.replay import ReplayGuard
@@ -80,7 +82,7 @@ class Broker:
         topics: Topics | None = None,
         broker_id: str | None = None,
         seed: int | None = None,
-        tls: object | None = None,
+        tls: TlsFiles | None = None,
         pool: PoolBackend | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
@@ -114,8 +116,7 @@ class Broker:
         self._stopping = threading.Event()
         self._closed = False  # drained: a request now is refused, not taken
         self._ticker: threading.Thread | None = None
-        kwargs = {"tls": tls} if tls is not None else {}
-        self.bus = Bus(mqtt_url, self.broker_id, **kwargs)
+        self.bus = Bus(mqtt_url, self.broker_id, tls=tls)
         # The cloud pool, when this broker sizes one (docs/architecture.md).
         self.pool = pool
         self.scaling = scale_config(self.config.autoscale, self.config.margin)
@@ -128,7 +129,8 @@ class Broker:
         )
         if pool is not None:
             for name in self.pool_gauges:
-                self.metrics.gauge(f"pool_{name}", lambda n=name: self.pool_gauges[n])
+                self.metrics.gauge(f"pool_{name}",
+                                   functools.partial(self.pool_gauges.__getitem__, name))
             for counter in ("pool_worker_crashes_total", "pool_workers_started_total",
                             "pool_workers_stopped_total"):
                 self.metrics.inc(counter, 0)  # scraped as 0 rather than missing
@@ -191,7 +193,7 @@ class Broker:
             self.metrics.inc("drain_unanswered_total", len(left))
             log.warning("stopped with %d request(s) unanswered: answered UNAVAILABLE", len(left))
 
-    def _guard(self, handler, kind: str):  # type: ignore[no-untyped-def]
+    def _guard(self, handler: Handler, kind: str) -> Handler:
         """Run a handler under the lock; a bug costs one message, never the thread.
 
         A message that breaks the protocol is bad input from a peer, not a bug here: it
@@ -211,16 +213,17 @@ class Broker:
 
         return run
 
-    def _limit(self, handler):  # type: ignore[no-untyped-def]
+    def _limit(self, handler: Handler) -> Handler:
         """Drop a node's message beyond ``[broker] node_rate`` before any work is done
         on it (no lock, no decoding): counted in ``node_messages_limited_total``, and
         logged once a minute. The network thread alone calls it: no lock needed."""
-        if self.node_limiter is None:
+        limiter = self.node_limiter
+        if limiter is None:
             return handler
 
         def run(msg: Message) -> None:
             node = self.topics.node_of(msg.topic) or ""
-            if self.node_limiter.allow(node, _now_ms()):
+            if limiter.allow(node, _now_ms()):
                 handler(msg)
                 return
             self.metrics.inc("node_messages_limited_total")

@@ -154,7 +154,8 @@ class LocalProcessPool:
         log_dir.mkdir(parents=True, exist_ok=True)
         # A worker stops with the broker, even one killed with SIGKILL: it must not
         # keep a GPU, nor contend with the next broker's worker of the same name.
-        extra = ("--concurrency", str(config.slots), "--parent-pid", str(os.getpid()))
+        extra: tuple[str, ...] = ("--concurrency", str(config.slots),
+                                  "--parent-pid", str(os.getpid()))
         if config.providers:
             extra += ("--providers", ",".join(config.providers))
 

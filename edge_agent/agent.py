@@ -30,6 +30,7 @@ from skyhop.home import WorkerKeys
 from skyhop.metrics import Metrics
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message, Will
+from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.envelope import (
     OpenedRequest,
     error_reply,
@@ -70,7 +71,7 @@ class Agent:
         topics: Topics | None = None,
         role: str = "edge",
         bus_factory: type[Bus] = Bus,
-        tls: object | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.node_id = node_id
         self.role = role
@@ -107,12 +108,11 @@ class Agent:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         will = Will(self.topics.status(node_id), self._status(online=False), qos=1, retain=True)
-        kwargs = {"tls": tls} if tls is not None else {}
         # Set when another process connects as this node: this one must leave (mqtt.Bus).
         self.taken_over = threading.Event()
         self.bus = bus_factory(
             mqtt_url, f"skyhop-agent-{node_id}", will=will, on_connect=self._on_connect,
-            on_taken_over=self.taken_over.set, **kwargs
+            on_taken_over=self.taken_over.set, tls=tls
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -149,8 +149,8 @@ class Agent:
         self.bus.stop()
         self.probe.close()
 
-    def _spawn(self, target: object, name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[[], object], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 

@@ -134,7 +134,8 @@ def provider_options(
     return [(p, _options(p, device_id, trt_fp16, trt_cache_dir)) for p in providers]
 
 
-def _options(provider: str, device_id: int, fp16: bool, cache: str | Path | None) -> dict:
+def _options(provider: str, device_id: int, fp16: bool,
+             cache: str | Path | None) -> dict[str, Any]:
     if provider == TRT:
         # fp16 is off by default: it changes numerics, which must be an explicit choice.
         opts: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
@@ -360,7 +361,7 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 def _open_session(
-    ort: Any, path: Path, providers: list, threads: int | None
+    ort: Any, path: Path, providers: list[Any], threads: int | None
 ) -> tuple[Any, str]:
     """An InferenceSession on the first of ``providers`` that ORT can create, and the
     name of that provider.

@@ -16,6 +16,7 @@ knew the future and asked for each worker a cold start ahead (the simulator's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
 from sim.arrivals import rate_function, read_trace
@@ -57,26 +58,33 @@ def _bounded(s: Scenario, n: int) -> int:
     return max(s.cloud.min_gpus, min(s.cloud.max_gpus, n))
 
 
-def _rate_functions(s: Scenario) -> dict[str, list]:  # type: ignore[type-arg]
-    out: dict[str, list] = {m.name: [] for m in s.models}  # type: ignore[type-arg]
+Rate = Callable[[float], float]  # requests/s at second t
+
+
+def _rate_functions(s: Scenario) -> dict[str, list[Rate]]:
+    out: dict[str, list[Rate]] = {m.name: [] for m in s.models}
     for a in s.arrivals:
         if isinstance(a, Trace):
             for model, f in _trace_rates(a, s.base_dir).items():
                 out[model].append(f)
         else:
-            f = rate_function(a)
-            assert f is not None
-            out[a.model].append(f)
+            rate = rate_function(a)
+            assert rate is not None
+            out[a.model].append(rate)
     return out
 
 
-def _trace_rates(spec: Trace, base_dir: str) -> dict[str, object]:
+def _trace_rates(spec: Trace, base_dir: str) -> dict[str, Rate]:
     # A trace's rate: per-model counts in 10 s buckets.
     counts: dict[str, dict[int, int]] = {}
     for t_ms, model in read_trace(spec, base_dir):
         counts.setdefault(model, {}).setdefault(int(t_ms // 10_000), 0)
         counts[model][int(t_ms // 10_000)] += 1
-    return {m: (lambda t, c=c: c.get(int(t // 10), 0) / 10) for m, c in counts.items()}
+    return {m: _bucket_rate(c) for m, c in counts.items()}
+
+
+def _bucket_rate(counts: dict[int, int]) -> Rate:
+    return lambda t: counts.get(int(t // 10), 0) / 10
 
 
 def _alive(s: Scenario, t: float) -> dict[str, float]:

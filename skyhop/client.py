@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message
+from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.announcement import verify as announcement_verify
 from skyhop.protocol.envelope import FleetPublicKey, body_size, open_reply, seal_request
 from skyhop.protocol.messages import KeyAnnouncement, ReplyHeader, RequestHeader, SlaConfig
@@ -67,7 +68,7 @@ class Client:
         client_id: str | None = None,
         topics: Topics | None = None,
         slack_ms: float = 1000.0,
-        tls: object | None = None,
+        tls: TlsFiles | None = None,
         trust: ec.EllipticCurvePublicKey | None = None,
     ) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
@@ -80,8 +81,7 @@ class Client:
         self._key_issued_at = -1
         self._waiting: dict[bytes, _Waiting] = {}
         self._lock = threading.Lock()
-        kwargs = {"tls": tls} if tls is not None else {}
-        self.bus = Bus(mqtt_url, self.client_id, **kwargs)
+        self.bus = Bus(mqtt_url, self.client_id, tls=tls)
         self.reply_topic = self.topics.reply(self.client_id)
 
     def start(self, timeout: float = 10.0) -> Client:

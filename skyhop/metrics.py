@@ -11,7 +11,7 @@ Kept tiny on purpose: a scrape is a snapshot of a few dozen numbers.
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,7 +21,7 @@ LabelSet = tuple[tuple[str, str], ...]
 class Metrics:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self._counters: Counter[tuple[str, LabelSet]] = Counter()
+        self._counters: defaultdict[tuple[str, LabelSet], float] = defaultdict(float)
         self._gauges: dict[str, Callable[[], dict[LabelSet, float] | float]] = {}
         self._lock = threading.Lock()
 
@@ -31,7 +31,7 @@ class Metrics:
 
     def get(self, name: str, **labels: str) -> float:
         with self._lock:
-            return self._counters[(name, tuple(sorted(labels.items())))]
+            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def gauge(self, name: str, read: Callable[[], dict[LabelSet, float] | float]) -> None:
         """Register a gauge read at scrape time: a number, or {labels: number}."""
@@ -51,8 +51,8 @@ class Metrics:
         for name, read in sorted(self._gauges.items()):
             full = f"{self.namespace}_{name}"
             lines.append(f"# TYPE {full} gauge")
-            value = read()
-            for labels, v in value.items() if isinstance(value, dict) else [((), value)]:
+            reading = read()
+            for labels, v in reading.items() if isinstance(reading, dict) else [((), reading)]:
                 lines.append(f"{full}{_labels(labels)} {v:g}")
         return "\n".join(lines) + "\n"
 

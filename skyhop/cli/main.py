@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -102,13 +103,18 @@ def _logging(level: str) -> None:
 
 
 def _run_until_signal(
-    stop: object, parent: int | None = None, leave: threading.Event | None = None
+    stop: Callable[[], object], parent: int | None = None,
+    leave: threading.Event | None = None
 ) -> None:
     """Block until SIGINT/SIGTERM, ``leave`` is set, or process ``parent`` is no longer
     this one's parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
     done = threading.Event()
     if leave is not None:
-        threading.Thread(target=lambda: (leave.wait(), done.set()), daemon=True).start()
+        def relay() -> None:
+            leave.wait()
+            done.set()
+
+        threading.Thread(target=relay, daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     # A dead parent sends no signal; its children are re-parented at once, so poll.
@@ -116,7 +122,7 @@ def _run_until_signal(
         if os.getppid() != parent:
             log.warning("parent process %d exited; stopping", parent)
             break
-    stop()  # type: ignore[operator]
+    stop()
 
 
 # -- fleet home -------------------------------------------------------------------------
@@ -405,7 +411,7 @@ def _write_outputs(outputs: dict[str, np.ndarray], path: Path | None) -> None:
             shown = np.array2string(arr, threshold=20, precision=4)
             typer.echo(f"{name} {arr.dtype}{list(arr.shape)}: {shown}")
     elif path.suffix == ".npz":
-        np.savez(path, **outputs)
+        np.savez(path, **outputs)  # type: ignore[arg-type]  # numpy's stub: as if allow_pickle
     else:
         np.save(path, next(iter(outputs.values())))
 

@@ -248,9 +248,10 @@ class _Bar:
 
     def __init__(self, what: str) -> None:
         from rich.console import Console
-        from rich.progress import Progress
+        from rich.progress import Progress, TaskID
 
-        self.what, self.task = what, None
+        self.what = what
+        self.task: TaskID | None = None
         self.progress = Progress(console=Console(stderr=True), transient=True)
 
     def __enter__(self) -> _Bar:

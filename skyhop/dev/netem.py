@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -139,8 +140,8 @@ class DelayProxy:
 
     # ---------------------------------------------------------------- internals
 
-    def _spawn(self, target: object, name: str, *args: object) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[..., object], name: str, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)

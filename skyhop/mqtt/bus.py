@@ -146,6 +146,10 @@ def _system_tls_context() -> ssl.SSLContext:
     return ctx
 
 
+def _properties(packet: int) -> Properties:
+    return Properties(packet)  # type: ignore[no-untyped-call]  # paho's constructor is untyped
+
+
 def _reason_name(reason: Any) -> str:
     # ReasonCode is not int()-castable; getName() gives the spec's words.
     try:
@@ -257,7 +261,7 @@ class Bus:
             c.will_set(check_topic(will.topic), bytes(will.payload), will.qos, will.retain)
         self._connect_props: Properties | None = None
         if session_expiry_s:
-            self._connect_props = Properties(PacketTypes.CONNECT)
+            self._connect_props = _properties(PacketTypes.CONNECT)
             self._connect_props.SessionExpiryInterval = int(session_expiry_s)
         c.on_socket_open = self._guard(self._on_socket_open)
         c.on_connect = self._guard(self._on_connect)
@@ -268,6 +272,7 @@ class Bus:
         c.on_publish = self._guard(self._on_publish)
         # Lazy %-formatting through logging; on_log (which formats every packet's debug
         # line) is only installed while start() needs it.
+        # paho wants a logging.Logger and only ever calls its .log(): _PahoLog is that.
         c.enable_logger(_PahoLog(self._claim_paho_error))  # type: ignore[arg-type]
         self._client = c
 
@@ -408,7 +413,7 @@ class Bus:
         props: Properties | None = None
         user_properties = tuple(user_properties)
         if response_topic or correlation is not None or user_properties or expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)
+            props = _properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = check_topic(response_topic)
             if correlation is not None:
@@ -474,6 +479,7 @@ class Bus:
                 # socket.socket's own shutdown even for an SSLSocket: send a bare FIN
                 # without a TLS close_notify, and without racing the network thread's
                 # use of the SSL object.
+                # (paho types the socket as its own union; it is a socket.socket here.)
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
         # Now that nothing more can be written, disconnect() only marks the client as
         # disconnecting, which ends paho's loop without its reconnect wait (that wait
@@ -604,7 +610,7 @@ class Bus:
                 log.exception("%s: on_connect hook failed", self.client_id)
 
     def _send_subscribe(self, sub: _Sub) -> _SubackWaiter | None:
-        props = Properties(PacketTypes.SUBSCRIBE)
+        props = _properties(PacketTypes.SUBSCRIBE)
         # Mosquitto sends one copy of a message per matching subscription, each tagged
         # with that subscription's identifier; dispatching by identifier runs each
         # handler exactly once per copy meant for it (topic matching would run it for
@@ -649,7 +655,7 @@ class Bus:
                 self._local.in_callback = outer
 
         guarded.__name__ = fn.__name__
-        return guarded  # type: ignore[return-value]
+        return guarded  # type: ignore[return-value]  # same call form as fn, as _F promises
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
         # paho never sets TCP_NODELAY: with Nagle on, every small QoS 1 exchange stalls

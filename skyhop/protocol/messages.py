@@ -27,7 +27,8 @@ def _bad(message: str) -> ProtocolError:
 
 
 def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)  # msgpack ships no types
+    return out
 
 
 def unpackb(data: bytes) -> Any:
@@ -78,7 +79,9 @@ class _Message:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        # Every subclass is a dataclass; this base is not one, so mypy cannot see it.
+        out: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
+        return out
 
     def encode(self) -> bytes:
         return packb(self.to_dict())
@@ -87,7 +90,7 @@ class _Message:
     def from_dict(cls, data: Any) -> Self:
         if not isinstance(data, dict):
             raise _bad(f"{cls.KIND}: expected a map, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # see to_dict
         # Unknown keys are ignored so that a newer peer can add optional fields.
         known = {k: v for k, v in data.items() if k in names}
         try:

@@ -87,7 +87,8 @@ def encode_body(field: str, tensors: dict[str, np.ndarray]) -> bytes:
     """A request body is ``{"inputs": tensors}``; a result body ``{"outputs": tensors}``."""
     import msgpack
 
-    return msgpack.packb({field: encode_tensors(tensors)}, use_bin_type=True)
+    out: bytes = msgpack.packb({field: encode_tensors(tensors)}, use_bin_type=True)
+    return out
 
 
 def decode_body(field: str, data: bytes) -> dict[str, np.ndarray]:

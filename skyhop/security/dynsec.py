@@ -101,11 +101,20 @@ def live_state(clients: Sequence[Mapping[str, object]],
                roles: Sequence[Mapping[str, object]]) -> Live:
     """``Live`` from the ``data`` of verbose listClients and listRoles answers."""
     return Live(
-        clients={str(c["username"]): frozenset(str(r["rolename"]) for r in c.get("roles", []))
+        clients={str(c["username"]): frozenset(str(r["rolename"]) for r in _rows(c, "roles"))
                  for c in clients},
-        roles={str(r["rolename"]): frozenset(_entry(a) for a in r.get("acls", []))
+        roles={str(r["rolename"]): frozenset(_entry(a) for a in _rows(r, "acls"))
                for r in roles},
     )
+
+
+def _rows(answer: Mapping[str, object], key: str) -> Sequence[Mapping[str, object]]:
+    """``answer[key]``, a list of objects in the plugin's JSON (none if it has no such key)."""
+    rows = answer.get(key, [])
+    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+        raise ConfigError(f"the dynamic-security plugin answered a {key!r} that is not a list "
+                          f"of objects: {rows!r}")
+    return rows
 
 
 def apply_registry(pki: Pki, url: str, identity: str, prefix: str, *,
@@ -148,7 +157,7 @@ def apply(bus: Bus, want: Rights, timeout: float = 10.0,
         {"command": "listClients", "verbose": True, "count": -1},
         {"command": "listRoles", "verbose": True, "count": -1},
     ], timeout)
-    live = live_state(listed[0].get("clients", []), listed[1].get("roles", []))
+    live = live_state(_rows(listed[0], "clients"), _rows(listed[1], "roles"))
     commands = plan(live, want)
     for start in range(0, len(commands), BATCH):
         _call(bus, answers, commands[start:start + BATCH], timeout)

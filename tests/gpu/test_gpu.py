@@ -208,7 +208,7 @@ def test_sealed_requests_run_on_the_gpu_agent_and_its_nvml_load_reaches_the_brok
     assert f"model digits loaded on {CUDA}" in log and "telemetry probe: nvml" in log
 
 
-def _catalog_dir(home) -> Path:  # type: ignore[no-untyped-def]
+def _catalog_dir(home) -> Path:
     return Path(home.config().catalog or "").parent
 
 

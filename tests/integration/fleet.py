@@ -27,7 +27,7 @@ def _weight(rng: np.random.Generator, side: int = SLOW_SIDE) -> np.ndarray:
     return (rng.standard_normal((side, side)) / np.sqrt(side)).astype(np.float32)
 
 
-def _save(path: Path, name: str, nodes: list, inits: list, x: list, y: list) -> None:  # type: ignore[type-arg]
+def _save(path: Path, name: str, nodes: list, inits: list, x: list, y: list) -> None:
     graph = helper.make_graph(
         nodes,
         name,

@@ -61,7 +61,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:
     root = tmp_path_factory.mktemp("cli")
     home = make_home(root)
     with (
@@ -121,7 +121,7 @@ def test_requests_take_the_model_sla(stack: LocalStack) -> None:
             time.sleep(0.05)
         sent: list[RequestHeader] = []
         send = client.send_sealed
-        client.send_sealed = lambda h, e, k: (sent.append(h), send(h, e, k))[1]  # type: ignore[method-assign]
+        client.send_sealed = lambda h, e, k: (sent.append(h), send(h, e, k))[1]
         image = {"image": SAMPLES["images"][:1]}
         client.infer("digits", image)
         client.infer("digits", image, budget_ms=800, priority=1)

@@ -36,20 +36,20 @@ SAMPLES = np.load(Path(__file__).parents[1] / "vectors" / "digits_samples.npz")
 
 
 @pytest.fixture(scope="module")
-def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:
     root = tmp_path_factory.mktemp("e2e")
     home = make_home(root)
     agents = {"edge-1": "edge", "cloud-1": "cloud"}
     with fleet_server(home, agents) as (url, server):
         broker_home = _broker_side_home(root, home)
         with LocalStack(home, url, root / "logs", server) as st:
-            st.metrics_port = free_port()  # type: ignore[attr-defined]
+            st.metrics_port = free_port()
             st.home = broker_home
-            st.broker("--metrics-port", str(st.metrics_port))  # type: ignore[attr-defined]
+            st.broker("--metrics-port", str(st.metrics_port))
             st.home = home
-            st.agent_ports = {n: free_port() for n in agents}  # type: ignore[attr-defined]
+            st.agent_ports = {n: free_port() for n in agents}
             for node, role in agents.items():
-                port = str(st.agent_ports[node])  # type: ignore[attr-defined]
+                port = str(st.agent_ports[node])
                 st.agent(node, ["digits", "slow"], "--metrics-port", port, role=role)
             st.wait_live(list(agents))
             yield st
@@ -84,7 +84,7 @@ def client(stack: LocalStack) -> Iterator[Client]:
 
 
 def metric(stack: LocalStack, name: str, port: int | None = None) -> float:
-    port = port or stack.metrics_port  # type: ignore[attr-defined]
+    port = port or stack.metrics_port
     url = f"http://127.0.0.1:{port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -208,7 +208,7 @@ def raw(stack: LocalStack) -> Iterator[RawRequester]:
     r.bus.stop()
 
 
-def _sealed(stack: LocalStack, inputs: dict[str, np.ndarray], key=None, **fields):  # type: ignore[no-untyped-def]
+def _sealed(stack: LocalStack, inputs: dict[str, np.ndarray], key=None, **fields):
     import os
     import time
     import uuid
@@ -310,7 +310,7 @@ def test_bad_input_is_counted_and_the_fleet_still_serves(
     counted = sum(
         metric(stack, 'skyhop_agent_replies_total{code="BAD_REQUEST"}', port)
         for port in stack.agent_ports.values()
-    )  # type: ignore[attr-defined]
+    )
     assert counted >= 1
     assert metric(stack, "skyhop_broker_handler_errors_total") == 0
     for proc in stack.procs.values():
@@ -372,7 +372,7 @@ def test_infeasible_budget_is_answered_at_once(client: Client) -> None:
 
 def test_agents_export_their_device_load_and_the_status_shows_memory(stack: LocalStack) -> None:
     """Here the probe is the CPU's (tests/gpu checks NVML's numbers on a GPU)."""
-    for node, port in stack.agent_ports.items():  # type: ignore[attr-defined]
+    for node, port in stack.agent_ports.items():
         labels = '{device="cpu",probe="cpu"}'
         assert 0 <= metric(stack, f"skyhop_agent_device_utilization_ratio{labels}", port) <= 1
         total = metric(stack, f"skyhop_agent_device_memory_total_bytes{labels}", port)

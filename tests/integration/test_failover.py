@@ -30,7 +30,7 @@ AGENTS = {"edge-1": "edge", "edge-2": "edge", "solo": "edge"}
 
 
 @pytest.fixture
-def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
+def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]]:
     home = make_home(tmp_path)
     # A fresh broker/status every 0.2 s, for tests that wait on the broker's view.
     settings = {"status_interval_s": 0.2}
@@ -55,7 +55,7 @@ def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]
             yield st, client
 
 
-def _outcomes(futures: list) -> Counter[str]:  # type: ignore[type-arg]
+def _outcomes(futures: list) -> Counter[str]:
     out: Counter[str] = Counter()
     for f in futures:
         try:
@@ -66,11 +66,11 @@ def _outcomes(futures: list) -> Counter[str]:  # type: ignore[type-arg]
     return out
 
 
-def _errors(futures: list) -> list[str]:  # type: ignore[type-arg]
+def _errors(futures: list) -> list[str]:
     return [str(f.exception()) for f in futures if f.exception() is not None]
 
 
-def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:
     stack, client = fleet
     stack.agent("edge-1", ["slow"])
     stack.agent("edge-2", ["slow"])
@@ -89,7 +89,7 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:  # type: ignore[
     assert "node edge-1 went offline" in log
 
 
-def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:
     stack, client = fleet
     stack.agent("solo", ["slow"])
     stack.wait_live(["solo"])
@@ -105,7 +105,7 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:  # type: i
     assert client.counters["unmatched_replies"] == 0
 
 
-def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:
     from skyhop.dev.mosquitto import MosquittoProcess
 
     home = make_home(tmp_path)
@@ -144,7 +144,7 @@ def _terminate_broker(stack: LocalStack) -> str:
 
 
 def _stop_broker_mid_flight(stack: LocalStack, client: Client, *, resume: bool
-                            ) -> tuple[list, str]:  # type: ignore[type-arg]
+                            ) -> tuple[list, str]:
     """60 slow requests, all accepted (the agent is paused until the broker says so),
     then SIGTERM to the broker, with the agent working again (``resume``) or still
     paused: the futures, and the broker's log once it has exited. The pause is kept
@@ -167,7 +167,7 @@ def _stop_broker_mid_flight(stack: LocalStack, client: Client, *, resume: bool
         agent.send_signal(signal.SIGCONT)
 
 
-def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
     stack, client = fleet
     futures, log = _stop_broker_mid_flight(stack, client, resume=True)
     assert _outcomes(futures) == {"OK": 60}, _errors(futures)
@@ -177,7 +177,7 @@ def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
 
 
 @pytest.mark.broker_config(drain_s=0)
-def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:
     stack, client = fleet
     futures, log = _stop_broker_mid_flight(stack, client, resume=False)
     outcomes = _outcomes(futures)  # each within 30 s: nothing waits for its budget
@@ -187,7 +187,7 @@ def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> N
     assert client.counters["unmatched_replies"] == 0
 
 
-def test_a_second_agent_with_the_same_name_stops_the_first_and_serves(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_agent_with_the_same_name_stops_the_first_and_serves(fleet) -> None:
     """Two processes as one node (a copied config, two brokers' pools racing for a name)
     would take the MQTT session from each other forever; the one pushed out leaves."""
     stack, client = fleet
@@ -206,7 +206,7 @@ def test_a_second_agent_with_the_same_name_stops_the_first_and_serves(fleet) -> 
         terminate([second], grace_s=10)
 
 
-def _served_within(client: Client, seconds: float):  # type: ignore[no-untyped-def]
+def _served_within(client: Client, seconds: float):
     """A `digits` result, retrying UNAVAILABLE (as a client should) for ``seconds``: the
     node is briefly down while the second agent reconnects after the last takeover."""
     end = time.monotonic() + seconds
@@ -221,7 +221,7 @@ def _served_within(client: Client, seconds: float):  # type: ignore[no-untyped-d
 
 
 @pytest.mark.broker_config(client_rate=5, client_burst=5)
-def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> None:
     stack, client = fleet
     stack.agent("solo", ["digits"])
     stack.wait_live(["solo"])

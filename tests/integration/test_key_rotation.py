@@ -26,7 +26,7 @@ GRACE_S = 4.0
 
 
 @pytest.fixture
-def stack(fleet_server, tmp_path) -> Iterator[LocalStack]:  # type: ignore[no-untyped-def]
+def stack(fleet_server, tmp_path) -> Iterator[LocalStack]:
     home = make_home(tmp_path)
     Pki(home.path).init()  # the CA signs key announcements, over mqtt and mqtts alike
     agents = {"edge-1": "edge", "client-2": "client"}
@@ -40,7 +40,7 @@ def stack(fleet_server, tmp_path) -> Iterator[LocalStack]:  # type: ignore[no-un
         yield st
 
 
-def _client(stack: LocalStack, name: str, key=None) -> Client:  # type: ignore[no-untyped-def]
+def _client(stack: LocalStack, name: str, key=None) -> Client:
     home = stack.home
     return Client(
         stack.mqtt_url,

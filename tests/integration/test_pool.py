@@ -52,7 +52,7 @@ idle_to_zero_ms = 1000
 
 
 @contextmanager
-def _fleet(fleet_server, root: Path, pool: str) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
+def _fleet(fleet_server, root: Path, pool: str) -> Iterator[tuple[LocalStack, Client]]:
     """A broker with a local pool configured by ``pool``, no agents, and a client."""
     home = make_home(root)
     add_busy_model(home)
@@ -73,13 +73,13 @@ def _fleet(fleet_server, root: Path, pool: str) -> Iterator[tuple[LocalStack, Cl
 
 
 @pytest.fixture
-def fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
+def fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client]]:
     with _fleet(fleet_server, tmp_path, POOL) as both:
         yield both
 
 
 @pytest.fixture
-def empty_fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client]]:  # type: ignore[no-untyped-def]
+def empty_fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client]]:
     with _fleet(fleet_server, tmp_path, POOL + TO_ZERO) as both:
         yield both
 
@@ -169,7 +169,7 @@ def _outcome(future: Future[Result]) -> str:
         return LOCAL_EXPIRY if exc.message == LOCAL_EXPIRY else str(exc.code)
 
 
-def test_pool_grows_under_load_and_shrinks_back(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_pool_grows_under_load_and_shrinks_back(fleet) -> None:
     stack, client = fleet
     broker_pid = stack.procs["broker"].pid
     service_ms = _wait("a first pool worker", lambda: _serving(stack), 60, stack)[0]
@@ -204,7 +204,7 @@ def test_pool_grows_under_load_and_shrinks_back(fleet) -> None:  # type: ignore[
     assert f"node {victim} went offline" in log  # its work was re-placed from its death
 
 
-def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:  # type: ignore[no-untyped-def]
+def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:
     stack, client = empty_fleet
     broker_pid = stack.procs["broker"].pid
     _wait("the pool sized", lambda: "target" in _pool(stack), 30, stack)
@@ -244,7 +244,7 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def test_workers_stop_when_their_broker_is_killed(fleet) -> None:  # type: ignore[no-untyped-def]
+def test_workers_stop_when_their_broker_is_killed(fleet) -> None:
     stack, _ = fleet
     broker = stack.procs["broker"]
     _wait("a first pool worker", lambda: _serving(stack), 60, stack)

@@ -113,7 +113,7 @@ class Fleet:
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads the CRL and the ACL."""
         # MosquittoProcess has no reload() yet; its child is the mosquitto process.
-        os.kill(self.broker._proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        os.kill(self.broker._proc.pid, signal.SIGHUP)
 
 
 def _cli(*args: object) -> None:
@@ -181,7 +181,7 @@ def connect(fleet: Fleet) -> Iterator[Callable[..., Bus]]:
     made: list[Bus] = []
 
     def make(name: str, client_id: str | None = None, **kwargs: object) -> Bus:
-        bus = Bus(fleet.url, client_id or name, tls=fleet.tls(name), **kwargs)  # type: ignore[arg-type]
+        bus = Bus(fleet.url, client_id or name, tls=fleet.tls(name), **kwargs)
         made.append(bus)
         return bus.start(timeout=5)
 
@@ -373,7 +373,7 @@ def test_a_fleet_certificate_connects_over_tls13(fleet: Fleet) -> None:
     reply = raw_connack(fleet, client_context(fleet.tls("edge-1"), fleet.pki.ca_path))
     assert isinstance(reply, bytes) and reply[:1] == b"\x20" and reply[3] == 0  # CONNACK, 0
     with Bus(fleet.url, "edge-1", tls=fleet.tls("edge-1")) as bus:
-        assert bus._client.socket().version() == "TLSv1.3"  # type: ignore[union-attr]
+        assert bus._client.socket().version() == "TLSv1.3"
 
 
 REFUSED = {

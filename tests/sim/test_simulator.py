@@ -33,7 +33,7 @@ ROOT = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
-def small() -> dict:  # type: ignore[type-arg]
+def small() -> dict:
     return simulate(load_scenario(SMALL), seed=3)
 
 
@@ -45,13 +45,13 @@ def test_one_placement_implementation() -> None:
     assert not hasattr(engine, "place") and not hasattr(broker, "place")
 
 
-def test_same_seed_same_report_byte_for_byte(small: dict) -> None:  # type: ignore[type-arg]
+def test_same_seed_same_report_byte_for_byte(small: dict) -> None:
     assert dumps(simulate(load_scenario(SMALL), seed=3)) == dumps(small)
     assert dumps(simulate(load_scenario(SMALL), seed=4)) != dumps(small)
 
 
 def test_same_bytes_in_another_process_with_another_hash_seed(tmp_path: Path,
-                                                             small: dict) -> None:  # type: ignore[type-arg]
+                                                             small: dict) -> None:
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-m", "skyhop", "simulate", "--scenario", SMALL,
@@ -72,7 +72,7 @@ def test_cli_runs_the_clairvoyant_yardstick_and_names_it_when_asked_for_another(
     assert refused.returncode != 0 and "clairvoyant" in refused.stdout + refused.stderr
 
 
-def test_report_has_the_promised_fields(small: dict) -> None:  # type: ignore[type-arg]
+def test_report_has_the_promised_fields(small: dict) -> None:
     for key in ("requests", "slo_met_fraction", "feasible_fraction", "latency_ms",
                 "offload_fraction", "cloud_gpu_seconds", "scale_events", "placement_flaps",
                 "series", "models", "windows"):
@@ -87,13 +87,13 @@ def test_report_has_the_promised_fields(small: dict) -> None:  # type: ignore[ty
     assert small["cloud_gpu_seconds"] >= 40 * 1  # at least min_gpus for the whole run
 
 
-def test_deadline_beats_round_robin_on_the_same_arrivals(small: dict) -> None:  # type: ignore[type-arg]
+def test_deadline_beats_round_robin_on_the_same_arrivals(small: dict) -> None:
     rr = simulate(load_scenario(SMALL), policy="round-robin", seed=3)
     assert rr["requests"] == small["requests"]
     assert small["slo_met_fraction"] > rr["slo_met_fraction"]
 
 
-def test_failures_are_rescued(small: dict) -> None:  # type: ignore[type-arg]
+def test_failures_are_rescued(small: dict) -> None:
     assert small["redispatched"] > 0  # work of the nodes that died was placed again
 
 
@@ -110,7 +110,7 @@ def test_autoscaler_baselines_run(autoscaler: str) -> None:
 # -- scenarios ------------------------------------------------------------------------------
 
 
-def expected_requests(spec) -> float:  # type: ignore[no-untyped-def]
+def expected_requests(spec) -> float:
     total = 0.0
     for a in spec.arrivals:
         if isinstance(a, Poisson):
@@ -195,7 +195,7 @@ def test_bad_scenarios_fail_with_one_line(tmp_path: Path) -> None:
 # -- arrival processes ----------------------------------------------------------------------
 
 
-def arrivals(spec, seed: int = 1, end_s: float = 2000) -> list[float]:  # type: ignore[no-untyped-def]
+def arrivals(spec, seed: int = 1, end_s: float = 2000) -> list[float]:
     import random
 
     proc = make_process(spec, random.Random(seed), end_s * 1000, str(HERE))

@@ -22,7 +22,7 @@ P = "skyhop/v1/"
 
 
 def issued(name: str, role: str, **kw: object) -> Issued:
-    return Issued(name, role, hash(name) & 0xFFFF, LATER, **kw)  # type: ignore[arg-type]
+    return Issued(name, role, hash(name) & 0xFFFF, LATER, **kw)
 
 
 FLEET = [
@@ -107,7 +107,7 @@ AGENT_MATRIX = [
 
 @pytest.mark.parametrize(("me", "other"), [("edge-1", "edge-2"), ("cloud-1", "edge-1")])
 @pytest.mark.parametrize(("access", "topic", "ok"), AGENT_MATRIX)
-def test_agent_rights(acl, me: str, other: str, access: str, topic: str, ok: bool) -> None:  # type: ignore[no-untyped-def]
+def test_agent_rights(acl, me: str, other: str, access: str, topic: str, ok: bool) -> None:
     assert allowed(acl, me, access, P + topic.format(me=me, other=other)) is ok
 
 
@@ -164,19 +164,19 @@ def test_agent_rights(acl, me: str, other: str, access: str, topic: str, ok: boo
         ("op", "read", "req/digits", False),
     ],
 )
-def test_broker_client_operator_rights(acl, user: str, access: str, topic: str, ok: bool) -> None:  # type: ignore[no-untyped-def]
+def test_broker_client_operator_rights(acl, user: str, access: str, topic: str, ok: bool) -> None:
     assert allowed(acl, user, access, P + topic) is ok
 
 
 @pytest.mark.parametrize("user", ["edge-1", "b1", "c1", "op"])
-def test_nothing_outside_the_prefix_or_in_sys(acl, user: str) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_outside_the_prefix_or_in_sys(acl, user: str) -> None:
     for access in ("read", "write"):
         assert not allowed(acl, user, access, "$SYS/broker/clients/connected")
         assert not allowed(acl, user, access, "other/v1/req/digits")
         assert not allowed(acl, user, access, "other/v1/nodes/edge-1/work")
 
 
-def test_only_brokers_may_join_the_brokers_group(acl) -> None:  # type: ignore[no-untyped-def]
+def test_only_brokers_may_join_the_brokers_group(acl) -> None:
     share = f"$share/skyhop-brokers/{P}req/+"
     assert allowed(acl, "b1", "subscribe", share)
     assert not allowed(acl, "b1", "subscribe", P + "req/+")  # every request, unshared
@@ -186,7 +186,7 @@ def test_only_brokers_may_join_the_brokers_group(acl) -> None:  # type: ignore[n
     assert not allowed(acl, "edge-1", "subscribe", P + "nodes/edge-2/work")
 
 
-def test_only_operators_may_change_the_rights(acl) -> None:  # type: ignore[no-untyped-def]
+def test_only_operators_may_change_the_rights(acl) -> None:
     control = "$CONTROL/dynamic-security/v1"
     assert allowed(acl, "op", "write", control)
     assert allowed(acl, "op", "read", control + "/response")
@@ -194,7 +194,7 @@ def test_only_operators_may_change_the_rights(acl) -> None:  # type: ignore[no-u
         assert not allowed(acl, user, "write", control)
 
 
-def test_revoked_expired_and_server_names_get_no_block(acl) -> None:  # type: ignore[no-untyped-def]
+def test_revoked_expired_and_server_names_get_no_block(acl) -> None:
     assert set(acl) == {"edge-1", "edge-2", "cloud-1", "b1", "b2", "c1", "c2", "op"}
 
 

@@ -19,7 +19,7 @@ def test_queue_is_earliest_deadline_first_and_bounded() -> None:
     with pytest.raises(ProtocolError) as info:
         q.push("x", 5.0, 0.0, None)
     assert info.value.code == ErrorCode.OVERLOADED
-    assert [q.pop(0.0)[0].request_id for _ in range(3)] == ["soon", "mid", "late"]  # type: ignore[union-attr]
+    assert [q.pop(0.0)[0].request_id for _ in range(3)] == ["soon", "mid", "late"]
 
 
 def test_queue_hands_back_expired_jobs_without_running_them() -> None:
@@ -36,7 +36,7 @@ def test_priority_breaks_deadline_ties() -> None:
     q = WorkQueue(10)
     q.push("low", 1.0, 0.0, None, priority=0)
     q.push("high", 1.0, 0.0, None, priority=5)
-    assert q.pop(0.0)[0].request_id == "high"  # type: ignore[union-attr]
+    assert q.pop(0.0)[0].request_id == "high"
 
 
 def test_result_cache_answers_duplicates_and_is_bounded() -> None:

@@ -104,7 +104,7 @@ def test_a_result_is_forwarded_once_and_a_second_reply_is_late() -> None:
 def test_an_overloaded_node_is_left_for_another() -> None:
     pair = Pair({"e1": 1.0, "e2": 5.0})
     (send,) = pair.request("r1")
-    first = send.node  # type: ignore[attr-defined]
+    first = send.node
     other = ({"e1", "e2"} - {first}).pop()
     actions = pair.reply("r1", first, ErrorCode.OVERLOADED)
     assert isinstance(actions[0], Redispatch) and actions[0].reason == ErrorCode.OVERLOADED
@@ -173,7 +173,7 @@ def test_a_silent_node_is_lost_at_the_timeout() -> None:
 def test_a_result_from_the_node_it_left_ends_it_and_an_error_from_there_is_dropped() -> None:
     pair = Pair({"e1": 1.0, "e2": 5.0})
     (send,) = pair.request("r1")
-    old = send.node  # type: ignore[attr-defined]
+    old = send.node
     pair.act(pair.d.node_lost(old, NOW + 1))  # its process exited, as far as we know
     assert pair.reply("r1", old, ErrorCode.BAD_REQUEST) == [LateReply("r1")]
     (answer,) = pair.reply("r1", old, OK)
@@ -188,7 +188,7 @@ def test_close_answers_everything_left() -> None:
     for rid in ("a", "b"):
         pair.request(rid)
     answers = pair.act(pair.d.close(ErrorCode.UNAVAILABLE, "stopping", NOW + 1))
-    assert [a.code for a in answers] == [ErrorCode.UNAVAILABLE] * 2  # type: ignore[attr-defined]
+    assert [a.code for a in answers] == [ErrorCode.UNAVAILABLE] * 2
     assert len(pair.d) == 0 and pair.d.fleet.nodes["e1"].outstanding == 0
 
 

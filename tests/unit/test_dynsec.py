@@ -95,7 +95,7 @@ class FakePlugin:
     def __init__(self, state: Live) -> None:
         self.state, self.batches, self.handler = state, [], None
 
-    def subscribe(self, topic: str, handler, qos: int = 1, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    def subscribe(self, topic: str, handler, qos: int = 1, timeout: float = 5.0) -> None:
         self.handler = handler
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
@@ -106,13 +106,13 @@ class FakePlugin:
         data = {"listClients": {"clients": clients}, "listRoles": {"roles": []}}
         answer = {"responses": [{"command": c["command"], "data": data.get(c["command"], {})}
                                 for c in commands]}
-        self.handler(SimpleNamespace(payload=json.dumps(answer).encode()))  # type: ignore[misc]
+        self.handler(SimpleNamespace(payload=json.dumps(answer).encode()))
 
 
 def test_changes_go_in_batches_with_progress() -> None:
     want = {f"e{i}": [LOAD] for i in range(120)} | {"op": [LOAD]}
     plugin, seen = FakePlugin(Live(clients={"op": frozenset({"skyhop:op"})})), []
-    commands = apply(plugin, want, progress=lambda done, total: seen.append((done, total)))  # type: ignore[arg-type]
+    commands = apply(plugin, want, progress=lambda done, total: seen.append((done, total)))
     # 121 roles to create, 120 clients (op is one already): 241 commands after the lists.
     assert len(commands) == 241 and plugin.batches == [2, BATCH, BATCH, 41]
     assert seen == [(100, 241), (200, 241), (241, 241)]
@@ -121,5 +121,5 @@ def test_changes_go_in_batches_with_progress() -> None:
 def test_an_operator_cannot_apply_rights_that_cut_it_off() -> None:
     plugin = FakePlugin(Live())
     with pytest.raises(ConfigError, match="op has no active certificate"):
-        apply(plugin, WANT)  # type: ignore[arg-type]
+        apply(plugin, WANT)
     assert plugin.batches == []

@@ -32,7 +32,7 @@ def _header(kp: FleetKeyPair, body: bytes = BODY, **kw: object) -> RequestHeader
         reply="skyhop/v1/reply/c1",
     )
     fields.update(kw)
-    return RequestHeader(**fields)  # type: ignore[arg-type]
+    return RequestHeader(**fields)
 
 
 @pytest.fixture(scope="module")

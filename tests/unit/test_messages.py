@@ -29,7 +29,7 @@ GOOD = dict(
 )
 
 SAMPLES = [
-    RequestHeader(**GOOD),  # type: ignore[arg-type]
+    RequestHeader(**GOOD),
     ReplyHeader(id="x", status="OK", node="n", where="edge", queue_ms=1.5, service_ms=2.0),
     ReplyHeader(id="x", status="DEADLINE_EXCEEDED", message="late"),
     NodeStatus(
@@ -58,7 +58,7 @@ SAMPLES = [
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(message: object) -> None:
-    assert type(message).decode(message.encode()) == message  # type: ignore[attr-defined]
+    assert type(message).decode(message.encode()) == message
 
 
 @pytest.mark.parametrize(

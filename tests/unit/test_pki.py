@@ -53,7 +53,7 @@ def ext(cert: x509.Certificate, kind: type) -> x509.ExtensionType:
 # -- pure builders -----------------------------------------------------------------------
 
 
-def test_ca_is_a_p256_ca_that_signs_leaves_only(ca) -> None:  # type: ignore[no-untyped-def]
+def test_ca_is_a_p256_ca_that_signs_leaves_only(ca) -> None:
     cert, key = ca
     assert isinstance(key.curve, ec.SECP256R1)
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -65,21 +65,21 @@ def test_ca_is_a_p256_ca_that_signs_leaves_only(ca) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize("role", CLIENT_ROLES)
-def test_client_roles_get_client_auth_only(ca, role: str) -> None:  # type: ignore[no-untyped-def]
+def test_client_roles_get_client_auth_only(ca, role: str) -> None:
     ca_cert, ca_key = ca
     cert, key = make_leaf(ca_cert, ca_key, "cam-7", role, now=NOW)
     cert.verify_directly_issued_by(ca_cert)
     assert name_of(cert) == "cam-7" and role_of(cert) == role
-    assert list(ext(cert, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]  # type: ignore[call-overload]
-    assert not ext(cert, x509.BasicConstraints).ca  # type: ignore[attr-defined]
+    assert list(ext(cert, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not ext(cert, x509.BasicConstraints).ca
     assert isinstance(key.curve, ec.SECP256R1)
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     aki = ext(cert, x509.AuthorityKeyIdentifier)
-    assert aki.key_identifier == ext(ca_cert, x509.SubjectKeyIdentifier).digest  # type: ignore[attr-defined]
+    assert aki.key_identifier == ext(ca_cert, x509.SubjectKeyIdentifier).digest
 
 
-def test_server_gets_server_auth_and_sans(ca) -> None:  # type: ignore[no-untyped-def]
+def test_server_gets_server_auth_and_sans(ca) -> None:
     ca_cert, ca_key = ca
     cert, _ = make_leaf(
         ca_cert,
@@ -89,16 +89,16 @@ def test_server_gets_server_auth_and_sans(ca) -> None:  # type: ignore[no-untype
         now=NOW,
         sans=["mqtt.example.org", "IP:10.0.0.5", "127.0.0.1", "DNS:LocalHost"],
     )
-    assert list(ext(cert, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.SERVER_AUTH]  # type: ignore[call-overload]
+    assert list(ext(cert, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.SERVER_AUTH]
     sans = ext(cert, x509.SubjectAlternativeName)
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "mqtt.example.org"]  # type: ignore[attr-defined]
-    assert sans.get_values_for_type(x509.IPAddress) == [  # type: ignore[attr-defined]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "mqtt.example.org"]
+    assert sans.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("127.0.0.1"),
         ipaddress.ip_address("10.0.0.5"),
     ]
 
 
-def test_validity_defaults_backdating_and_the_ca_ceiling(ca) -> None:  # type: ignore[no-untyped-def]
+def test_validity_defaults_backdating_and_the_ca_ceiling(ca) -> None:
     ca_cert, ca_key = ca
     cert, _ = make_leaf(ca_cert, ca_key, "n", "edge", now=NOW)
     assert cert.not_valid_before_utc == NOW - NOT_BEFORE_SLACK
@@ -110,12 +110,12 @@ def test_validity_defaults_backdating_and_the_ca_ceiling(ca) -> None:  # type: i
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "+", "#", "a b", "-x", "x" * 65, "ca", "CA", "é"])
-def test_bad_names_are_refused(ca, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_names_are_refused(ca, name: str) -> None:
     with pytest.raises(ConfigError, match="name"):
         make_leaf(*ca, name, "edge", now=NOW)
 
 
-def test_bad_role_days_and_client_sans_are_refused(ca) -> None:  # type: ignore[no-untyped-def]
+def test_bad_role_days_and_client_sans_are_refused(ca) -> None:
     with pytest.raises(ConfigError, match="unknown role 'admin'"):
         make_leaf(*ca, "n", "admin", now=NOW)
     with pytest.raises(ConfigError, match="at least 1"):
@@ -144,11 +144,11 @@ def test_parse_san_refuses(text: str) -> None:
         parse_san(text)
 
 
-def test_crl_lists_serials_and_is_signed_by_the_ca(ca) -> None:  # type: ignore[no-untyped-def]
+def test_crl_lists_serials_and_is_signed_by_the_ca(ca) -> None:
     ca_cert, ca_key = ca
     gone = Issued("old", "edge", 0x1234, NOW, revoked=True, revoked_at=NOW)
     crl = make_crl(ca_cert, ca_key, [gone], now=NOW, number=7, days=30)
-    assert crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+    assert crl.is_signature_valid(ca_cert.public_key())
     assert [r.serial_number for r in crl] == [0x1234]
     assert crl.next_update_utc == NOW + dt.timedelta(days=30)
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
@@ -221,7 +221,7 @@ def test_revoke_updates_the_crl_and_the_registry(pki: Pki) -> None:
     assert {e.serial for e in done} == {a.serial, b.serial}
     crl = pki.crl()
     assert {r.serial_number for r in crl} == {a.serial, b.serial}
-    assert crl.is_signature_valid(pki.ca_certificate().public_key())  # type: ignore[arg-type]
+    assert crl.is_signature_valid(pki.ca_certificate().public_key())
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
     assert [e.name for e in pki.active(later)] == ["cam-2"] and keep in pki.entries()
     assert all(e.revoked_at == later for e in pki.entries() if e.name == "cam-1")
@@ -265,7 +265,7 @@ def test_issued_round_trips_through_json() -> None:
 # -- the CLI -----------------------------------------------------------------------------
 
 
-def test_cli_issue_before_init_is_one_clear_error(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_issue_before_init_is_one_clear_error(tmp_path: Path, capsys) -> None:
     from skyhop.cli import main
 
     with pytest.raises(SystemExit) as exit_:
@@ -275,7 +275,7 @@ def test_cli_issue_before_init_is_one_clear_error(tmp_path: Path, capsys) -> Non
     assert "no fleet CA" in err and "skyhop certs init --home" in err
 
 
-def test_cli_init_issue_revoke_list(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_init_issue_revoke_list(tmp_path: Path, capsys) -> None:
     from skyhop.cli import main
 
     home = str(tmp_path)

@@ -306,11 +306,11 @@ def test_trunk_reservation_keeps_idle_nodes_for_high_priority() -> None:
 # -- scale: cost does not grow with the fleet -------------------------------------------
 
 
-def test_a_decision_evaluates_a_bounded_number_of_candidates(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_decision_evaluates_a_bounded_number_of_candidates(monkeypatch) -> None:
     calls = Counter()
     real = placement._predict
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
@@ -393,7 +393,7 @@ node_st = st.fixed_dictionaries({
 })
 
 
-def build(nodes: list[dict]) -> Fleet:  # type: ignore[type-arg]
+def build(nodes: list[dict]) -> Fleet:
     fleet = Fleet(node_timeout_ms=1000)
     for i, n in enumerate(nodes):
         add(fleet, f"n{i}", role=n["role"], gpu=n["gpu"], mean=n["mean"],
@@ -429,7 +429,7 @@ def check(fleet: Fleet, ask: Ask, state: PlacementState, tuning: Tuning) -> None
        size=st.integers(0, 500_000), priority=st.integers(0, 7),
        on_cloud=st.booleans(), exclude=st.sets(st.integers(0, 11), max_size=2))
 def test_deadline_never_misses_a_feasible_candidate(nodes, budget, size, priority, on_cloud,
-                                                    exclude) -> None:  # type: ignore[no-untyped-def]
+                                                    exclude) -> None:
     """Exact regime (up to ``exhaustive_model`` nodes): never a candidate whose prediction
     misses the budget when one fits; never a refusal when one fits. Capacity kept for
     higher priorities is not counted as fitting, so this runs with ``reserve=0``."""
@@ -445,6 +445,6 @@ def test_deadline_never_misses_a_feasible_candidate(nodes, budget, size, priorit
 @given(nodes=st.lists(node_st, min_size=1, max_size=12), budget=st.floats(5, 1000),
        priority=st.integers(4, 7))
 def test_deadline_property_holds_with_default_tuning_for_high_priority(
-        nodes, budget, priority) -> None:  # type: ignore[no-untyped-def]
+        nodes, budget, priority) -> None:
     check(build(nodes), Ask("m", 1000, budget, priority, origin="s"), PlacementState(),
           Tuning())

@@ -178,7 +178,7 @@ def test_workers_that_never_come_up_are_retried_with_backoff() -> None:
     pool.close()
 
 
-def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--pool-models digits"):
         updated(AutoscaleConfig(), "[broker.autoscale]", backend="local")
     with pytest.raises(ConfigError, match="min_size 3 is above max_size 2"):
@@ -194,7 +194,7 @@ def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:  # type:
         LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg)
 
 
-def test_local_pool_workers_run_on_the_configured_providers_and_gpus(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_local_pool_workers_run_on_the_configured_providers_and_gpus(tmp_path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="providers"):
         updated(AutoscaleConfig(), "x", providers=["gpu"])
     with pytest.raises(ConfigError, match="gpus"):

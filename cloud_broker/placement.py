@@ -166,6 +166,22 @@ def place(fleet: Fleet, ask: Ask, now_ms: float, rng: random.Random, *,
                     cloud_wanted=view.role == CLOUD, service_ms=view.service_ms(ask.model)[0])
 
 
+def fits_anywhere(fleet: Fleet, ask: Ask, now_ms: float, margin: float = 0.9,
+                  tuning: Tuning = DEFAULT_TUNING) -> bool:
+    """Would any live node with credit in this view meet ``ask`` now, by the deadline
+    policy's own prediction? The exhaustive question a refusal must answer no to: the
+    simulator asks it of every refusal. O(nodes serving the model), and it changes
+    nothing: for audits and tests, never per request."""
+    idx = fleet.index(ask.model)
+    if idx is None:
+        return False
+    limit, deadline = margin * ask.remaining_ms, now_ms + ask.remaining_ms
+    return any(view.node not in ask.exclude and fleet.is_live(view, now_ms)
+               and view.has_credit()
+               and _predict(view, ask.model, ask.size, deadline, tuning.tail) <= limit
+               for view in idx.all)
+
+
 def _nowhere(fleet: Fleet, ask: Ask) -> Decision:
     if ask.model not in fleet.known_models:
         return Decision(None, code=ErrorCode.UNKNOWN_MODEL,

@@ -44,7 +44,7 @@ from cloud_broker.dispatch import (
     Send,
 )
 from cloud_broker.fleet import Fleet
-from cloud_broker.placement import Tuning
+from cloud_broker.placement import Ask, Tuning, fits_anywhere
 from cloud_broker.scaling import scale_context
 from cloud_broker.tracker import Request
 from sim.arrivals import make_process
@@ -255,12 +255,22 @@ class Simulation:
 
     def _finish(self, a: Answer) -> None:
         req: SimRequest = a.pending.request.ref
-        if a.pending.attempt == 0 and a.decision is not None and a.decision.cloud_wanted:
-            self.rec.wanted_cloud(req)  # refused at its first placement
+        if a.decision is not None:  # placement refused it: could a node have met it?
+            self._audit_refusal(a)
         if a.where:
             req.where = a.where  # the node that answered (it may not be the last one sent)
         self.open -= 1
         self.rec.terminal(req, a.code, a.latency_ms)
+
+    def _audit_refusal(self, a: Answer) -> None:
+        p, d = a.pending, a.decision
+        assert d is not None
+        if p.attempt == 0 and d.cloud_wanted:
+            self.rec.wanted_cloud(p.request.ref)  # refused at its first placement
+        r = p.request
+        ask = Ask(r.model, r.size, p.remaining_ms(self.now), r.priority, p.tried, r.origin)
+        self.rec.refusal(a.code, fits_anywhere(self.fleet, ask, self.now, self.margin,
+                                               self.tuning))
 
     def _reply(self, req: SimRequest, info: tuple[str, str, float, float]) -> None:
         node_name, code, queue_ms, service_ms = info

@@ -73,6 +73,10 @@ class Recorder:
         self.flaps = 0
         self.pulled_back = 0
         self.redispatched = 0
+        # Placement's refusals by code, and those of them a node in the broker's view
+        # could have met (placement.fits_anywhere): a false INFEASIBLE is a defect.
+        self.refused: Counter[str] = Counter()
+        self.refused_with_fit: Counter[str] = Counter()
         self.scale_events = 0
         self._tier: dict[tuple[str, str], str] = {}
 
@@ -111,6 +115,10 @@ class Recorder:
         self.met[b] += met
         self.offloaded[b] += code == OK and req.where == "cloud"
 
+    def refusal(self, code: str, fit: bool) -> None:
+        self.refused[code] += 1
+        self.refused_with_fit[code] += fit
+
     def sample(self, ready: int, booting: int, target: int) -> None:
         self.pool["ready"].append(ready)
         self.pool["booting"].append(booting)
@@ -141,6 +149,8 @@ class Recorder:
             "placement_flaps": self.flaps,
             "pulled_back": self.pulled_back,
             "redispatched": self.redispatched,
+            "refused": dict(sorted(self.refused.items())),
+            "refused_with_fit": dict(sorted(self.refused_with_fit.items())),
             **extra,
             "models": {m: t.summary() for m, t in self.models.items()},
             "windows": {name: t.summary() for name, _, _, t in self.windows},

@@ -20,6 +20,7 @@ from cloud_broker.placement import (
     Decision,
     PlacementState,
     Tuning,
+    fits_anywhere,
     place,
     predict_ms,
 )
@@ -86,6 +87,20 @@ def test_infeasible_at_once_when_nothing_can_make_it() -> None:
     d = decide(fleet, budget=30)
     assert d.node is None and d.code == ErrorCode.INFEASIBLE
     assert "> 27.0 ms" in d.reason  # 90 % of the 30 ms budget
+
+
+def test_fits_anywhere_asks_every_live_node_with_credit_and_changes_nothing() -> None:
+    fleet = Fleet()
+    add(fleet, "slow", mean=50, p95=60)
+    add(fleet, "fast", mean=5, p95=6, rtt=2, capacity=1)
+    ask = Ask("m", 1000, remaining_ms=30)
+    assert fits_anywhere(fleet, ask, NOW)
+    assert not fits_anywhere(fleet, Ask("m", 1000, remaining_ms=30, exclude=frozenset({"fast"})),
+                             NOW)
+    fleet.dispatched("fast")  # its one slot is ours now: no credit left
+    assert not fits_anywhere(fleet, ask, NOW)
+    assert not fits_anywhere(fleet, Ask("other", 10, 30), NOW)
+    assert fleet.nodes["fast"].outstanding == 1 and fleet.nodes["slow"].outstanding == 0
 
 
 def test_cheapest_fitting_class_first_and_high_priority_takes_the_fastest() -> None:

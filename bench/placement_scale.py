@@ -25,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+from plotting import pyplot
+
 from cloud_broker.fleet import Fleet
 from cloud_broker.placement import POLICIES, Ask, PlacementState, place
 from sim import load_scenario
@@ -103,10 +105,9 @@ def measure(n: int, policy: str, calls: int, seed: int) -> dict[str, float]:
 
 
 def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for policy, by_size in results.items():

@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from plotting import pyplot
+
 from cloud_broker.placement import POLICIES
 from sim import BUILTIN, SIM_AUTOSCALERS, load_scenario, simulate
 from sim.planner import oracle_gpu_seconds
@@ -145,16 +147,13 @@ def markdown(results: list[dict], g: dict[str, Any], seed: int) -> str:
 
 
 def plots(results: list[dict], out: Path) -> None:
-    plot_slo(results, out)
-    plot_pools(results, out)
+    plt = pyplot()
+    if plt is not None:
+        plot_slo(plt, results, out)
+        plot_pools(plt, results, out)
 
 
-def plot_slo(results: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_slo(plt: Any, results: list[dict], out: Path) -> None:
     scenarios = sorted({r["scenario"] for r in results}, key=_order)
     fig, ax = plt.subplots(figsize=(9, 4.4))
     width = 0.8 / len(POLICIES)
@@ -171,12 +170,7 @@ def plot_slo(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_pools(results: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_pools(plt: Any, results: list[dict], out: Path) -> None:
     for s in sorted({r["scenario"] for r in results}, key=_order):
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
         series = find(results, s)["series"]

@@ -453,6 +453,8 @@ class Fleet:
         idx = self.indexes.get(model)
         if idx is None or view.node not in idx.all:
             return
+        if view.link.samples == 0 and view.load is None:
+            return  # a birth before any report: its link is unknown, not 0 ms away
         g = idx.group(view.status.role, view.status.gpu)
         g.min_rtt_ms = min(g.min_rtt_ms, view.link.rtt_ms)
         g.min_ms_per_byte = min(g.min_ms_per_byte, view.link.ms_per_byte)

@@ -23,15 +23,20 @@ there is no other placement. Policies (``--policy``):
     goes to an edge that can. Hysteresis: a stream (model × origin) on the cloud comes
     back to the edge only after ``dwell_ms`` and with ``hysteresis`` slack to spare,
     so a stream near the edge's limit does not flap.
-  * ``INFEASIBLE`` at once when no candidate can make it (``OVERLOADED`` when all are
-    full, or the free ones are reserved for higher priorities).
+  * Refusals are honest: ``INFEASIBLE`` at once only when no node could make it even
+    idle (a larger budget is needed); ``OVERLOADED`` when one could idle but none can
+    under the current load, when all are full, or when the free ones are reserved for
+    higher priorities. ``fits_anywhere`` is the exhaustive check the simulator holds
+    every refusal to.
 - ``round-robin``, ``least-connection``, ``weighted`` (by declared GPU capability),
   ``power-of-two`` (two random candidates, the shorter queue): the usual baselines;
   they ignore the budget.
 
 Cost per decision does not grow with the fleet: candidates come from per-model,
 per-(role, GPU class) indexes (``Fleet.index``); a group of up to ``Tuning.exhaustive``
-nodes is evaluated whole, a larger one by ``Tuning.sample`` random members. Up to
+nodes is evaluated whole, a larger one by ``Tuning.sample`` random members. A large
+group whose best case (class prior, best link) misses the budget is skipped unsampled;
+for high priorities, so is one that could not beat the earliest finish found so far. Up to
 ``Tuning.exhaustive_model`` nodes per model everything is evaluated, and the deadline
 policy is exact: it never misses a candidate whose prediction fits.
 
@@ -138,10 +143,14 @@ def predict_ms(view: NodeView, ask: Ask, now_ms: float | None = None,
 def _predict(view: NodeView, model: str, size: int, deadline: float | None,
              tail: float) -> float:
     # The one formula: wait for a slot + high-quantile service + round trip + transfer.
+    return view.wait_ms(model, deadline) + _alone(view, model, size, tail)
+
+
+def _alone(view: NodeView, model: str, size: int, tail: float) -> float:
+    """The prediction on ``view`` were it idle: service + round trip + transfer."""
     mean, p95 = view.service_ms(model)
     link = view.link
-    return (view.wait_ms(model, deadline) + mean + tail * (p95 - mean)
-            + link.rtt_ms + size * link.ms_per_byte)
+    return mean + tail * (p95 - mean) + link.rtt_ms + size * link.ms_per_byte
 
 
 def place(fleet: Fleet, ask: Ask, now_ms: float, rng: random.Random, *,
@@ -198,25 +207,38 @@ class _Seen:
     credit: int = 0
     reserved: int = 0  # passed over: idle capacity kept for higher priorities
     fastest_ms: float = float("inf")
+    # The best any candidate or group could do idle: within the budget, a refusal is
+    # load (OVERLOADED), not a budget nothing can meet (INFEASIBLE).
+    alone_ms: float = float("inf")
 
 
 def _refusal(ask: Ask, seen: _Seen, limit: float | None = None,
              cloud_wanted: bool = False) -> Decision:
-    if seen.live == 0:
+    """Why nothing was placed. ``INFEASIBLE`` only when no node could meet the budget
+    even idle; a budget an idle node meets is refused for load (``OVERLOADED``)."""
+    inf = float("inf")
+    if seen.live == 0 and seen.alone_ms == inf:
         return Decision(None, code=ErrorCode.UNAVAILABLE,
                         reason=f"no live node serves {ask.model!r} right now")
+    if limit is not None and seen.alone_ms > limit:
+        shown = f"{seen.alone_ms:.1f} ms" if seen.alone_ms < inf else "none in reach"
+        return Decision(None, seen.alone_ms if seen.alone_ms < inf else 0.0,
+                        ErrorCode.INFEASIBLE, f"best predicted {shown} > {limit:.1f} ms "
+                        f"(of {ask.remaining_ms:.1f} ms left), even on an idle node",
+                        cloud_wanted=cloud_wanted)
     if seen.credit == 0 and seen.reserved:
         return Decision(None, code=ErrorCode.OVERLOADED, cloud_wanted=cloud_wanted,
                         reason=f"the free capacity for {ask.model!r} is reserved for "
                                f"higher priorities than {ask.priority}")
-    if seen.credit == 0:
+    if seen.credit == 0 or limit is None:
         return Decision(None, code=ErrorCode.OVERLOADED, cloud_wanted=cloud_wanted,
                         reason=f"all {seen.live} nodes tried for {ask.model!r} are full")
     fastest = seen.fastest_ms
-    shown = f"{fastest:.1f} ms" if fastest < float("inf") else "none in reach"
-    return Decision(None, fastest if fastest < float("inf") else 0.0, ErrorCode.INFEASIBLE,
-                    f"best predicted {shown} > {limit or 0:.1f} ms "
-                    f"(of {ask.remaining_ms:.1f} ms left)", cloud_wanted=cloud_wanted)
+    kept = f"; {seen.reserved} idle kept for higher priorities" if seen.reserved else ""
+    return Decision(None, fastest, ErrorCode.OVERLOADED,
+                    f"best predicted {fastest:.1f} ms > {limit:.1f} ms (of "
+                    f"{ask.remaining_ms:.1f} ms left) under the current load; "
+                    f"{seen.alone_ms:.1f} ms when idle{kept}", cloud_wanted=cloud_wanted)
 
 
 def _usable(fleet: Fleet, ask: Ask, now_ms: float, seen: _Seen) -> Callable[[NodeView], bool]:
@@ -278,6 +300,12 @@ class _Scan:
         p95 = self.fleet.priors.get(g.gpu, self.ask.model)[1]
         return p95 + g.min_rtt_ms + self.ask.size * g.min_ms_per_byte
 
+    def alone_case(self, g: Group) -> float:
+        """What a member with the class prior and the group's best link predicts idle."""
+        mean, p95 = self.fleet.priors.get(g.gpu, self.ask.model)
+        return (mean + self.tuning.tail * (p95 - mean) + g.min_rtt_ms
+                + self.ask.size * g.min_ms_per_byte)
+
     def members(self, g: Group) -> list[NodeView]:
         """The candidates of a group: all of a small one; else a sample that looks at
         idle members first (where they may be used), then at any."""
@@ -306,9 +334,18 @@ class _Scan:
         """
         loose = picks[0].limit
         for rank, g in enumerate(self.groups(role)):
-            if not g.members or (not self.small and len(g.members) > self.tuning.exhaustive
-                                 and self.best_case(g) > loose):
+            if not g.members:
                 continue
+            large = not self.small and len(g.members) > self.tuning.exhaustive
+            if large:
+                alone = self.alone_case(g)
+                if alone < self.seen.alone_ms:
+                    self.seen.alone_ms = alone
+                # Greedy keeps the earliest finish: a group that cannot beat it is skipped.
+                bound = max(p.predicted if p.view is not None else p.limit for p in picks) \
+                    if greedy else loose
+                if self.best_case(g) > bound:
+                    continue
             for view in self.members(g):
                 predicted = self.evaluate(view, g)
                 if predicted is not None:
@@ -322,16 +359,18 @@ class _Scan:
         if view.node in self.ask.exclude or not view.status.online \
                 or self.now - view.last_seen_ms > self.fleet.node_timeout_ms:
             return None
-        seen = self.seen
+        seen, ask = self.seen, self.ask
         seen.live += 1
+        alone = _alone(view, ask.model, ask.size, self.tuning.tail)
+        if alone < seen.alone_ms:
+            seen.alone_ms = alone
         if view.outstanding >= view.capacity:
             return None
         if self.low and view.idle and self.reserved(g):
             seen.reserved += 1  # the last idle nodes are kept for higher priorities
             return None
         seen.credit += 1
-        predicted = _predict(view, self.ask.model, self.ask.size, self.deadline,
-                             self.tuning.tail)
+        predicted = view.wait_ms(ask.model, self.deadline) + alone
         if predicted < seen.fastest_ms:
             seen.fastest_ms = predicted
         return predicted

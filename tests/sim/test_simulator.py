@@ -93,6 +93,21 @@ def test_deadline_beats_round_robin_on_the_same_arrivals(small: dict) -> None:
     assert small["slo_met_fraction"] > rr["slo_met_fraction"]
 
 
+def test_every_refusal_is_audited_and_load_is_not_called_infeasible() -> None:
+    """detect at 90/s with a 110 ms budget overloads the small fleet's fast nodes, which
+    meet that budget when idle: each refusal is load (OVERLOADED), none INFEASIBLE, and
+    the audit (placement.fits_anywhere) finds a fitting node for none of them."""
+    spec = load_scenario(SMALL)
+    models = tuple(m.model_copy(update={"budget_ms": 110.0}) if m.name == "detect" else m
+                   for m in spec.models)
+    arrivals = tuple(a.model_copy(update={"rate": 90.0}) if isinstance(a, Poisson) else a
+                     for a in spec.arrivals)
+    report = simulate(spec.model_copy(update={"models": models, "arrivals": arrivals}), seed=3)
+    assert report["refused"].get("OVERLOADED", 0) > 10
+    assert report["refused"].get("INFEASIBLE", 0) == 0
+    assert sum(report["refused_with_fit"].values()) == 0
+
+
 def test_failures_are_rescued(small: dict) -> None:
     assert small["redispatched"] > 0  # work of the nodes that died was placed again
 

@@ -34,9 +34,8 @@ there is no other placement. Policies (``--policy``):
 
 Cost per decision does not grow with the fleet: candidates come from per-model,
 per-(role, GPU class) indexes (``Fleet.index``); a group of up to ``Tuning.exhaustive``
-nodes is evaluated whole, a larger one by ``Tuning.sample`` random members. A large
-group whose best case (class prior, best link) misses the budget is skipped unsampled;
-for high priorities, so is one that could not beat the earliest finish found so far. Up to
+nodes is evaluated whole, a larger one by ``Tuning.sample`` random members; a large
+group whose best case (class prior, best link) misses the budget is skipped. Up to
 ``Tuning.exhaustive_model`` nodes per model everything is evaluated, and the deadline
 policy is exact: it never misses a candidate whose prediction fits.
 
@@ -341,10 +340,7 @@ class _Scan:
                 alone = self.alone_case(g)
                 if alone < self.seen.alone_ms:
                     self.seen.alone_ms = alone
-                # Greedy keeps the earliest finish: a group that cannot beat it is skipped.
-                bound = max(p.predicted if p.view is not None else p.limit for p in picks) \
-                    if greedy else loose
-                if self.best_case(g) > bound:
+                if self.best_case(g) > loose:
                     continue
             for view in self.members(g):
                 predicted = self.evaluate(view, g)

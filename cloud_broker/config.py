@@ -1,6 +1,6 @@
 """The broker's configuration: the ``[broker]`` section of a fleet's config.toml.
 
-    config = load(home)                      # validated, or a ConfigError naming the key
+    config = load(home)          # validated, or a ConfigError naming the file and key
     scaling = scale_config(config.autoscale, config.margin)
 
 Names and defaults come from the modules that use them (``placement.POLICIES``,
@@ -19,9 +19,9 @@ from cloud_broker.autoscaler import AUTOSCALERS, ScaleConfig
 from cloud_broker.dispatch import DispatchConfig
 from cloud_broker.placement import POLICIES
 from skyhop.errors import ConfigError
-from skyhop.home import Home
+from skyhop.home import Config, Home
 from skyhop.protocol.topics import check_name
-from skyhop.schema import Strict, validated
+from skyhop.schema import Strict, one_of, validated
 
 _D = ScaleConfig()  # the autoscaler's defaults
 
@@ -77,10 +77,7 @@ class AutoscaleConfig(Strict):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        if policy not in AUTOSCALERS:
-            raise ValueError(f"unknown autoscaler {policy!r}; choose one of "
-                             f"{', '.join(AUTOSCALERS)}")
-        return policy
+        return one_of(policy, AUTOSCALERS, "autoscaler")
 
     @model_validator(mode="after")
     def _coherent(self) -> AutoscaleConfig:
@@ -101,8 +98,8 @@ class AutoscaleConfig(Strict):
 
 
 class BrokerConfig(Strict):
-    policy: str = Field("deadline", description="one of placement.POLICIES")
-    margin: float = Field(_D.margin, gt=0, le=1,
+    policy: str = Field(DispatchConfig.policy, description="one of placement.POLICIES")
+    margin: float = Field(DispatchConfig.margin, gt=0, le=1,
                           description="plan to finish within margin × budget")
     node_timeout_s: float = Field(5.0, gt=0, description="a node silent this long is dead")
     replay_window_s: float = Field(60.0, gt=0)
@@ -125,14 +122,13 @@ class BrokerConfig(Strict):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        return policy
+        return one_of(policy, POLICIES, "policy")
 
 
-def load(home: Home) -> BrokerConfig:
-    """The home's ``[broker]`` section, validated."""
-    return validated(BrokerConfig, home.config().broker, str(home.config_path), "broker")
+def load(home: Home, config: Config | None = None) -> BrokerConfig:
+    """The home's ``[broker]`` section, validated (from ``config``, if read already)."""
+    config = config if config is not None else home.config()
+    return validated(BrokerConfig, config.broker, str(home.config_path), "broker")
 
 
 def scale_config(config: AutoscaleConfig, margin: float) -> ScaleConfig:

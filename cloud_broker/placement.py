@@ -335,11 +335,8 @@ class _Scan:
         for rank, g in enumerate(self.groups(role)):
             if not g.members:
                 continue
-            large = not self.small and len(g.members) > self.tuning.exhaustive
-            if large:
-                alone = self.alone_case(g)
-                if alone < self.seen.alone_ms:
-                    self.seen.alone_ms = alone
+            if not self.small and len(g.members) > self.tuning.exhaustive:
+                self.seen.alone_ms = min(self.seen.alone_ms, self.alone_case(g))
                 if self.best_case(g) > loose:
                     continue
             for view in self.members(g):
@@ -358,8 +355,7 @@ class _Scan:
         seen, ask = self.seen, self.ask
         seen.live += 1
         alone = _alone(view, ask.model, ask.size, self.tuning.tail)
-        if alone < seen.alone_ms:
-            seen.alone_ms = alone
+        seen.alone_ms = min(seen.alone_ms, alone)
         if view.outstanding >= view.capacity:
             return None
         if self.low and view.idle and self.reserved(g):

@@ -5,10 +5,10 @@
     target, state = scale(ctx, state)
 
 The live broker and the simulator both build it here: per model, the requests whose
-first placement wanted the cloud
-(``Decision.cloud_wanted``) and all requests since the last call; the cloud's service
-time from the fleet's class estimates; the SLA budget; the cloud link's best round trip
-and per-byte cost. No clock, no I/O: the broker passes ``now`` and its fleet view.
+first placement wanted the cloud (``Decision.cloud_wanted``) and all requests since the
+last call; the cloud's service time from the fleet's class estimates; the SLA budget;
+the cloud link's best round trip and per-byte cost. No clock, no I/O: the broker passes
+``now`` and its fleet view.
 """
 
 from __future__ import annotations

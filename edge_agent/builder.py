@@ -41,7 +41,7 @@ def build_agent(
         raise ConfigError("--models is empty: name at least one model (skyhop models list)")
     check_name("node", node_id)
     config = home.config()
-    agent_cfg = load(home)
+    agent_cfg = load(home, config)
     if concurrency is not None:
         agent_cfg = agent_cfg.model_copy(update={"concurrency": concurrency})
     home.worker_keys(time.time())  # fail at start, not at the first request

@@ -1,13 +1,13 @@
 """The agent's configuration: the ``[agent]`` section of a fleet's config.toml.
 
-    config = load(home)                      # validated, or a ConfigError naming the key
+    config = load(home)          # validated, or a ConfigError naming the file and key
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from skyhop.home import Home
+from skyhop.home import Config, Home
 from skyhop.schema import Strict, validated
 
 
@@ -22,6 +22,7 @@ class AgentConfig(Strict):
     )
 
 
-def load(home: Home) -> AgentConfig:
-    """The home's ``[agent]`` section, validated."""
-    return validated(AgentConfig, home.config().agent, str(home.config_path), "agent")
+def load(home: Home, config: Config | None = None) -> AgentConfig:
+    """The home's ``[agent]`` section, validated (from ``config``, if read already)."""
+    config = config if config is not None else home.config()
+    return validated(AgentConfig, config.agent, str(home.config_path), "agent")

@@ -255,7 +255,10 @@ class Simulation:
 
     def _finish(self, a: Answer) -> None:
         req: SimRequest = a.pending.request.ref
-        if a.decision is not None:  # placement refused it: could a node have met it?
+        d = a.decision
+        if d is not None:  # placement refused it
+            if a.pending.attempt == 0 and d.cloud_wanted:
+                self.rec.wanted_cloud(req)  # refused at its first placement
             self._audit_refusal(a)
         if a.where:
             req.where = a.where  # the node that answered (it may not be the last one sent)
@@ -263,10 +266,8 @@ class Simulation:
         self.rec.terminal(req, a.code, a.latency_ms)
 
     def _audit_refusal(self, a: Answer) -> None:
-        p, d = a.pending, a.decision
-        assert d is not None
-        if p.attempt == 0 and d.cloud_wanted:
-            self.rec.wanted_cloud(p.request.ref)  # refused at its first placement
+        """Count the refusal, and whether a node in the broker's view could have met it."""
+        p = a.pending
         r = p.request
         ask = Ask(r.model, r.size, p.remaining_ms(self.now), r.priority, p.tried, r.origin)
         self.rec.refusal(a.code, fits_anywhere(self.fleet, ask, self.now, self.margin,

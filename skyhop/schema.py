@@ -33,6 +33,13 @@ def validated(schema: type[S], raw: Mapping[str, Any], where: str, section: str 
         raise ConfigError(f"{where}: {pretty(exc, section)}") from None
 
 
+def one_of(value: str, choices: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError that lists them."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
 def updated(config: S, where: str, **changes: object) -> S:
     """``config`` with ``changes``, validated again (``model_copy`` does not validate);
     a bad value is a ConfigError that names the field under ``where``."""

@@ -189,7 +189,7 @@ def broker(
     _logging(log_level)
     h = _home(home)
     cfg = h.config()
-    bcfg = load(h)
+    bcfg = load(h, cfg)
     if policy is not None:
         bcfg = updated(bcfg, "--policy", policy=policy)
     bcfg = _with_pool(bcfg, pool, pool_models)

@@ -45,7 +45,7 @@ demo: install check-mosquitto
 	$(VENV)/bin/skyhop demo --report demo-report.json
 
 lint: install
-	$(VENV)/bin/ruff check skyhop edge_agent cloud_broker sim tests bench models tools
+	$(VENV)/bin/ruff check skyhop edge_agent cloud_broker sim tests bench tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,7 +38,8 @@ def build_agent(
     if role not in ("edge", "cloud"):
         raise ConfigError(f"--role must be edge or cloud, not {role!r}")
     if not models:
-        raise ConfigError("--models is empty: name at least one model (skyhop models list)")
+        raise ConfigError("no models to serve: pass --models or set [agent] models in the "
+                          "home's config.toml (skyhop models list shows the catalog)")
     check_name("node", node_id)
     config = home.config()
     agent_cfg = load(home, config)
@@ -77,6 +78,7 @@ def load_runner(home: Home, entry: ModelEntry, path: Path, providers: list[str] 
     """A catalog model loaded as an agent loads it (``skyhop check`` does the same)."""
     return OnnxRunner.load(
         entry.name, path, providers, threads, warmup=3, max_batch=entry.max_batch,
+        example=entry.example(),
         device_id=gpu or 0, trt_fp16=agent_cfg.tensorrt_fp16,
         # A TensorRT engine takes minutes to build on a Jetson: build it once.
         trt_cache_dir=home.models_dir / "tensorrt",

@@ -5,7 +5,7 @@
     report.as_dict()     # what ``skyhop check --json`` prints
 
 The telemetry probe and the models are chosen and loaded exactly as the agent does it
-(``builder.agent_probe``, ``builder.load_runner``), then each model is timed on zeros.
+(``builder.agent_probe``, ``builder.load_runner``), then each model is timed on its catalog example input.
 Nothing is downloaded: a model not on disk is reported with the command that fetches it.
 """
 
@@ -31,7 +31,7 @@ class ModelCheck:
     model: str
     provider: str = ""  # the execution provider ORT runs it on
     warmup_ms: float = 0.0  # the agent's last warm-up run: its first service-time prior
-    run_ms: float = 0.0  # p50 of RUNS runs on zeros, dynamic dimensions 1
+    run_ms: float = 0.0  # p50 of RUNS runs on its example input (else zeros, dims 1)
     error: str = ""
 
 
@@ -88,7 +88,7 @@ def _model(home: Home, catalog: Catalog, name: str, providers: list[str] | None,
         if not path.is_file():
             return ModelCheck(name, error=f"not on disk: run `skyhop models fetch {name}`")
         runner = load_runner(home, entry, path, providers, threads, gpu, agent_cfg)
-        feed = zeros_for(runner.inputs)
+        feed = entry.example() or zeros_for(runner.inputs)
         times = []
         for _ in range(runs):
             start = time.perf_counter()

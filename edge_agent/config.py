@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from skyhop.home import Config, Home
@@ -12,6 +14,11 @@ from skyhop.schema import Strict, validated
 
 
 class AgentConfig(Strict):
+    # Who this node is: `skyhop bundle` writes them, so that an installed agent starts
+    # with `skyhop agent --home H` alone; --node-id, --role and --models override.
+    node_id: str | None = Field(None, description="default: the host name")
+    role: Literal["edge", "cloud"] = "edge"
+    models: list[str] = Field(default_factory=list, description="models to serve")
     queue_capacity: int = Field(64, ge=1, le=100_000)
     concurrency: int = Field(1, ge=1, le=64)
     load_interval_s: float = Field(0.5, gt=0)

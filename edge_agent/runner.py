@@ -4,7 +4,7 @@ The pure core is ``TensorSpec``, ``choose_providers``, ``provider_options`` and
 ``validate_inputs``; ``OnnxRunner`` is the thin shell around ``onnxruntime`` and
 ``FakeRunner`` a scripted stand-in for unit tests of the agent::
 
-    runner = OnnxRunner.load("digits", "models/digits/digits.onnx")
+    runner = OnnxRunner.load("digits", "skyhop/catalog/digits.onnx")
     out = runner.run({"x": batch})          # {"y": ndarray, ...}
     runner.provider                         # e.g. "CUDAExecutionProvider"
 
@@ -278,8 +278,10 @@ class OnnxRunner:
         trt_cache_dir: str | Path | None = None,
         max_elements: int = MAX_ELEMENTS,
         max_batch: int | None = None,
+        example: Mapping[str, np.ndarray] | None = None,
     ) -> Self:
-        """Load ``path``, read its specs and warm it up ``warmup`` times on zeros.
+        """Load ``path``, read its specs and warm it up ``warmup`` times on ``example``
+        (the catalog's example input), else on zeros with every dynamic dim 1.
 
         ``providers`` restricts the execution providers (see ``choose_providers``);
         ``intra_op_threads`` caps ORT's CPU threads (None: ORT's default). Raises
@@ -304,7 +306,7 @@ class OnnxRunner:
         actual = session.get_providers()[0]
         if actual != asked:
             log.warning("model %s: asked for %s, ORT runs it on %s", name, asked, actual)
-        runs = _warm_up(session, ins, warmup, path)
+        runs = _warm_up(session, example or zeros_for(ins), warmup, path)
         last_ms = runs[-1] * 1000 if runs else None
         log.info("model %s loaded on %s, warm-up %.3f s", name, actual, sum(runs))
         return cls(
@@ -437,21 +439,21 @@ def zeros_for(specs: Sequence[TensorSpec], dynamic: int = 1) -> dict[str, np.nda
 
 
 def _warm_up(
-    session: Any, specs: Sequence[TensorSpec], times: int, path: Path
+    session: Any, feed: Mapping[str, np.ndarray], times: int, path: Path
 ) -> tuple[float, ...]:
-    """Run ``times`` times on zeros; the seconds each run took."""
+    """Run ``times`` times on ``feed``; the seconds each run took."""
     # The first Run allocates arenas and, with TensorRT, builds the engine: pay it here,
     # not on the first client's budget.
-    feed = zeros_for(specs)
     durations = []
     for _ in range(times):
         start = time.perf_counter()
         try:
-            session.run(None, feed)
+            session.run(None, dict(feed))
         except _run_errors() as exc:
+            shapes = {k: list(v.shape) for k, v in feed.items()}
             raise ConfigError(
-                f"model {path} fails its warm-up run on zeros with dynamic dims = 1: {exc} "
-                f"(load with warmup=0 if it needs other shapes)"
+                f"model {path} fails its warm-up run on inputs of shapes {shapes}: {exc} "
+                f"(declare a valid example input for it in the catalog)"
             ) from exc
         durations.append(time.perf_counter() - start)
     return tuple(durations)

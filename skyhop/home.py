@@ -39,7 +39,7 @@ class SlaEntry(Strict):
 class Config(Strict):
     mqtt: str = "mqtt://127.0.0.1:1883"
     prefix: str = DEFAULT_PREFIX
-    catalog: Path | None = Field(None, description="model catalog; default: models/catalog.toml")
+    catalog: Path | None = Field(None, description="model catalog; default: the packaged skyhop/catalog/catalog.toml")
     # Raw: each process validates its own section (cloud_broker/config.py, edge_agent/config.py).
     broker: dict[str, Any] = Field(default_factory=dict)
     agent: dict[str, Any] = Field(default_factory=dict)

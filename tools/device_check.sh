@@ -41,7 +41,7 @@ python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_a
 # The agent preloads CUDA and cuDNN from the nvidia-* packages (edge_agent/runner.py);
 # if that does not reach them, say so and put them on the loader's path instead.
 cuda_check='from edge_agent.runner import OnnxRunner, CUDA
-r = OnnxRunner.load("digits", "models/digits/digits.onnx", ["cuda"])
+r = OnnxRunner.load("digits", "skyhop/catalog/digits.onnx", ["cuda"])
 raise SystemExit(0 if r.provider == CUDA else f"digits runs on {r.provider}")'
 if ! python3 -c "$cuda_check"; then
     site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

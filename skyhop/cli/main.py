@@ -236,9 +236,17 @@ def _pool_backend(h: Home, url: str, cfg: AutoscaleConfig) -> PoolBackend | None
 
 @app.command()
 def agent(
-    models: Annotated[str, typer.Option(help="Comma-separated model names to serve.")],
-    node_id: Annotated[str | None, typer.Option(help="Node id (default: host name).")] = None,
-    role: Annotated[str, typer.Option(help="edge or cloud.")] = "edge",
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated model names to serve. Default: \\[agent] models."),
+    ] = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option(help="Node id. Default: \\[agent] node_id, else the host name."),
+    ] = None,
+    role: Annotated[
+        str | None, typer.Option(help="edge or cloud. Default: \\[agent] role, else edge.")
+    ] = None,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
     providers: ProvidersOpt = None,
@@ -258,18 +266,24 @@ def agent(
     ] = None,
     log_level: LogOpt = "info",
 ) -> None:
-    """Run an agent: serve MODELS with ONNX Runtime and publish this node's load."""
+    """Run an agent: serve MODELS with ONNX Runtime and publish this node's load.
+
+    An installed bundle's home names the node, its role and models: `skyhop agent
+    --home PREFIX/home` needs nothing else.
+    """
     from edge_agent.agent import default_node_id
     from edge_agent.builder import build_agent
+    from edge_agent.config import load
 
     _logging(log_level)
     h = _home(home)
+    cfg = load(h)
     a = build_agent(
         h,
         mqtt=_mqtt(h, mqtt),
-        node_id=node_id or default_node_id(),
-        models=[m for m in models.split(",") if m],
-        role=role,
+        node_id=node_id or cfg.node_id or default_node_id(),
+        models=[m for m in models.split(",") if m] if models is not None else cfg.models,
+        role=role or cfg.role,
         providers=providers.split(",") if providers else None,
         concurrency=concurrency,
         gpu=gpu,

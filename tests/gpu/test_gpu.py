@@ -138,7 +138,7 @@ def test_runner_on_cuda_gives_what_it_gives_on_cpu(name, tmp_path_factory):
 
 def test_default_providers_run_on_the_gpu_and_skip_tensorrt_without_its_libraries(caplog):
     with caplog.at_level("WARNING", logger="skyhop.runner"):
-        runner = OnnxRunner.load("digits", MODELS_DIR / "digits" / "digits.onnx")
+        runner = OnnxRunner.load("digits", MODELS_DIR / "digits.onnx")
     if _loadable("libnvinfer.so.10") or _loadable("libnvinfer.so.11"):
         assert runner.provider in (TRT, CUDA)
     else:  # ORT lists TensorRT wherever it was built with it; it cannot start here
@@ -190,7 +190,7 @@ def test_sealed_requests_run_on_the_gpu_agent_and_its_nvml_load_reaches_the_brok
             time.sleep(0.1)
     finally:
         spy.stop()
-    local = OnnxRunner.load("digits", MODELS_DIR / "digits" / "digits.onnx", ["cpu"])
+    local = OnnxRunner.load("digits", MODELS_DIR / "digits.onnx", ["cpu"])
     np.testing.assert_array_equal(labels, local.run({"image": SAMPLES["images"]})["label"])
     slow_cpu = OnnxRunner.load("slow", _catalog_dir(home) / "slow.onnx", ["cpu"])
     np.testing.assert_allclose(slow.outputs["y"], slow_cpu.run({"x": x})["y"], rtol=0.05, atol=0.05)

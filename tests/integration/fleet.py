@@ -8,7 +8,10 @@ matrix products), so that tests can catch a request while it is running; ``busy`
 
 from __future__ import annotations
 
+import queue
 import shutil
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from skyhop.home import Home
 from skyhop.models import MODELS_DIR, sha256_file
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.messages import NodeStatus
+from skyhop.protocol.topics import Topics
 
 SLOW_SIDE = 512
 SLOW_LAYERS = 24
@@ -124,7 +130,7 @@ def make_home(root: Path, **config: str) -> Home:
     home.init()
     catalog_dir = root / "catalog"
     catalog_dir.mkdir(exist_ok=True)
-    shutil.copy(MODELS_DIR / "digits" / "digits.onnx", catalog_dir / "digits.onnx")
+    shutil.copy(MODELS_DIR / "digits.onnx", catalog_dir / "digits.onnx")
     build_slow_model(catalog_dir / "slow.onnx")
     (catalog_dir / "catalog.toml").write_text(
         CATALOG.format(
@@ -142,3 +148,23 @@ def make_home(root: Path, **config: str) -> Home:
     )
     (home.path / "config.toml").write_text(text)
     return home
+
+
+def wait_for_birth(url: str, topics: Topics, node: str, timeout_s: float,
+                   proc: subprocess.Popen[bytes] | None = None) -> NodeStatus:
+    """``node``'s retained birth on ``url``; fails after ``timeout_s`` or once ``proc``
+    (the agent) has exited."""
+    births: queue.Queue[NodeStatus] = queue.Queue()
+    with Bus(url, f"birth-{uuid.uuid4().hex[:8]}") as reader:
+        reader.subscribe(topics.status(node), lambda m: births.put(NodeStatus.decode(m.payload)))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"agent {node} exited with {proc.returncode} before birth")
+            try:
+                status = births.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if status.online:
+                return status
+    raise AssertionError(f"no birth from {node} within {timeout_s} s")

@@ -93,7 +93,7 @@ def metric(stack: LocalStack, name: str, port: int | None = None) -> float:
 def test_predictions_match_local_onnx_runtime(client: Client) -> None:
     images, labels = SAMPLES["images"], SAMPLES["labels"]
     session = ort.InferenceSession(
-        str(Path(__file__).parents[2] / "models/digits/digits.onnx"),
+        str(Path(__file__).parents[2] / "skyhop/catalog/digits.onnx"),
         providers=["CPUExecutionProvider"],
     )
     local = session.run(["label"], {"image": images})[0]

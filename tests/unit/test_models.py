@@ -120,7 +120,7 @@ def test_repo_catalog_loads_with_the_expected_models() -> None:
     assert digits.input_names == ("image",)
     assert digits.output_names == ("probabilities", "label")
     assert digits.inputs[0].shape == ("N", 64)
-    assert model_path(digits) == MODELS_DIR / "digits" / "digits.onnx"
+    assert model_path(digits) == MODELS_DIR / "digits.onnx"
     for name in ("ppocr-det", "ppocr-rec", "ppocr-cls", "silero-vad"):
         entry = catalog.get(name)
         assert isinstance(entry.source, WheelSource)

@@ -1,16 +1,16 @@
-"""Build models/digits/digits.onnx and tests/vectors/digits_samples.npz, deterministically.
+"""Build skyhop/catalog/digits.onnx and tests/vectors/digits_samples.npz, deterministically.
 
 Run from anywhere (needs the ``build-models`` extra: scikit-learn and onnx)::
 
-    python models/digits/build.py            # writes both files, prints accuracy and sha256
-    python models/digits/build.py --check    # builds in memory, fails if the files differ
+    python tools/build_digits.py            # writes both files, prints accuracy and sha256
+    python tools/build_digits.py --check    # builds in memory, fails if the files differ
 
 The model is a 64→32 (ReLU)→10 MLP trained on scikit-learn's bundled 8x8 digits (no
 download). The ONNX graph is written by hand with ``onnx.helper`` so the bytes depend only
 on the weights: no converter version, no timestamps, and training runs on one BLAS thread.
 Two builds on the same platform give byte-identical files whatever the core count; another
 BLAS or numpy build may still change the last bits of the weights, which is why
-models/catalog.toml pins the sha256 of the committed file rather than of a rebuild.
+skyhop/catalog/catalog.toml pins the sha256 of the committed file rather than of a rebuild.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-MODEL_PATH = HERE / "digits.onnx"
+REPO = Path(__file__).resolve().parents[1]
+MODEL_PATH = REPO / "skyhop" / "catalog" / "digits.onnx"
 SAMPLES_PATH = REPO / "tests" / "vectors" / "digits_samples.npz"
 
 SEED = 0

@@ -38,7 +38,7 @@ def one_size(n: int) -> dict[str, object]:
     pki = Pki(home)
     pki.init()
     pki.issue("op", "operator")
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     edges = [Issued(f"edge-{i}", "edge", 10_000 + i, now + dt.timedelta(days=30))
              for i in range(n)]
     rights = desired([*pki.entries(), *edges], Topics(), now=now)

@@ -5,7 +5,8 @@
     report.as_dict()     # what ``skyhop check --json`` prints
 
 The telemetry probe and the models are chosen and loaded exactly as the agent does it
-(``builder.agent_probe``, ``builder.load_runner``), then each model is timed on its catalog example input.
+(``builder.agent_probe``, ``builder.load_runner``), then each model is timed on its
+catalog example input.
 Nothing is downloaded: a model not on disk is reported with the command that fetches it.
 """
 

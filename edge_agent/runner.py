@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError
 

@@ -7,13 +7,13 @@ bad file fails with one line naming the key, before anything runs.
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from skyhop.compat import tomllib
 from skyhop.errors import ConfigError
 
 

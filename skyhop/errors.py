@@ -14,7 +14,7 @@ request ends with exactly one reply, either a result or one of these.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from skyhop.compat import StrEnum
 
 
 class ErrorCode(StrEnum):

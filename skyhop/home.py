@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import Field
 
+from skyhop.compat import tomllib
 from skyhop.errors import ConfigError
 from skyhop.models import Catalog, load_catalog
 from skyhop.mqtt.url import MqttUrl, TlsFiles
@@ -39,7 +39,7 @@ class SlaEntry(Strict):
 class Config(Strict):
     mqtt: str = "mqtt://127.0.0.1:1883"
     prefix: str = DEFAULT_PREFIX
-    catalog: Path | None = Field(None, description="model catalog; default: the packaged skyhop/catalog/catalog.toml")
+    catalog: Path | None = Field(None, description="model catalog; default: skyhop/catalog/")
     # Raw: each process validates its own section (cloud_broker/config.py, edge_agent/config.py).
     broker: dict[str, Any] = Field(default_factory=dict)
     agent: dict[str, Any] = Field(default_factory=dict)

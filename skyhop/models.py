@@ -1,4 +1,5 @@
-"""The model catalog (skyhop/catalog/catalog.toml): what each model takes and gives, and where its file is.
+"""The model catalog (skyhop/catalog/catalog.toml): what each model takes and gives, and
+where its file is.
 
 Look up a model and get its file::
 
@@ -23,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from skyhop.compat import tomllib
 from skyhop.errors import ConfigError
 from skyhop.protocol.tensors import DTYPES
 from skyhop.protocol.topics import NAME_RE

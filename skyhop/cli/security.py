@@ -161,7 +161,7 @@ def certs_list(
 
     pki = Pki(_home(home).path)
     pki.ca_certificate()  # a clear error before `certs init`
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     table = Table(
         "name", "role", "serial", "expires", "revoked", title=f"certificates in {pki.dir}"
     )
@@ -201,7 +201,7 @@ def acl_render(
     text = render(
         pki.entries(),
         Topics(_prefix(h, prefix)),
-        now=dt.datetime.now(dt.UTC),
+        now=dt.datetime.now(dt.timezone.utc),
         agents_reply_to_clients=agents_reply_to_clients,
     )
     if out is None:

@@ -24,7 +24,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+
+from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import ConfigError
 

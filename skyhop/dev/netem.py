@@ -18,7 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+
+from typing_extensions import Self  # typing.Self is 3.11+
 
 _CHUNK = 64 * 1024
 # Bytes a direction may hold in flight before the proxy stops reading (TCP backpressure

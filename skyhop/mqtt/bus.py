@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -51,6 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import ConfigError, TransportError
 from skyhop.logthrottle import LogThrottle

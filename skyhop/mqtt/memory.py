@@ -25,7 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Self
+
+from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import TransportError
 from skyhop.mqtt.message import Handler, Message, Will, check_topic, match_filter, matches

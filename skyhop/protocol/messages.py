@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import msgpack
+from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.protocol.topics import NAME_RE

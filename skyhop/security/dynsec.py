@@ -124,7 +124,7 @@ def apply_registry(pki: Pki, url: str, identity: str, prefix: str, *,
     """Give the Mosquitto at ``url`` the rights of ``pki``'s active certificates,
     connected as ``identity`` (an operator of ``pki``): (identities with rights, the
     commands sent)."""
-    rights = desired(pki.entries(), Topics(prefix), now=dt.datetime.now(dt.UTC),
+    rights = desired(pki.entries(), Topics(prefix), now=dt.datetime.now(dt.timezone.utc),
                      agents_reply_to_clients=agents_reply_to_clients)
     with Bus(url, identity, tls=TlsFiles(*pki.credentials(identity))) as bus:
         return len(rights), apply(bus, rights, progress=progress)

@@ -226,7 +226,7 @@ def prepare(
     the rights file to ``user`` (Mosquitto rewrites it).
     Raises ConfigError if there is no CA, or if ``user`` could not reach the files.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.timezone.utc)
     pki = Pki(home)
     name = _server_certificate(pki, server, sans, now)
     crl = pki.crl()

@@ -317,7 +317,7 @@ def write_public(path: Path, data: bytes) -> None:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return dt.datetime.now(dt.timezone.utc)
 
 
 class Pki:

@@ -357,7 +357,7 @@ def _make_pki(tmp_path: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
 
     def write(name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

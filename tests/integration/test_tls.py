@@ -163,7 +163,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 def _make_strays(pki: Pki, where: Path) -> Path:
     where.mkdir()
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     ca_cert, ca_key = pki.ca_certificate(), pki.ca_private_key()
     # A real name in the ACL, so that expiry alone is what refuses it.
     expired = make_leaf(ca_cert, ca_key, "edge-1", "edge", now=now - dt.timedelta(days=30), days=1)
@@ -353,14 +353,14 @@ def test_prepare_resigns_a_crl_near_its_next_update(fleet: Fleet, tmp_path: Path
     # Past nextUpdate OpenSSL refuses every client ("CRL has expired"): never let it near.
     home = tmp_path / "home"
     pki = Pki(home)
-    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=80)
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=80)
     pki.init(now=long_ago)  # its CRL has 10 of 90 days left
     files = Path(tempfile.mkdtemp(prefix="skyhop-crl-"))
     try:
         prepare(home, files_dir=files)
         crl = x509.load_pem_x509_crl((files / "crl.pem").read_bytes())
         assert crl.next_update_utc is not None
-        assert crl.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=80)
+        assert crl.next_update_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=80)
         assert [e.role for e in pki.active()] == ["server"]  # mqtt-server, issued for it
     finally:
         shutil.rmtree(files)
@@ -700,7 +700,8 @@ def test_issue_and_revoke_apply_at_once(
     assert b"after revocation" not in [m.payload for m in watcher.until(sentinel)]
     # A second apply has nothing left to do.
     with Bus(fleet.url, "op", tls=fleet.tls("op")) as op:
-        assert apply(op, desired(fleet.pki.entries(), T, now=dt.datetime.now(dt.UTC))) == []
+        now = dt.datetime.now(dt.timezone.utc)
+        assert apply(op, desired(fleet.pki.entries(), T, now=now)) == []
 
 
 def test_a_refused_publish_is_counted_by_the_bus(connect: Callable[..., Bus]) -> None:

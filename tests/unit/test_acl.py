@@ -16,7 +16,7 @@ from skyhop.protocol.topics import Topics
 from skyhop.security.acl import DEFAULT_ACCESS, GRANTS, ROLE_PREFIX, render
 from skyhop.security.pki import ROLES, Issued
 
-NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+NOW = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 LATER = NOW + dt.timedelta(days=30)
 P = "skyhop/v1/"
 

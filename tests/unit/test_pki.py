@@ -30,7 +30,7 @@ from skyhop.security.pki import (
     role_of,
 )
 
-NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 CLIENT_ROLES = ["edge", "cloud", "broker", "client", "operator"]
 
 

@@ -57,10 +57,11 @@ def check_node(home: Home, models: list[str] | None, providers: list[str] | None
     """Probe and models as the agent would have them; ``models`` None: those on disk."""
     ort = import_ort()
     catalog = home.catalog()
-    if models is None:
-        models = [e.name for e in catalog.models if model_path(e, home.models_dir).is_file()]
-    probe, probe_error = _probe(gpu)
     agent_cfg = load(home)
+    if models is None:  # what the agent serves, else every model on disk
+        models = agent_cfg.models or [
+            e.name for e in catalog.models if model_path(e, home.models_dir).is_file()]
+    probe, probe_error = _probe(gpu)
     threads = default_threads(agent_cfg)
     checks = tuple(_model(home, catalog, name, providers, threads, gpu, agent_cfg, runs)
                    for name in models)

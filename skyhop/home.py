@@ -40,6 +40,9 @@ class Config(Strict):
     mqtt: str = "mqtt://127.0.0.1:1883"
     prefix: str = DEFAULT_PREFIX
     catalog: Path | None = Field(None, description="model catalog; default: skyhop/catalog/")
+    # The certificate name (CN) this home's commands connect as over mqtts when no
+    # --identity is given: a bundle's node. None: each command's own (client, operator...).
+    identity: str | None = None
     # Raw: each process validates its own section (cloud_broker/config.py, edge_agent/config.py).
     broker: dict[str, Any] = Field(default_factory=dict)
     agent: dict[str, Any] = Field(default_factory=dict)

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from skyhop.cli.deploy import register as register_deploy
 from skyhop.cli.security import register as register_security
 from skyhop.errors import ConfigError, RemoteError, SkyhopError, TransportError
 from skyhop.home import Home, default_home
@@ -47,6 +48,7 @@ keys_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 register_security(app)
+register_deploy(app)
 console = Console(stderr=True, soft_wrap=True)  # one error, one line: greppable
 log = logging.getLogger("skyhop.cli")
 PARENT_POLL_S = 1.0  # how often ``agent --parent-pid`` checks that its parent lives
@@ -81,9 +83,13 @@ GpuOpt = Annotated[
 def _identity(default: str) -> object:
     return typer.Option(
         "--identity",
-        help=f"Certificate name (CN) to connect as over mqtts "
-        f"(pki/NAME.crt in the home). Default: {default}.",
+        help=f"Certificate name (CN) to connect as over mqtts (pki/NAME.crt in the "
+        f"home). Default: the home's identity (a bundle's node), else {default}.",
     )
+
+
+def _who(h: Home, identity: str | None, default: str) -> str:
+    return identity or h.config().identity or default
 
 
 def _home(home: Path | None) -> Home:
@@ -176,7 +182,7 @@ def broker(
             "Default: \\[broker.autoscale] models."
         ),
     ] = None,
-    identity: Annotated[str, _identity("broker")] = "broker",
+    identity: Annotated[str | None, _identity("broker")] = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the orchestrator: place each request on an edge or cloud node, within its budget.
@@ -196,6 +202,7 @@ def broker(
     from skyhop.protocol.topics import Topics
 
     url = _mqtt(h, mqtt)
+    identity = _who(h, identity, "broker")
     tls = h.tls(url, identity)
     backend = _pool_backend(h, url, bcfg.autoscale)
     # Over mqtts the ACL lets a broker read only broker/<its CN>/replies.
@@ -301,7 +308,8 @@ def agent(
 def check(
     models: Annotated[
         str | None,
-        typer.Option(help="Comma-separated models (default: every catalog model on disk)."),
+        typer.Option(help="Comma-separated models. Default: \\[agent] models, else every "
+                     "catalog model on disk."),
     ] = None,
     providers: ProvidersOpt = None,
     gpu: GpuOpt = None,
@@ -374,7 +382,7 @@ def infer(
     ] = None,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
-    identity: Annotated[str, _identity("client")] = "client",
+    identity: Annotated[str | None, _identity("client")] = None,
 ) -> None:
     """Send one encrypted inference request and wait for its reply."""
     from skyhop.client import Client
@@ -387,6 +395,7 @@ def infer(
     from skyhop.protocol.topics import Topics
 
     url = _mqtt(h, mqtt)
+    identity = _who(h, identity, "client")
     tls = h.tls(url, identity)
     client = Client(
         url,
@@ -437,7 +446,7 @@ def sla_set(
     priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
-    identity: Annotated[str, _identity("operator")] = "operator",
+    identity: Annotated[str | None, _identity("operator")] = None,
 ) -> None:
     """Publish MODEL's SLA (retained): requests without a budget get this one."""
     from skyhop.protocol.messages import SlaConfig
@@ -445,7 +454,8 @@ def sla_set(
 
     h = _home(home)
     sla = SlaConfig(model=model, budget_ms=budget_ms, priority=priority)
-    _publish_retained(h, mqtt, identity, Topics(h.config().prefix).sla(model), sla.encode())
+    _publish_retained(h, mqtt, _who(h, identity, "operator"), Topics(h.config().prefix).sla(model),
+                      sla.encode())
     typer.echo(f"SLA for {model}: {budget_ms:g} ms, priority {priority}")
 
 
@@ -470,7 +480,7 @@ def keys_rotate(
         typer.Option(help="Also publish the signed announcement (needs --mqtt and the CA key)."),
     ] = False,
     mqtt: MqttOpt = None,
-    identity: Annotated[str, _identity("operator")] = "operator",
+    identity: Annotated[str | None, _identity("operator")] = None,
 ) -> None:
     """Make a new fleet key. Agents re-read keys/ within seconds; copy it to every agent."""
     h = _home(home)
@@ -485,7 +495,7 @@ def keys_rotate(
 def keys_announce(
     home: HomeOpt = None,
     mqtt: MqttOpt = None,
-    identity: Annotated[str, _identity("operator")] = "operator",
+    identity: Annotated[str | None, _identity("operator")] = None,
 ) -> None:
     """Publish the current fleet public key, signed by the fleet CA (retained)."""
     from cryptography.hazmat.primitives import serialization
@@ -506,7 +516,8 @@ def keys_announce(
         raise ConfigError(f"{ca_key_path} is not an EC key")
     key = h.fleet_public()
     announcement = sign(key, ca_key, time.time_ns() // 1_000_000)
-    _publish_retained(h, mqtt, identity, Topics(h.config().prefix).keys, announcement.encode())
+    _publish_retained(h, mqtt, _who(h, identity, "operator"), Topics(h.config().prefix).keys,
+                      announcement.encode())
     typer.echo(f"announced fleet key {key.kid}")
 
 
@@ -515,14 +526,15 @@ def status(
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
     watch: Annotated[bool, typer.Option(help="Keep refreshing.")] = False,
-    identity: Annotated[str, _identity("operator")] = "operator",
+    identity: Annotated[str | None, _identity("operator")] = None,
 ) -> None:
     """Show the broker's retained status: nodes, queues, placements, latency."""
     from skyhop.cli.status_view import show_status
 
     h = _home(home)
     url = _mqtt(h, mqtt)
-    show_status(url, h.config().prefix, watch=watch, tls=h.tls(url, identity))
+    show_status(url, h.config().prefix, watch=watch,
+                tls=h.tls(url, _who(h, identity, "operator")))
 
 
 # -- models -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from skyhop.home import Home
 from skyhop.models import MODELS_DIR, sha256_file
 from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.messages import NodeStatus
 from skyhop.protocol.topics import Topics
 
@@ -151,11 +152,12 @@ def make_home(root: Path, **config: str) -> Home:
 
 
 def wait_for_birth(url: str, topics: Topics, node: str, timeout_s: float,
-                   proc: subprocess.Popen[bytes] | None = None) -> NodeStatus:
+                   proc: subprocess.Popen[bytes] | None = None, *,
+                   tls: TlsFiles | None = None) -> NodeStatus:
     """``node``'s retained birth on ``url``; fails after ``timeout_s`` or once ``proc``
-    (the agent) has exited."""
+    (the agent) has exited. Over mqtts, ``tls`` is an operator's."""
     births: queue.Queue[NodeStatus] = queue.Queue()
-    with Bus(url, f"birth-{uuid.uuid4().hex[:8]}") as reader:
+    with Bus(url, "operator" if tls else f"birth-{uuid.uuid4().hex[:8]}", tls=tls) as reader:
         reader.subscribe(topics.status(node), lambda m: births.put(NodeStatus.decode(m.payload)))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

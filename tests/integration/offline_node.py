@@ -1,12 +1,14 @@
 """Install a node's bundle and serve requests with no network: run inside ``unshare -n``.
 
-    unshare -n python -m tests.integration.offline_node FLEET_HOME BUNDLE PREFIX NODE PY
+    unshare -n python -m tests.integration.offline_node FLEET_HOME BUNDLE PREFIX NODE PY \
+        [CLIENT_BUNDLE]
 
 Brings loopback up (the only interface a new namespace has), extracts BUNDLE, runs its
 install.sh with PY, starts a mutual-TLS Mosquitto and a broker from FLEET_HOME, then
 the installed agent as ``PREFIX/bin/skyhop agent --home PREFIX/home --mqtt URL``, and
-sends the digits samples. Prints one JSON line: timings, and the labels it got and
-expected. test_bundle.py runs it; any failure is an exception and a non-zero exit.
+sends the digits samples. With CLIENT_BUNDLE, that bundle is installed too and its
+``skyhop infer`` sends one more. Prints one JSON line: timings, and the labels it got
+and expected. test_bundle.py runs it; any failure is an exception and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -55,17 +57,37 @@ def first_reply(client: Client, image: np.ndarray) -> None:
             time.sleep(0.2)
 
 
-def main(fleet_dir: str, bundle: str, prefix: str, node: str, python: str) -> None:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    assert offline(), "this namespace reaches the network: run it under unshare -n"
-    fleet = Home(fleet_dir)
+def install(bundle: str, prefix: str, python: str) -> float:
+    """Extract ``bundle`` and run its install.sh into ``prefix``; the seconds it took."""
     work = Path(tempfile.mkdtemp(prefix="offline-"))
     with tarfile.open(bundle) as tar:
         tar.extractall(work, filter="tar")
+    (script,) = work.glob("skyhop-*/install.sh")
     started = time.monotonic()
-    subprocess.run([str(work / f"skyhop-{node}" / "install.sh"), "--prefix", prefix,
-                    "--no-systemd", "--python", python], check=True)
-    install_s = time.monotonic() - started
+    subprocess.run([str(script), "--prefix", prefix, "--no-systemd", "--python", python],
+                   check=True)
+    return time.monotonic() - started
+
+
+def client_infer(prefix: str, url: str, image: np.ndarray) -> str:
+    """One request through an installed client bundle's ``skyhop infer``: its output."""
+    sample = Path(tempfile.mkdtemp(prefix="sample-")) / "x.npy"
+    np.save(sample, image[None])
+    done = subprocess.run([f"{prefix}/bin/skyhop", "infer", "digits", "--home",
+                           f"{prefix}/home", "--mqtt", url, "--input", str(sample)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+def main(fleet_dir: str, bundle: str, prefix: str, node: str, python: str,
+         client_bundle: str | None = None) -> None:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    assert offline(), "this namespace reaches the network: run it under unshare -n"
+    fleet = Home(fleet_dir)
+    install_s = install(bundle, prefix, python)
+    client_prefix = f"{prefix}-client"
+    if client_bundle:
+        install(client_bundle, client_prefix, python)
     topics = Topics(fleet.config().prefix)
     with TlsMosquitto.start(fleet.path, prefix=topics.prefix) as server:
         skyhop = [sys.executable, "-m", "skyhop"]
@@ -87,13 +109,16 @@ def main(fleet_dir: str, bundle: str, prefix: str, node: str, python: str) -> No
                     result = client.infer("digits", {"image": image[None]}, budget_ms=10_000)
                     assert result.header.node == node
                     got.append(int(result.outputs["label"][0]))
+            client_said = client_infer(client_prefix, server.url, images[0]) \
+                if client_bundle else ""
         finally:
             for proc in (agent, broker):
                 proc.terminate()
                 proc.wait(timeout=60)
     print(json.dumps({"install_s": round(install_s, 2), "birth_s": round(birth_s, 2),
                       "models": list(birth.models), "labels": got,
-                      "expected": [int(x) for x in labels], "agent_exit": agent.returncode}))
+                      "expected": [int(x) for x in labels], "agent_exit": agent.returncode,
+                      "client": client_said}))
 
 
 if __name__ == "__main__":

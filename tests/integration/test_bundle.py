@@ -128,7 +128,8 @@ def test_each_role_gets_exactly_its_files(fleet: Home, tmp_path: Path) -> None:
 def test_an_offline_install_serves_the_right_answers(
     fleet: Home, tmp_path: Path, python: str
 ) -> None:
-    """The install runs with the network gone (unshare -n): the bundle is complete."""
+    """The install runs with the network gone (unshare -n): the bundle is complete. With
+    the host's Python, a client bundle's installed ``skyhop infer`` asks as well."""
     if python == "host":
         interpreter, args = base_python(), []
     else:
@@ -141,14 +142,19 @@ def test_an_offline_install_serves_the_right_answers(
     node = f"cam-{python.replace('.', '')}"
     tar = bundle(fleet, node, tmp_path / f"{node}.tar.gz", "--models", "digits",
                  "--mqtt", "mqtts://127.0.0.1:1", *args)  # the test's server overrides it
+    client = [] if python != "host" else [str(bundle(
+        fleet, "app-offline", tmp_path / "client.tar.gz", "--role", "client",
+        "--mqtt", "mqtts://127.0.0.1:1"))]
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, "-m", "tests.integration.offline_node",
-         str(fleet.path), str(tar), str(tmp_path / "opt"), node, interpreter],
+         str(fleet.path), str(tar), str(tmp_path / "opt"), node, interpreter, *client],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["labels"] == report["expected"]
     assert report["models"] == ["digits"] and report["agent_exit"] == 0
+    if client:  # the client bundle's own skyhop infer, as app-offline over mTLS
+        assert report["client"].startswith(f"OK digits on {node} (edge)"), report["client"]
     print(f"\n{node}: install {report['install_s']} s offline, birth {report['birth_s']} s")
 
 

@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # cpu: onnxruntime; gpu: onnxruntime-gpu with CUDA 13 and cuDNN 9, and NVML (docs/gpu.md).
-# The two cannot share a venv: `make test-gpu VENV=.venv-gpu EXTRAS=gpu,dev`.
-EXTRAS ?= cpu,dev
+# The two cannot share a venv: `make test-gpu VENV=.venv-gpu EXTRAS=gpu,dev`. ray: the
+# Ray pool backend, which tests/integration/test_ray_pool.py runs on a local cluster.
+EXTRAS ?= cpu,dev,ray
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 # JetPack 6's Python: `make test` also runs the unit suite on it (pyenv's, else PATH's; a

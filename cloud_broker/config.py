@@ -33,9 +33,15 @@ class AutoscaleConfig(Strict):
     local pool's workers share this machine.
     """
 
-    backend: Literal["none", "local"] = Field(
-        "none", description="none: cloud workers are started by hand; local: as processes here"
+    backend: Literal["none", "local", "ray"] = Field(
+        "none", description="none: cloud workers are started by hand; local: as processes "
+        "here; ray: as Ray actors on a Ray cluster (docs/pool.md)"
     )
+    ray_address: str = Field(
+        "local", description="ray: 'local' starts a cluster here; 'auto' or ray://HOST:PORT "
+        "joins one")
+    num_gpus: float = Field(1.0, ge=0, description="ray: GPUs per worker (0 on CPU nodes)")
+    num_cpus: float = Field(1.0, ge=0, description="ray: CPUs per worker")
     policy: str = Field(_D.policy, description="one of autoscaler.AUTOSCALERS")
     models: list[str] = Field([], description="the models a pool worker serves")
     min_size: int = Field(_D.min_size, ge=0)
@@ -83,10 +89,10 @@ class AutoscaleConfig(Strict):
     def _coherent(self) -> AutoscaleConfig:
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
-        if self.backend == "local" and not self.models:
+        if self.backend in ("local", "ray") and not self.models:
             raise ValueError(
-                'the local pool needs the models its workers serve: models = ["digits"] '
-                "under [broker.autoscale], or skyhop broker --pool-models digits"
+                f'the {self.backend} pool needs the models its workers serve: models = '
+                '["digits"] under [broker.autoscale], or skyhop broker --pool-models digits'
             )
         if self.policy == "static-peak" and not self.static_size:
             raise ValueError("policy static-peak needs static_size, the pool's fixed size")

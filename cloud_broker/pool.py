@@ -1,6 +1,6 @@
 """The live cloud GPU pool: workers started and stopped on the autoscaler's word.
 
-    pool = LocalProcessPool.from_home(home, mqtt_url, config)  # config: [broker.autoscale]
+    pool = local_pool(home, mqtt_url, config)  # config: [broker.autoscale]; or ray_pool
     pool.start(2, now_ms)                 # two workers, *starting*
     pool.born("pool-1", now_ms)           # the broker saw pool-1's birth: *ready*
     lost = pool.poll(now_ms)              # workers that exited unasked; reaps stopped ones
@@ -19,16 +19,16 @@ unasked is a crash: it leaves the pool, and the next scale call replaces it. A w
 whose broker died (even by SIGKILL, which leaves nobody to stop it) stops itself within
 a second or so (``skyhop agent --parent-pid``).
 
-``PoolBackend`` is what the broker needs of any pool. ``LocalProcessPool`` runs workers
-as ``skyhop agent --role cloud`` processes on this machine; a Kubernetes backend would
-implement the same calls over pods (not built: docs/architecture.md, The live cloud pool).
+``PoolBackend`` is what the broker needs of any pool. ``WorkerPool`` keeps that
+account over any worker ``Handle`` (it polls, terminates, kills and waits like a
+``Popen``): ``local_pool`` makes ``skyhop agent --role cloud`` processes on this machine,
+``cloud_broker.ray_pool`` Ray actors that run the same agent (docs/pool.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -41,6 +41,7 @@ from cloud_broker.config import AutoscaleConfig
 from skyhop.errors import ConfigError
 from skyhop.home import Home
 from skyhop.mqtt.url import MqttUrl
+from skyhop.process import ProcessLike as Handle
 from skyhop.process import agent_args, spawn, terminate
 
 log = logging.getLogger("skyhop.broker")
@@ -119,56 +120,30 @@ def choose_stop(workers: Sequence[Worker], n: int, busy: Mapping[str, int]) -> l
     return [w.name for w in order[:n]]
 
 
-class LocalProcessPool:
-    """Cloud workers as local processes. ``spawn(name)`` starts one; ``names`` are the
-    node ids it may use, in order (a name is reused once its last process is reaped)."""
+class WorkerPool:
+    """The pool's account: ``spawn(name)`` starts one worker and returns its handle;
+    ``names`` are the node ids it may use, in order (a name is reused once its last
+    worker is reaped). ``kind`` names the backend in the broker's status."""
 
-    kind = "local"
-
-    def __init__(self, spawn: Callable[[str], subprocess.Popen[bytes]], names: Sequence[str],
+    def __init__(self, spawn: Callable[[str], Handle], names: Sequence[str],
                  *, models: Sequence[str] = (), slots: int = 1, grace_s: float = 10.0,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, kind: str = "local",
+                 on_close: Callable[[], None] = lambda: None) -> None:
+        self.kind = kind
+        self._on_close = on_close
         self.models = tuple(models)
         self.slots = slots
         self.grace_s = grace_s
         self.log_dir = log_dir
         self._spawn = spawn
         self._names = list(names)
-        self._workers: dict[str, tuple[Worker, subprocess.Popen[bytes]]] = {}
-        self._stopping: dict[str, tuple[subprocess.Popen[bytes], float]] = {}  # -> kill at
+        self._workers: dict[str, tuple[Worker, Handle]] = {}
+        self._stopping: dict[str, tuple[Handle, float]] = {}  # -> kill at
         self._cold_starts: list[float] = []
         self._failed_starts = 0  # workers in a row that died before their birth
         self._hold_until_ms = 0.0
         self._foreign_names: set[str] = set()  # names seen online that are not ours
         self._reaped: set[str] = set()  # ours, exited; the fleet may not have seen it go yet
-
-    @classmethod
-    def from_home(cls, home: Home, mqtt_url: str, config: AutoscaleConfig) -> LocalProcessPool:
-        """Workers that run ``config.models`` from ``home``, logging to HOME/logs/pool/.
-
-        What a worker needs is checked here, so that a bad setup fails at start rather
-        than as a crash every interval."""
-        names = [f"{config.worker_prefix}-{i}" for i in range(1, config.max_size + 1)]
-        _check_home(home, mqtt_url, config.models, names)
-        log_dir = home.path / "logs" / "pool"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        # A worker stops with the broker, even one killed with SIGKILL: it must not
-        # keep a GPU, nor contend with the next broker's worker of the same name.
-        extra: tuple[str, ...] = ("--concurrency", str(config.slots),
-                                  "--parent-pid", str(os.getpid()))
-        if config.providers:
-            extra += ("--providers", ",".join(config.providers))
-
-        def run_worker(name: str) -> subprocess.Popen[bytes]:
-            gpu = config.gpus[names.index(name) % len(config.gpus)] if config.gpus else None
-            on_gpu = ("--gpu", str(gpu)) if gpu is not None else ()
-            args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra, *on_gpu)
-            # Its own session: a Ctrl-C meant for the broker must not reach the workers
-            # first (they would look like crashes); the broker stops them in order.
-            return spawn(args, log_dir / f"{name}.log", start_new_session=True)
-
-        return cls(run_worker, names, models=config.models, slots=config.slots,
-                   grace_s=config.stop_grace_s, log_dir=log_dir)
 
     def start(self, n: int, now_ms: float,
               online: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -203,7 +178,7 @@ class LocalProcessPool:
         for name in names:
             _, proc = self._workers.pop(name)
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # the agent publishes its death and exits
+                proc.terminate()  # the agent publishes its death and exits
             self._stopping[name] = (proc, now_ms + self.grace_s * 1000)
 
     def born(self, name: str, now_ms: float) -> float | None:
@@ -258,9 +233,41 @@ class LocalProcessPool:
         terminate(procs, self.grace_s)
         self._workers.clear()
         self._stopping.clear()
+        self._on_close()
 
 
-def _check_home(home: Home, mqtt_url: str, models: Sequence[str], names: Sequence[str]) -> None:
+def local_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool:
+    """Workers that run ``config.models`` from ``home`` as processes here, logging to
+    HOME/logs/pool/. What a worker needs is checked here, so that a bad setup fails at
+    start rather than as a crash every interval."""
+    names = worker_names(config)
+    check_home(home, mqtt_url, config.models, names)
+    log_dir = home.path / "logs" / "pool"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # A worker stops with the broker, even one killed with SIGKILL: it must not
+    # keep a GPU, nor contend with the next broker's worker of the same name.
+    extra: tuple[str, ...] = ("--concurrency", str(config.slots),
+                              "--parent-pid", str(os.getpid()))
+    if config.providers:
+        extra += ("--providers", ",".join(config.providers))
+
+    def run_worker(name: str) -> subprocess.Popen[bytes]:
+        gpu = config.gpus[names.index(name) % len(config.gpus)] if config.gpus else None
+        on_gpu = ("--gpu", str(gpu)) if gpu is not None else ()
+        args = agent_args(home, mqtt_url, name, config.models, "cloud", *extra, *on_gpu)
+        # Its own session: a Ctrl-C meant for the broker must not reach the workers
+        # first (they would look like crashes); the broker stops them in order.
+        return spawn(args, log_dir / f"{name}.log", start_new_session=True)
+
+    return WorkerPool(run_worker, names, models=config.models, slots=config.slots,
+                      grace_s=config.stop_grace_s, log_dir=log_dir)
+
+
+def worker_names(config: AutoscaleConfig) -> list[str]:
+    return [f"{config.worker_prefix}-{i}" for i in range(1, config.max_size + 1)]
+
+
+def check_home(home: Home, mqtt_url: str, models: Sequence[str], names: Sequence[str]) -> None:
     catalog = home.catalog()
     for model in models:
         catalog.get(model)  # a ConfigError that lists the catalog's models

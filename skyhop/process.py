@@ -4,14 +4,25 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from skyhop.home import Home
+
+
+class ProcessLike(Protocol):
+    """What stopping a worker takes, as ``subprocess.Popen`` offers it; a Ray actor's
+    handle (``cloud_broker.ray_pool``) offers the same."""
+
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def terminate(self) -> None: ...  # a clean stop: an agent publishes its own death
+    def kill(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...  # TimeoutExpired past it
 
 
 def spawn(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
@@ -27,13 +38,13 @@ def spawn(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen[byt
         )
 
 
-def terminate(procs: Iterable[subprocess.Popen[bytes]], grace_s: float) -> None:
+def terminate(procs: Iterable[ProcessLike], grace_s: float) -> None:
     """SIGTERM every process (a clean exit: an agent publishes its own death), wait up
     to ``grace_s`` for each, then SIGKILL what is left; all are reaped on return."""
     procs = list(procs)
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.terminate()  # SIGTERM
     for proc in procs:
         try:
             proc.wait(timeout=grace_s)

@@ -170,8 +170,9 @@ def broker(
         str | None,
         typer.Option(
             help="Cloud GPU pool to size with the autoscaler: none (cloud agents are "
-            "started by hand) or local (cloud agents started and stopped here as "
-            "`skyhop agent --role cloud` processes, logs in HOME/logs/pool/). "
+            "started by hand), local (cloud agents started and stopped here as "
+            "`skyhop agent --role cloud` processes, logs in HOME/logs/pool/) or ray "
+            "(the same agents as Ray actors: \\[broker.autoscale] ray_address). "
             "Default: \\[broker.autoscale] backend in the home's config, else none."
         ),
     ] = None,
@@ -236,9 +237,13 @@ def _with_pool(bcfg: BrokerConfig, pool: str | None, models: str | None) -> Brok
 def _pool_backend(h: Home, url: str, cfg: AutoscaleConfig) -> PoolBackend | None:
     if cfg.backend == "none":
         return None
-    from cloud_broker.pool import LocalProcessPool
+    if cfg.backend == "ray":
+        from cloud_broker.ray_pool import ray_pool
 
-    return LocalProcessPool.from_home(h, url, cfg)
+        return ray_pool(h, url, cfg)
+    from cloud_broker.pool import local_pool
+
+    return local_pool(h, url, cfg)
 
 
 @app.command()

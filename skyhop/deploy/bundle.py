@@ -129,7 +129,6 @@ def _pki(home: Home, node: Node, now: dt.datetime) -> list[File]:
                           f"bundle it as --role {held[-1].role}, or revoke it first")
     if not held or not pki.key_path(node.name).exists():
         pki.issue(node.name, role, now=now, renew=bool(held))
-    pki.refresh_crl(now=now)  # a fresh nextUpdate: Mosquitto refuses a stale CRL
     ca, cert, key = pki.credentials(node.name)
     return [File("home/pki/ca.crt", ca.read_bytes()),
             File("home/pki/crl.pem", pki.crl_path.read_bytes()),

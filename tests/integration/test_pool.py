@@ -223,7 +223,7 @@ def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:
     ("args", "says"),
     [
         (["--pool", "local"], "--pool-models digits"),
-        (["--pool", "k8s"], "backend: Input should be 'none' or 'local'"),
+        (["--pool", "k8s"], "backend: Input should be 'none', 'local' or 'ray'"),
         (["--pool", "local", "--pool-models", "nope"], "nope"),
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 
 from cloud_broker.broker import Broker
 from cloud_broker.config import AutoscaleConfig, BrokerConfig
-from cloud_broker.pool import LocalProcessPool, Worker, choose_stop, plan
+from cloud_broker.pool import Worker, WorkerPool, choose_stop, local_pool, plan
 from skyhop.errors import ConfigError
 from skyhop.home import Home
 from skyhop.mqtt.message import Message
@@ -45,7 +45,7 @@ def test_plan_starts_or_stops_the_difference() -> None:
 
 
 class Spawner:
-    """``spawn(name)`` for LocalProcessPool: a real child process per worker."""
+    """``spawn(name)`` for WorkerPool: a real child process per worker."""
 
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
@@ -65,7 +65,7 @@ def sleeper() -> Iterator[Spawner]:
         proc.wait()
 
 
-def _until_reaped(pool: LocalProcessPool, now: float) -> None:
+def _until_reaped(pool: WorkerPool, now: float) -> None:
     deadline = time.monotonic() + 10
     while pool.stopping():
         assert time.monotonic() < deadline, f"not reaped: {pool.stopping()}"
@@ -74,7 +74,7 @@ def _until_reaped(pool: LocalProcessPool, now: float) -> None:
 
 
 def test_a_worker_is_starting_until_its_birth_then_ready(sleeper: Spawner) -> None:
-    pool = LocalProcessPool(sleeper, ["w-1", "w-2"], slots=2)
+    pool = WorkerPool(sleeper, ["w-1", "w-2"], slots=2)
     assert pool.start(3, now_ms=OLD) == ["w-1", "w-2"]  # no third name: fewer start
     assert pool.born("w-1", NEW) == NEW - OLD  # the cold start, as measured
     assert pool.born("w-1", NEWER) is None and pool.born("other", NEWER) is None
@@ -86,7 +86,7 @@ def test_a_worker_is_starting_until_its_birth_then_ready(sleeper: Spawner) -> No
 
 
 def test_stop_terminates_and_reaps_and_frees_the_name(sleeper: Spawner) -> None:
-    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool = WorkerPool(sleeper, ["w-1", "w-2"])
     pool.start(2, OLD)
     pool.stop(["w-1"], NEW)
     assert [w.name for w in pool.workers()] == ["w-2"] and pool.stopping() == ["w-1"]
@@ -100,7 +100,7 @@ def test_stop_terminates_and_reaps_and_frees_the_name(sleeper: Spawner) -> None:
 
 def test_a_name_online_elsewhere_is_skipped_until_it_goes(
         sleeper: Spawner, caplog: pytest.LogCaptureFixture) -> None:
-    pool = LocalProcessPool(sleeper, ["w-1", "w-2", "w-3"])
+    pool = WorkerPool(sleeper, ["w-1", "w-2", "w-3"])
     elsewhere = {"w-1"}  # another broker's pool runs a w-1
     assert pool.start(0, OLD, online=elsewhere.__contains__) == []
     assert "online already" not in caplog.text  # no name wanted: none checked, none logged
@@ -115,7 +115,7 @@ def test_a_name_online_elsewhere_is_skipped_until_it_goes(
 
 def test_our_own_stopped_worker_still_online_is_skipped_without_a_warning(
         sleeper: Spawner, caplog: pytest.LogCaptureFixture) -> None:
-    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool = WorkerPool(sleeper, ["w-1", "w-2"])
     pool.start(1, OLD)
     pool.stop(["w-1"], NEW)
     _until_reaped(pool, NEW)
@@ -130,7 +130,7 @@ def test_our_own_stopped_worker_still_online_is_skipped_without_a_warning(
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
     stubborn = Spawner(["sh", "-c", "trap '' TERM; sleep 60 & wait"])
-    pool = LocalProcessPool(stubborn, ["w-1"], grace_s=1.0)
+    pool = WorkerPool(stubborn, ["w-1"], grace_s=1.0)
     pool.start(1, OLD)
     time.sleep(0.2)  # let the shell set its trap
     pool.stop(["w-1"], OLD)
@@ -143,7 +143,7 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace() -> None:
 def test_a_worker_that_dies_unasked_is_reported_once_and_leaves_the_pool(
     sleeper: Spawner,
 ) -> None:
-    pool = LocalProcessPool(sleeper, ["w-1", "w-2"])
+    pool = WorkerPool(sleeper, ["w-1", "w-2"])
     pool.start(2, OLD)
     pool.born("w-2", OLD)
     sleeper.procs["w-2"].kill()
@@ -159,7 +159,7 @@ def test_workers_that_never_come_up_are_retried_with_backoff() -> None:
     """A worker dying before its birth would die again: 10 s, 20 s, … between tries; a
     birth ends the streak."""
     broken = Spawner(["true"])
-    pool = LocalProcessPool(broken, ["w-1"])
+    pool = WorkerPool(broken, ["w-1"])
     t = 0.0
     for hold_s in (10, 20, 40):
         assert pool.start(1, t) == ["w-1"]
@@ -187,11 +187,11 @@ def test_local_pool_needs_models_and_checks_the_home(tmp_path) -> None:
     home = Home(tmp_path / "home")
     home.init()
     with pytest.raises(ConfigError, match="nope"):
-        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", updated(cfg, "x", models=["nope"]))
+        local_pool(home, "mqtt://127.0.0.1:1", updated(cfg, "x", models=["nope"]))
     for key in home.keys_dir.glob("worker-*.pem"):
         key.unlink()
     with pytest.raises(ConfigError, match="worker keys"):
-        LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg)
+        local_pool(home, "mqtt://127.0.0.1:1", cfg)
 
 
 def test_local_pool_workers_run_on_the_configured_providers_and_gpus(tmp_path, monkeypatch) -> None:
@@ -208,11 +208,11 @@ def test_local_pool_workers_run_on_the_configured_providers_and_gpus(tmp_path, m
         return args[args.index(name) + 1] if name in args else None
 
     base = updated(AutoscaleConfig(), "x", backend="local", models=["digits"], max_size=3)
-    LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", base).start(1, 0.0)
+    local_pool(home, "mqtt://127.0.0.1:1", base).start(1, 0.0)
     assert option(argv[-1], "--providers") is None and option(argv[-1], "--gpu") is None
     argv.clear()
     cfg = updated(base, "x", providers=["cuda", "cpu"], gpus=[0, 1])
-    LocalProcessPool.from_home(home, "mqtt://127.0.0.1:1", cfg).start(3, 0.0)
+    local_pool(home, "mqtt://127.0.0.1:1", cfg).start(3, 0.0)
     assert [option(a, "--providers") for a in argv] == ["cuda,cpu"] * 3
     assert [option(a, "--gpu") for a in argv] == ["0", "1", "0"]  # pool-1, -2, -3
 
@@ -248,7 +248,7 @@ def _broker(**autoscale: Any) -> tuple[Broker, dict[str, FakeProcess]]:
         procs[name] = FakeProcess()
         return procs[name]
 
-    pool = LocalProcessPool(spawn, ["pool-1", "pool-2", "pool-3"], models=["m"])
+    pool = WorkerPool(spawn, ["pool-1", "pool-2", "pool-3"], models=["m"])
     config = BrokerConfig(autoscale=AutoscaleConfig(**autoscale))
     return Broker("mqtt://127.0.0.1:1", config=config, pool=pool), procs
 

@@ -1,0 +1,100 @@
+"""The cloud pool on a real Ray cluster (a local one, CPU only: ``num_gpus = 0``), and
+pull-back while the pool warms, on the ``local`` and ``ray`` backends.
+
+The broker starts the Ray cluster itself (``ray_address = "local"``) and stops it with
+its pool; each worker is a Ray actor running ``skyhop agent --role cloud``. A GPU node
+brought up by Ray's autoscaler is not tested here: no cloud is reachable (docs/pool.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from skyhop.client import Client
+from skyhop.dev.localstack import LocalStack
+from tests.integration.test_pool import (
+    LOCAL_EXPIRY,
+    POOL,
+    X,
+    _drive,
+    _fleet,
+    _load_for_two_workers,
+    _outcome,
+    _pool,
+    _serving,
+    _status,
+    _wait,
+)
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+# Workers of half a CPU: three fit on this 2-core machine's local cluster.
+RAY = POOL.replace('backend = "local"', 'backend = "ray"') + """num_gpus = 0
+num_cpus = 0.5
+"""
+COLD = """min_size = 0
+scale_to_zero = true
+idle_to_zero_ms = 600000
+"""
+
+
+def _settled(stack: LocalStack, size: int) -> dict | None:
+    p = _pool(stack)
+    return p if p and (p["target"], p["ready"], p["starting"], p["stopping"]) == (
+        size, size, 0, 0) else None
+
+
+@pytest.fixture
+def ray_fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client]]:
+    with _fleet(fleet_server, tmp_path, RAY) as both:
+        yield both
+
+
+def test_a_ray_pool_grows_under_load_and_shrinks_back(ray_fleet) -> None:
+    stack, client = ray_fleet
+    service_ms = _wait("a first Ray worker", lambda: _serving(stack), 120, stack)[0]
+    first = _pool(stack)
+    assert first["backend"] == "ray" and first["last_cold_start_ms"] > 0
+    budget, rate = _load_for_two_workers(service_ms)
+    sent = _drive(client, budget, rate, 40, until=lambda: len(_serving(stack)) >= 2)
+    assert _pool(stack)["ready"] >= 2, _status(stack)
+
+    outcomes = [_outcome(f) for f in sent]
+    print(f"cold start {first['last_cold_start_ms']:.0f} ms;",
+          {o: outcomes.count(o) for o in set(outcomes)})
+    time.sleep(0.5)
+    assert client.counters["unmatched_replies"] == 0  # never two replies for one request
+    assert LOCAL_EXPIRY not in outcomes  # and never none
+    _wait("the Ray pool back at min_size", lambda: _settled(stack, 1), 60, stack)
+    log = (stack.log_dir / "broker.log").read_text()
+    assert "ray pool on local" in log and "reason=down" in log
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_while_the_pool_warms_edges_take_the_burst(fleet_server, tmp_path: Path,
+                                                   backend: str) -> None:
+    """A cold pool and a burst: the edge serves it while the workers start, every
+    request gets its one reply, and the pool warms up."""
+    pool = (RAY if backend == "ray" else POOL) + COLD
+    with _fleet(fleet_server, tmp_path, pool) as (stack, client):
+        stack.agent("edge-1", ["busy"], "--providers", "cpu")
+        stack.wait_live(["edge-1"])
+        _wait("the pool sized", lambda: "target" in _pool(stack), 60, stack)
+        first = client.infer("busy", X, budget_ms=5_000)
+        assert first.header.where == "edge" and _pool(stack)["ready"] == 0
+        # A burst at once: placed on arrival, while no worker is ready; budgets that
+        # let edge-1 queue it all, since no worker comes up within milliseconds.
+        budget = 40 * first.header.service_ms + 1_000
+        burst = [client.submit("busy", X, budget_ms=budget) for _ in range(20)]
+        outcomes = [_outcome(f) for f in burst]
+        print(backend, {o: outcomes.count(o) for o in set(outcomes)})
+        assert outcomes == ["OK"] * len(burst)  # each its one reply, none lost
+        assert {f.result().header.where for f in burst} == {"edge"}
+        assert client.counters["unmatched_replies"] == 0
+        pool = _wait("a worker warmed by the burst", lambda: _pool(stack)["ready"] >= 1 and
+                     _pool(stack), 60, stack)
+        assert pool["last_cold_start_ms"] > 0

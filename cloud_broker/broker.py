@@ -544,5 +544,10 @@ class Broker:
             "stopping": int(g["stopping"]),
             "crashes": int(self.metrics.get("pool_worker_crashes_total")),
             "last_cold_start_ms": round(g["last_cold_start_seconds"] * 1000, 1),
-            "workers": [{"node": w.name, "ready": w.ready} for w in self.pool.workers()],
+            # starting (asked, not yet born), ready, or draining (told to stop, not gone)
+            "workers": [{"node": w.name, "ready": w.ready,
+                         "state": "ready" if w.ready else "starting"}
+                        for w in self.pool.workers()]
+            + [{"node": name, "ready": False, "state": "draining"}
+               for name in self.pool.stopping()],
         }

@@ -28,9 +28,13 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
     pool = status.get("pool")
     if pool:
         caption += (
-            f"\npool {pool['ready']} ready + {pool['starting']} starting, target "
-            f"{pool['target']} ({pool['min_size']}-{pool['max_size']}, {pool['policy']})"
+            f"\npool ({pool.get('backend', '?')}) {pool['ready']} ready + "
+            f"{pool['starting']} starting, target {pool['target']} "
+            f"({pool['min_size']}-{pool['max_size']}, {pool['policy']})"
         )
+        workers = ", ".join(f"{w['node']} {w.get('state', 'ready' if w['ready'] else '?')}"
+                            for w in pool.get("workers", []))
+        caption += f"\nworkers {workers}" if workers else ""
     table = Table(title=title, caption=caption)
     table.add_column("node", no_wrap=True)  # the one column an operator greps for
     for name in ("role", "live", "device", "queue", "in flight", "util", "memory", "rtt ms"):

@@ -225,6 +225,7 @@ def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:
         (["--pool", "local"], "--pool-models digits"),
         (["--pool", "k8s"], "backend: Input should be 'none', 'local' or 'ray'"),
         (["--pool", "local", "--pool-models", "nope"], "nope"),
+        (["--pool", "ray"], "the ray pool needs the models"),
     ],
 )
 def test_a_bad_pool_is_one_clear_line(tmp_path: Path, args: list[str], says: str) -> None:

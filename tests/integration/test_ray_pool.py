@@ -69,7 +69,8 @@ def test_a_ray_pool_grows_under_load_and_shrinks_back(ray_fleet) -> None:
     time.sleep(0.5)
     assert client.counters["unmatched_replies"] == 0  # never two replies for one request
     assert LOCAL_EXPIRY not in outcomes  # and never none
-    _wait("the Ray pool back at min_size", lambda: _settled(stack, 1), 60, stack)
+    settled = _wait("the Ray pool back at min_size", lambda: _settled(stack, 1), 60, stack)
+    assert [w["state"] for w in settled["workers"]] == ["ready"]
     log = (stack.log_dir / "broker.log").read_text()
     assert "ray pool on local" in log and "reason=down" in log
 

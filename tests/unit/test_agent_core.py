@@ -113,6 +113,23 @@ def test_status_table_shows_each_nodes_memory() -> None:
     assert " - " in lines["new-1"] and " - " in lines["old-1"]  # no report yet; older broker
 
 
+def test_status_table_shows_the_pool_backend_and_each_worker_state() -> None:
+    from rich.console import Console
+
+    from skyhop.cli.status_view import status_table
+
+    pool = {"backend": "ray", "ready": 1, "starting": 1, "target": 2, "min_size": 1,
+            "max_size": 3, "policy": "predictive",
+            "workers": [{"node": "pool-1", "ready": True, "state": "ready"},
+                        {"node": "pool-2", "ready": False, "state": "starting"},
+                        {"node": "pool-3", "ready": False, "state": "draining"}]}
+    console = Console(record=True, width=200)
+    console.print(status_table({"nodes": [], "pool": pool}))
+    text = " ".join(console.export_text().split())  # a caption wraps at the table's width
+    assert "pool (ray) 1 ready + 1 starting, target 2" in text
+    assert "workers pool-1 ready, pool-2 starting, pool-3 draining" in text
+
+
 def test_rate_limiter_allows_a_burst_then_the_rate_per_client() -> None:
     from cloud_broker.ratelimit import RateLimiter
 

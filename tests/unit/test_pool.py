@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -301,3 +303,14 @@ def test_the_broker_never_starts_a_worker_another_pool_runs(
     broker._pool_tick(time.monotonic() * 1000)
     assert list(procs) == ["pool-2"]
     assert "give each broker its own worker_prefix" in caplog.text
+
+
+def test_the_ray_backend_without_ray_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_broker.ray_pool import ray_pool
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    cfg = AutoscaleConfig(backend="ray", models=["digits"])
+    with pytest.raises(ConfigError, match=r"pip install 'skyhop\[ray\]'"):
+        ray_pool(Home(tmp_path), "mqtt://127.0.0.1:1", cfg)

@@ -27,7 +27,9 @@ def register(app: typer.Typer) -> None:
 
 def bundle_command(
     node: Annotated[str, typer.Argument(help="The node's id (its certificate's name).")],
-    out: Annotated[Path, typer.Option("--out", help="The tarball to write (.tar.gz).")],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="FILE", help="The tarball to write (.tar.gz).")
+    ],
     home: Annotated[
         Path | None,
         typer.Option("--home", help="Fleet home. Default: $SKYHOP_HOME, else ~/.skyhop."),
@@ -53,16 +55,18 @@ def bundle_command(
     ] = None,
     onnxruntime_wheel: Annotated[
         Path | None,
-        typer.Option(help="An onnxruntime(-gpu) wheel to ship instead of PyPI's CPU one: "
-                     "NVIDIA's Jetson wheel for the device's JetPack (docs/deploy.md)."),
+        typer.Option(metavar="WHEEL", help="An onnxruntime(-gpu) wheel to ship instead of "
+                     "PyPI's CPU one: NVIDIA's Jetson wheel for the device's JetPack "
+                     "(docs/deploy.md)."),
     ] = None,
     find_links: Annotated[
         list[Path] | None,
-        typer.Option("--find-links", help="Also take wheels from this folder (repeatable)."),
+        typer.Option("--find-links", metavar="DIR",
+                     help="Also take wheels from this folder (repeatable)."),
     ] = None,
     also: Annotated[
         list[str] | None,
-        typer.Option("--with", help="Also ship this requirement (repeatable), e.g. "
+        typer.Option("--with", metavar="REQ", help="Also ship this requirement (repeatable), e.g. "
                      "nvidia-ml-py for GPU telemetry beside --onnxruntime-wheel."),
     ] = None,
     glibc: Annotated[

@@ -83,10 +83,10 @@ def node_files(home: Home, node: Node, now: dt.datetime) -> list[File]:
     config = home.config()
     catalog = home.catalog()
     entries = [catalog.get(m) for m in node.models]
+    home.fleet_public()  # a damaged or missing fleet key fails here, not on the device
     files = [File("home/config.toml", _config(config, node).encode()),
              File("home/catalog.toml", _catalog(entries).encode()),
              File("home/keys/fleet.json", (home.keys_dir / "fleet.json").read_bytes())]
-    home.fleet_public()  # a damaged or missing fleet key fails here, not on the device
     if node.agent:
         files += _models(home, entries) + _worker_keys(home, now)
     return files + _pki(home, node, now)

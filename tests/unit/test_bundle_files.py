@@ -73,6 +73,12 @@ def test_a_node_keeps_its_role(home: Home) -> None:
         node_files(home, Node("cam-7", "cloud", ("digits",), "mqtt://mq"), NOW)
 
 
+def test_a_home_without_a_fleet_key_says_to_init_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="skyhop init"):
+        node_files(Home(tmp_path / "nothing"), Node("cam-7", "edge", ("digits",), "mqtt://mq"),
+                   NOW)
+
+
 def test_mqtts_without_a_ca_says_to_make_one(tmp_path: Path) -> None:
     h = Home(tmp_path / "bare")
     h.init()

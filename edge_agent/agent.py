@@ -174,12 +174,22 @@ class Agent:
         """A newer process as this node (a copied config, two pools racing for a name)
         means this one must leave: the two would take the MQTT session from each other
         forever. The newest session wins, as the MQTT server's takeover does. Its status
-        may read offline: each takeover fires the Will of the one pushed out."""
+        may read offline: each takeover fires the Will of the one pushed out. A status
+        that is no birth at all (cleared, garbage) is replaced by this one's."""
         try:
             status = NodeStatus.decode(msg.payload) if msg.payload else None
         except ProtocolError:
+            status = None
+        if status is None:
+            # Cleared, or garbage over our birth: a broker started now would never see
+            # this node live (its load reports alone do not make it so). Put it back.
+            if not self._stopping.is_set():
+                self.metrics.inc("status_restored_total")
+                log.warning("node %s: its retained status was %s; announcing it again",
+                            self.node_id, "overwritten" if msg.payload else "cleared")
+                self.bus.publish(msg.topic, self._status(online=True), qos=1, retain=True)
             return
-        if status is None or (status.session == self.session and status.online):
+        if status.session == self.session and status.online:
             return
         # Ours stands over the older one's birth or Will, and over our own Will when it
         # lands after our rebirth (a server that fires it late, on a takeover).

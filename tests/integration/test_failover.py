@@ -15,7 +15,7 @@ import pytest
 
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
-from skyhop.errors import ErrorCode, RemoteError
+from skyhop.errors import ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
 from skyhop.process import agent_args, spawn, terminate
 from skyhop.protocol.messages import NodeStatus
@@ -204,6 +204,49 @@ def test_a_second_agent_with_the_same_name_stops_the_first_and_serves(fleet) -> 
         assert second.poll() is None
     finally:
         terminate([second], grace_s=10)
+
+
+def test_a_garbage_retained_status_is_replaced_and_a_new_broker_sees_the_node(
+    fleet, transport: str
+) -> None:
+    """Garbage retained on a node's status topic would hide the node from every broker
+    started afterwards; the agent, subscribed to its own status, puts its birth back."""
+    if transport == "mqtts":
+        pytest.skip("over mqtts only the node itself may write its status topic (test_tls)")
+    stack, client = fleet
+    stack.agent("solo", ["digits"])
+    stack.wait_live(["solo"])
+    topic = Topics(stack.home.config().prefix).status("solo")
+    with Bus(stack.mqtt_url, "vandal") as vandal:
+        vandal.publish(topic, b"\xffnot a status", qos=1, retain=True)
+        time.sleep(0.2)  # the PUBACK, before the clean disconnect
+    deadline = time.monotonic() + 10
+    while (status := _retained_status(stack.mqtt_url, topic)) is None or not status.online:
+        assert time.monotonic() < deadline, f"the status still reads {status!r}"
+    stack.kill("broker")
+    stack.broker()  # reads the retained statuses afresh
+    deadline = time.monotonic() + 30
+    while True:  # what is sent before the new broker subscribes is nobody's to answer
+        try:
+            result = client.infer("digits", {"image": np.zeros((1, 64), np.float32)},
+                                  budget_ms=2_000)
+            break
+        except RemoteError:
+            assert time.monotonic() < deadline, "the new broker never served solo"
+    assert result.header.node == "solo"
+    assert "its retained status was overwritten" in (stack.log_dir / "solo.log").read_text()
+
+
+def _retained_status(url: str, topic: str) -> NodeStatus | None:
+    """What a subscriber arriving now reads on ``topic``: None for garbage or nothing."""
+    got: list[bytes] = []
+    with Bus(url, f"reader-{time.monotonic_ns()}") as reader:
+        reader.subscribe(topic, lambda m: got.append(m.payload))
+        time.sleep(0.3)
+    try:
+        return NodeStatus.decode(got[-1]) if got and got[-1] else None
+    except ProtocolError:
+        return None
 
 
 def _served_within(client: Client, seconds: float):

@@ -31,7 +31,7 @@ from skyhop.models import fetch
 from skyhop.protocol.topics import Topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.integration.fleet import wait_for_birth
+from tests.integration.fleet import install_bundle, wait_for_birth
 
 SKYHOP = [sys.executable, "-m", "skyhop"]
 TARGETS = [("linux_x86_64", "3.11", "edge"), ("linux_x86_64", "3.11", "client"),
@@ -75,18 +75,6 @@ def sizes(home: Home, root: Path) -> list[dict[str, object]]:
     return rows
 
 
-def install_offline(tar: Path, prefix: Path) -> float:
-    work = tar.parent / f"x-{tar.stem}"
-    with tarfile.open(tar) as t:
-        t.extractall(work, filter="tar")
-    (script,) = work.glob("skyhop-*/install.sh")
-    python = str(Path(sys._base_executable).resolve())  # type: ignore[attr-defined]
-    start = time.perf_counter()
-    subprocess.run(["unshare", "-n", str(script), "--prefix", str(prefix), "--no-systemd",
-                    "--python", python], check=True, capture_output=True)
-    return time.perf_counter() - start
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -123,7 +111,8 @@ def main() -> None:
     everything = root / "all.tar.gz"
     bundle(fleet, "n-all", everything, "--models", ",".join(names))
     prefix = root / "opt"
-    first, again = install_offline(everything, prefix), install_offline(everything, prefix)
+    first, again = (install_bundle(everything, prefix, wrap=("unshare", "-n"))
+                    for _ in range(2))
     result["install_offline_s"] = {"fresh": round(first, 1), "upgrade": round(again, 1)}
     print(json.dumps(result["install_offline_s"]), flush=True)
 

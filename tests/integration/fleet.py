@@ -11,6 +11,8 @@ from __future__ import annotations
 import queue
 import shutil
 import subprocess
+import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -170,3 +172,25 @@ def wait_for_birth(url: str, topics: Topics, node: str, timeout_s: float,
             if status.online:
                 return status
     raise AssertionError(f"no birth from {node} within {timeout_s} s")
+
+
+def base_python() -> str:
+    """The interpreter this venv was made from: an install's venv is made from it."""
+    return str(Path(sys._base_executable).resolve())  # type: ignore[attr-defined]
+
+
+def install_bundle(tar: Path | str, prefix: Path | str, python: str | None = None, *,
+                   wrap: tuple[str, ...] = ()) -> float:
+    """Extract a ``skyhop bundle`` tarball next to itself and run its install.sh into
+    ``prefix`` (``--no-systemd``), under ``wrap`` (``("unshare", "-n")``: offline);
+    the seconds install.sh took."""
+    tar = Path(tar)
+    work = tar.parent / f"x-{tar.name.split('.')[0]}"
+    shutil.rmtree(work, ignore_errors=True)
+    with tarfile.open(tar) as t:
+        t.extractall(work, filter="tar")
+    (script,) = work.glob("skyhop-*/install.sh")
+    started = time.monotonic()
+    subprocess.run([*wrap, str(script), "--prefix", str(prefix), "--no-systemd", "--python",
+                    python or base_python()], check=True, timeout=600)
+    return time.monotonic() - started

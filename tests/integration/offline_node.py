@@ -17,7 +17,6 @@ import json
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from skyhop.dev.mosquitto import TlsMosquitto
 from skyhop.errors import RemoteError
 from skyhop.home import Home
 from skyhop.protocol.topics import Topics
-from tests.integration.fleet import wait_for_birth
+from tests.integration.fleet import install_bundle, wait_for_birth
 
 SAMPLES = Path(__file__).resolve().parents[1] / "vectors" / "digits_samples.npz"
 BIRTH_S = 120.0  # the agent's start on a loaded 2-core machine is seconds; generous
@@ -57,18 +56,6 @@ def first_reply(client: Client, image: np.ndarray) -> None:
             time.sleep(0.2)
 
 
-def install(bundle: str, prefix: str, python: str) -> float:
-    """Extract ``bundle`` and run its install.sh into ``prefix``; the seconds it took."""
-    work = Path(tempfile.mkdtemp(prefix="offline-"))
-    with tarfile.open(bundle) as tar:
-        tar.extractall(work, filter="tar")
-    (script,) = work.glob("skyhop-*/install.sh")
-    started = time.monotonic()
-    subprocess.run([str(script), "--prefix", prefix, "--no-systemd", "--python", python],
-                   check=True)
-    return time.monotonic() - started
-
-
 def client_infer(prefix: str, url: str, image: np.ndarray) -> str:
     """One request through an installed client bundle's ``skyhop infer``: its output."""
     sample = Path(tempfile.mkdtemp(prefix="sample-")) / "x.npy"
@@ -84,10 +71,10 @@ def main(fleet_dir: str, bundle: str, prefix: str, node: str, python: str,
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     assert offline(), "this namespace reaches the network: run it under unshare -n"
     fleet = Home(fleet_dir)
-    install_s = install(bundle, prefix, python)
+    install_s = install_bundle(bundle, prefix, python)
     client_prefix = f"{prefix}-client"
     if client_bundle:
-        install(client_bundle, client_prefix, python)
+        install_bundle(client_bundle, client_prefix, python)
     topics = Topics(fleet.config().prefix)
     with TlsMosquitto.start(fleet.path, prefix=topics.prefix) as server:
         skyhop = [sys.executable, "-m", "skyhop"]

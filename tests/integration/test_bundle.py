@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from skyhop.deploy.wheelhouse import Target, missing, read_wheel
 from skyhop.home import Home
 from skyhop.security.pki import Pki
-from tests.integration.fleet import make_home
+from tests.integration.fleet import base_python, install_bundle, make_home
 
 ROOT = Path(__file__).resolve().parents[2]
 SKYHOP = [sys.executable, "-m", "skyhop"]
@@ -40,11 +40,6 @@ def python310() -> str | None:
         if path and subprocess.run([path, "-c", ""], check=False).returncode == 0:
             return path
     return None
-
-
-def base_python() -> str:
-    """The interpreter this venv was made from: a venv for the install is made from it."""
-    return str(Path(sys._base_executable).resolve())  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +64,6 @@ def bundle(home: Home, node: str, out: Path, *args: str) -> Path:
 def members(path: Path) -> dict[str, tarfile.TarInfo]:
     with tarfile.open(path) as tar:
         return {m.name: m for m in tar.getmembers() if m.isfile()}
-
-
-def install(tar: Path, prefix: Path, *args: str, python: str | None = None) -> None:
-    work = tar.parent / f"x-{tar.stem}"
-    shutil.rmtree(work, ignore_errors=True)
-    with tarfile.open(tar) as t:
-        t.extractall(work, filter="tar")
-    (script,) = work.glob("skyhop-*/install.sh")
-    subprocess.run([str(script), "--prefix", str(prefix), "--no-systemd", "--python",
-                    python or base_python(), *args], check=True, timeout=600)
 
 
 def _home_files(tar: Path) -> set[str]:
@@ -167,7 +152,7 @@ def test_an_upgrade_keeps_state_and_uninstall_leaves_nothing(
     prefix = tmp_path / "opt"
     first = bundle(fleet, "cam-up", tmp_path / "v1.tar.gz", "--models", "digits,slow",
                    "--mqtt", "mqtt://10.0.0.1:1883")
-    install(first, prefix)
+    install_bundle(first, prefix)
     home = prefix / "home"
     assert (home / "models" / "slow" / "slow.onnx").is_file()
     state = [home / "models" / "tensorrt" / "engine.bin", home / "notes.txt"]
@@ -177,7 +162,7 @@ def test_an_upgrade_keeps_state_and_uninstall_leaves_nothing(
 
     second = bundle(fleet, "cam-up", tmp_path / "v2.tar.gz", "--models", "digits",
                     "--mqtt", "mqtt://10.0.0.2:1883")
-    install(second, prefix)
+    install_bundle(second, prefix)
     assert 'mqtt = "mqtt://10.0.0.2:1883"' in (home / "config.toml").read_text()
     assert not (home / "models" / "slow").exists()  # the old bundle's file, gone
     assert all(p.read_text() == "the node's own" for p in state)
@@ -196,7 +181,8 @@ def test_the_rendered_unit_passes_systemd_analyze_verify(fleet: Home, tmp_path: 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed (Debian: apt-get install systemd)")
     prefix = tmp_path / "opt"
-    install(bundle(fleet, "cam-unit", tmp_path / "u.tar.gz", "--models", "digits"), prefix)
+    install_bundle(bundle(fleet, "cam-unit", tmp_path / "u.tar.gz", "--models", "digits"),
+                   prefix)
     unit = prefix / "skyhop-agent.service"
     text = unit.read_text()
     assert f"ExecStart={prefix}/bin/skyhop agent --home {prefix}/home\n" in text

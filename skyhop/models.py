@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -54,7 +53,6 @@ DEFAULT_CATALOG = MODELS_DIR / "catalog.toml"
 DEFAULT_PIP = (sys.executable, "-m", "pip")
 PIP_TIMEOUT_S = 600.0  # a 15 MB wheel on a slow link; beyond this something is stuck
 _CHUNK = 1 << 20
-_PIP_TAIL_LINES = 12
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
@@ -398,17 +396,9 @@ def _download(wheel: str, into: Path, pip: Sequence[str], timeout_s: float, hint
     # --no-deps: the model is all we want; silero-vad's dependencies alone are GBs of torch.
     cmd = [*pip, "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", wheel, "-d", str(into)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError(f"could not run {' '.join(cmd)}: {exc}\n{hint}") from None
-    if done.returncode != 0:
-        lines = (done.stdout + done.stderr).strip().splitlines()[-_PIP_TAIL_LINES:]
-        tail = "\n".join(f"  | {line}" for line in lines)
-        raise ConfigError(
-            f"pip download {wheel} failed (exit {done.returncode}):\n{tail}\n{hint}"
-        )
+    from skyhop.process import run_pip  # here: skyhop.process -> skyhop.home -> this module
+
+    run_pip(cmd, f"pip download {wheel}", hint, timeout_s)
     wheels = sorted(into.glob("*.whl"))
     if len(wheels) != 1:
         raise ConfigError(f"pip download {wheel} left {len(wheels)} wheels, expected one")

@@ -10,7 +10,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from skyhop.errors import ConfigError
 from skyhop.home import Home
+
+PIP_TAIL_LINES = 12  # of pip's output, in the error: the reason is at the end
 
 
 class ProcessLike(Protocol):
@@ -71,3 +74,17 @@ def agent_args(
         role,
         *extra,
     ]
+
+
+def run_pip(cmd: Sequence[str], doing: str, hint: str, timeout_s: float) -> None:
+    """Run a pip command line (model downloads, bundle wheelhouses); a ConfigError with
+    the end of pip's output and ``hint`` if it cannot run or fails. Never prompts."""
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s,
+                              check=False, env=os.environ | {"PIP_NO_INPUT": "1"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"could not run {' '.join(cmd)}: {exc}\n{hint}") from None
+    if done.returncode != 0:
+        lines = (done.stdout + done.stderr).strip().splitlines()[-PIP_TAIL_LINES:]
+        tail = "\n".join(f"  | {line}" for line in lines)
+        raise ConfigError(f"{doing} failed (exit {done.returncode}):\n{tail}\n{hint}")

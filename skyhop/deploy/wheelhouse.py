@@ -13,10 +13,8 @@ left out is downloaded until nothing is.
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -29,6 +27,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from skyhop.errors import ConfigError
+from skyhop.process import run_pip
 
 PLATFORMS = ("linux_x86_64", "linux_aarch64")
 PYTHONS = ("3.10", "3.11", "3.12")
@@ -238,15 +237,6 @@ def _one(paths: Iterable[Path], what: str, where: Path) -> Path:
 
 
 def _pip(args: list[str], doing: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
-                              check=False, env=os.environ | {"PIP_NO_INPUT": "1"})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError(f"{doing}: could not run pip: {exc}") from None
-    if done.returncode != 0:
-        tail = "\n".join(f"  | {line}" for line in
-                         (done.stdout + done.stderr).strip().splitlines()[-12:])
-        raise ConfigError(f"{doing} failed (pip exit {done.returncode}):\n{tail}\n"
-                          f"hint: check access to the package index (pip honours "
-                          f"PIP_INDEX_URL and pip.conf), or pass --find-links DIR")
+    run_pip([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], doing,
+            "hint: check access to the package index (pip honours PIP_INDEX_URL and "
+            "pip.conf), or pass --find-links DIR", PIP_TIMEOUT_S)

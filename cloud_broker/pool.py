@@ -246,10 +246,7 @@ def local_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool
     log_dir.mkdir(parents=True, exist_ok=True)
     # A worker stops with the broker, even one killed with SIGKILL: it must not
     # keep a GPU, nor contend with the next broker's worker of the same name.
-    extra: tuple[str, ...] = ("--concurrency", str(config.slots),
-                              "--parent-pid", str(os.getpid()))
-    if config.providers:
-        extra += ("--providers", ",".join(config.providers))
+    extra = (*worker_args(config), "--parent-pid", str(os.getpid()))
 
     def run_worker(name: str) -> subprocess.Popen[bytes]:
         gpu = config.gpus[names.index(name) % len(config.gpus)] if config.gpus else None
@@ -261,6 +258,14 @@ def local_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool
 
     return WorkerPool(run_worker, names, models=config.models, slots=config.slots,
                       grace_s=config.stop_grace_s, log_dir=log_dir)
+
+
+def worker_args(config: AutoscaleConfig) -> list[str]:
+    """The ``skyhop agent`` options every backend's worker runs with."""
+    args = ["--concurrency", str(config.slots)]
+    if config.providers:
+        args += ["--providers", ",".join(config.providers)]
+    return args
 
 
 def worker_names(config: AutoscaleConfig) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_broker.config import AutoscaleConfig
-from cloud_broker.pool import WorkerPool, check_home, worker_names
+from cloud_broker.pool import WorkerPool, check_home, worker_args, worker_names
 from skyhop.errors import ConfigError
 from skyhop.home import Home
 
@@ -113,9 +113,7 @@ def ray_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool:
     actor_class = ray.remote(AgentActor).options(
         num_gpus=config.num_gpus, num_cpus=config.num_cpus,
         max_concurrency=2)  # stop() runs while run() waits on the agent
-    args = ["--concurrency", str(config.slots)]
-    if config.providers:
-        args += ["--providers", ",".join(config.providers)]
+    args = worker_args(config)
 
     def run_worker(name: str) -> RayWorker:
         files = node_files(home, Node(name, "cloud", tuple(config.models), mqtt_url),

@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 # cpu: onnxruntime; gpu: onnxruntime-gpu with CUDA 13 and cuDNN 9, and NVML (docs/gpu.md).
 # The two cannot share a venv: `make test-gpu VENV=.venv-gpu EXTRAS=gpu,dev`. ray: the
-# Ray pool backend, which tests/integration/test_ray_pool.py runs on a local cluster.
-EXTRAS ?= cpu,dev,ray
+# Ray pool backend, which tests/integration/test_ray_pool.py runs on a local cluster; k8s:
+# the Kubernetes backend and `skyhop k8s render` (tests/integration/test_k8s_pool.py).
+EXTRAS ?= cpu,dev,ray,k8s
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 # JetPack 6's Python: `make test` also runs the unit suite on it (pyenv's, else PATH's; a
@@ -47,7 +48,7 @@ unit-py310:
 $(STAMP310): pyproject.toml
 	$(PY310) -m venv $(VENV310)
 	$(VENV310)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV310)/bin/python -m pip install --quiet -e ".[cpu,dev]"
+	$(VENV310)/bin/python -m pip install --quiet -e ".[cpu,dev,k8s]"
 	rm -f $(VENV310)/.installed-*
 	touch $@
 

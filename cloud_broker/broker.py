@@ -48,7 +48,15 @@ from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Handler, Message
 from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.envelope import error_reply, peek_reply, peek_request
-from skyhop.protocol.messages import LoadReport, NodeStatus, ReplyHeader, SlaConfig, WorkMeta, packb
+from skyhop.protocol.messages import (
+    DRAIN,
+    LoadReport,
+    NodeStatus,
+    ReplyHeader,
+    SlaConfig,
+    WorkMeta,
+    packb,
+)
 from skyhop.protocol.replay import ReplayGuard
 from skyhop.protocol.topics import BROKERS_GROUP, Topics
 from skyhop.stats import percentile
@@ -353,6 +361,9 @@ class Broker:
             log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s)
             return
         stopped = self.pool is not None and a.node in self.pool.stopping()
+        if stopped:
+            assert self.pool is not None
+            self.pool.left(a.node, _now_ms())
         level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
         log.log(level, "node %s went offline (session %d)", a.node, a.session)
 
@@ -445,6 +456,7 @@ class Broker:
                     "node": v.node,
                     "role": v.role,
                     "live": self.fleet.is_live(v, now),
+                    "draining": v.status.draining,
                     "gpu": v.status.gpu,
                     "queue": v.load.queue if v.load else 0,
                     "in_flight": v.load.in_flight if v.load else 0,
@@ -470,7 +482,7 @@ class Broker:
         self.metrics.inc("pool_worker_crashes_total", len(lost))
         for name in lost:  # its process is gone: no need to wait for its will
             self._act(self.dispatcher.node_lost(name, now))
-        if now >= self._next_scale_ms:
+        if now >= self._next_scale_ms and self.pool.active:
             self._next_scale_ms = now + self.scaling.interval_ms
             self._scale(now)
         ready, starting = self._pool_counts()
@@ -513,6 +525,9 @@ class Broker:
         assert self.pool is not None
         start, stop = plan(target, workers, busy)
         self.pool.stop(stop, now)
+        if self.pool.drain_over_mqtt:
+            for name in (w.name for w in workers if w.ready and w.name in stop):
+                self.bus.publish(self.topics.work(name), b"", qos=1, user_properties=(DRAIN,))
         started = self.pool.start(start, now, online=lambda name: self._online(name, now))
         self.metrics.inc("pool_workers_started_total", len(started))
         self.metrics.inc("pool_workers_stopped_total", len(stop))
@@ -546,7 +561,7 @@ class Broker:
             "last_cold_start_ms": round(g["last_cold_start_seconds"] * 1000, 1),
             # starting (asked, not yet born), ready, or draining (told to stop, not gone)
             "workers": [{"node": w.name, "ready": w.ready,
-                         "state": "ready" if w.ready else "starting"}
+                         "state": "ready" if w.ready else w.phase}
                         for w in self.pool.workers()]
             + [{"node": name, "ready": False, "state": "draining"}
                for name in self.pool.stopping()],

@@ -33,10 +33,16 @@ class AutoscaleConfig(Strict):
     local pool's workers share this machine.
     """
 
-    backend: Literal["none", "local", "ray"] = Field(
+    backend: Literal["none", "local", "kubernetes", "ray"] = Field(
         "none", description="none: cloud workers are started by hand; local: as processes "
-        "here; ray: as Ray actors on a Ray cluster (docs/pool.md)"
+        "here; kubernetes: as the pods of one Deployment; ray: as Ray actors on a Ray "
+        "cluster (docs/pool.md)"
     )
+    namespace: str = Field("skyhop", description="kubernetes: the pool's namespace")
+    deployment: str = Field("skyhop-worker", description="kubernetes: the workers' Deployment")
+    kube_context: str | None = Field(
+        None, description="kubernetes: a kubeconfig context (default: in a pod, its service "
+        "account; elsewhere KUBECONFIG's current context)")
     ray_address: str = Field(
         "local", description="ray: 'local' starts a cluster here; 'auto' or ray://HOST:PORT "
         "joins one")
@@ -89,7 +95,7 @@ class AutoscaleConfig(Strict):
     def _coherent(self) -> AutoscaleConfig:
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
-        if self.backend in ("local", "ray") and not self.models:
+        if self.backend != "none" and not self.models:
             raise ValueError(
                 f'the {self.backend} pool needs the models its workers serve: models = '
                 '["digits"] under [broker.autoscale], or skyhop broker --pool-models digits'

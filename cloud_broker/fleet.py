@@ -429,7 +429,7 @@ class Fleet:
     def _index(self, view: NodeView) -> None:
         for model in view.status.models:
             self.known_models.add(model)
-            if not view.status.online:
+            if not view.status.online or view.status.draining:  # nothing new for it
                 continue
             idx = self.indexes.get(model)
             if idx is None:

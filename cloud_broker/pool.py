@@ -56,6 +56,7 @@ class Worker:
     name: str  # its node id
     asked_ms: float  # when it was started, on the broker's clock
     ready_ms: float | None = None  # when the broker saw its birth
+    phase: str = "starting"  # before its birth: asked, scheduled or starting (Kubernetes)
 
     @property
     def ready(self) -> bool:
@@ -66,6 +67,14 @@ class PoolBackend(Protocol):
     kind: str  # "local", …: shown in the broker's status
     models: tuple[str, ...]  # what every worker serves
     slots: int  # requests one worker runs at once
+    # True: ``stop`` only marks a ready worker draining, and the broker orders the drain
+    # over MQTT; the backend removes it once ``left`` reports its death.
+    drain_over_mqtt: bool
+
+    @property
+    def active(self) -> bool:
+        """False on a broker replica that watches a pool another one sizes (Kubernetes)."""
+        ...
 
     def start(self, n: int, now_ms: float,
               online: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -81,6 +90,10 @@ class PoolBackend(Protocol):
     def born(self, name: str, now_ms: float) -> float | None:
         """The broker saw ``name`` online: a starting worker is ready. Returns its cold
         start in ms, or None when ``name`` was not starting here."""
+        ...
+
+    def left(self, name: str, now_ms: float) -> None:
+        """The broker saw ``name``'s death (after a drain, or a stop)."""
         ...
 
     def poll(self, now_ms: float) -> list[str]:
@@ -130,6 +143,8 @@ class WorkerPool:
                  log_dir: Path | None = None, kind: str = "local",
                  on_close: Callable[[], None] = lambda: None) -> None:
         self.kind = kind
+        self.active = True
+        self.drain_over_mqtt = False  # a stop is the worker's SIGTERM
         self._on_close = on_close
         self.models = tuple(models)
         self.slots = slots
@@ -191,6 +206,9 @@ class WorkerPool:
         cold_ms = now_ms - worker.asked_ms
         self._cold_starts.append(cold_ms)
         return cold_ms
+
+    def left(self, name: str, now_ms: float) -> None:
+        pass  # the process's exit, seen by poll(), is what ends a stop here
 
     def poll(self, now_ms: float) -> list[str]:
         for name, (proc, kill_at) in list(self._stopping.items()):

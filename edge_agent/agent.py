@@ -38,7 +38,15 @@ from skyhop.protocol.envelope import (
     peek_request,
     seal_reply,
 )
-from skyhop.protocol.messages import OK, LoadReport, ModelLoad, NodeStatus, ReplyHeader, WorkMeta
+from skyhop.protocol.messages import (
+    DRAIN,
+    OK,
+    LoadReport,
+    ModelLoad,
+    NodeStatus,
+    ReplyHeader,
+    WorkMeta,
+)
 from skyhop.protocol.replay import ReplayGuard
 from skyhop.protocol.tensors import decode_body, encode_body
 from skyhop.protocol.topics import Topics
@@ -106,6 +114,10 @@ class Agent:
         self._rtt_ms = 0.0
         self._sample = ProbeSample(probe.kind, probe.device, 0.0, 0.0, 0.0)
         self._stopping = threading.Event()
+        # A broker's drain order (a pool scale-down): no new work; ``drained`` once the
+        # last held job has its reply and the death is out.
+        self.draining = threading.Event()
+        self.drained = threading.Event()
         self._threads: list[threading.Thread] = []
         will = Will(self.topics.status(node_id), self._status(online=False), qos=1, retain=True)
         # Set when another process connects as this node: this one must leave (mqtt.Bus).
@@ -149,6 +161,10 @@ class Agent:
         self.bus.stop()
         self.probe.close()
 
+    def ready(self) -> bool:
+        """Serving: connected and not draining (an HTTP /readyz, for Kubernetes)."""
+        return self.bus.connected and not self.draining.is_set() and not self._stopping.is_set()
+
     def _spawn(self, target: Callable[[], object], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
@@ -168,6 +184,7 @@ class Agent:
             models=tuple(self.runners),
             gpu=self.probe.device,
             concurrency=self.config.concurrency,
+            draining=online and self.draining.is_set(),
         ).encode()
 
     def _on_own_status(self, msg: Message) -> None:
@@ -205,6 +222,9 @@ class Agent:
 
     def _on_work(self, msg: Message) -> None:
         now = time.monotonic()
+        if DRAIN in msg.user_properties:
+            self._drain()
+            return
         reply_topic = msg.response_topic
         if not reply_topic:
             self.metrics.inc("no_reply_topic_total")
@@ -215,6 +235,10 @@ class Agent:
             header = peek_request(msg.payload)
         except ProtocolError as exc:
             self._reply_error(reply_topic, msg.correlation, "", exc.code, exc.message)
+            return
+        if self.draining.is_set():  # sent before the broker saw the drain: placed again
+            self._reply_error(reply_topic, msg.correlation, header.id, ErrorCode.OVERLOADED,
+                              f"node {self.node_id} is draining")
             return
         seen, cached = self._cache.lookup(header.id)
         if seen:
@@ -235,6 +259,24 @@ class Agent:
             self._cond.notify()
         self.metrics.inc("accepted_total")
 
+    def _drain(self) -> None:
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        log.info("node %s draining: no new work; leaving once the %d held are answered",
+                 self.node_id, len(self._queue) + self._in_flight)
+        self.bus.publish(self.topics.status(self.node_id), self._status(online=True),
+                         qos=1, retain=True)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        """Once a draining node holds nothing, it leaves as on a clean stop."""
+        with self._cond:
+            held = len(self._queue) + self._in_flight
+        if self.draining.is_set() and not held and not self.drained.is_set():
+            log.info("node %s drained", self.node_id)
+            self.drained.set()
+
     # -- workers ------------------------------------------------------------------------
 
     def _work_loop(self) -> None:
@@ -250,6 +292,8 @@ class Agent:
             finally:
                 with self._cond:
                     self._in_flight -= 1
+                if self.draining.is_set():
+                    self._check_drained()
 
     def _next_job(self) -> Job | None:
         with self._cond:
@@ -372,6 +416,7 @@ class Agent:
     def _report_loop(self) -> None:
         next_key_refresh = time.monotonic() + KEY_REFRESH_S
         while not self._stopping.wait(self.config.load_interval_s):
+            self._check_drained()  # also when the last held jobs expired in the queue
             if time.monotonic() >= next_key_refresh:
                 next_key_refresh = time.monotonic() + KEY_REFRESH_S
                 self._refresh_keys()

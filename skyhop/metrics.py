@@ -56,18 +56,30 @@ class Metrics:
                 lines.append(f"{full}{_labels(labels)} {v:g}")
         return "\n".join(lines) + "\n"
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-        """Serve ``/metrics`` on a daemon thread; ``server.shutdown()`` stops it."""
+    def serve(self, port: int, host: str = "127.0.0.1",
+              ready: Callable[[], bool] = lambda: True) -> ThreadingHTTPServer:
+        """Serve ``/metrics`` on a daemon thread; ``server.shutdown()`` stops it. Beside
+        it, for Kubernetes probes: ``/healthz`` (200 while this process serves) and
+        ``/readyz`` (200 while ``ready()``, else 503)."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "try /metrics")
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    self._send(200, metrics.render(), "text/plain; version=0.0.4")
+                elif path == "/healthz":
+                    self._send(200, "ok\n")
+                elif path == "/readyz":
+                    up = ready()
+                    self._send(200 if up else 503, "ready\n" if up else "not ready\n")
+                else:
+                    self.send_error(404, "try /metrics, /healthz or /readyz")
+
+            def _send(self, code: int, text: str, kind: str = "text/plain") -> None:
+                body = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -1,6 +1,7 @@
 # The broker (orchestrator) on a slim Python base, installed from a bundle's wheels.
 #
-#   skyhop bundle img-wheels --role client --out w.tar.gz --python 3.11 && tar xzf w.tar.gz
+#   skyhop bundle img-wheels --role client --out w.tar.gz --python 3.11 \
+#       --with kubernetes --with pyyaml && tar xzf w.tar.gz   # the k8s pool backend
 #   docker build -f deploy/containers/broker.Dockerfile --build-arg BUNDLE=skyhop-img-wheels .
 #   docker run -v /srv/skyhop-broker:/var/lib/skyhop:ro IMAGE --mqtt mqtts://mqtt.internal:8883
 #

@@ -2,7 +2,8 @@
 #
 #   pip download --no-deps --only-binary=:all: -d ort onnxruntime-gpu
 #   skyhop bundle img-wheels --role cloud --python 3.12 --out w.tar.gz \
-#       --onnxruntime-wheel ort/onnxruntime_gpu-*.whl --with nvidia-ml-py && tar xzf w.tar.gz
+#       --onnxruntime-wheel ort/onnxruntime_gpu-*.whl --with nvidia-ml-py \
+#       --with kubernetes --with pyyaml && tar xzf w.tar.gz   # `skyhop k8s unpack` in a pod
 #   docker build -f deploy/containers/cloud-worker.Dockerfile --build-arg BUNDLE=skyhop-img-wheels .
 #   docker run --gpus 1 -v /srv/pool-1:/var/lib/skyhop IMAGE --node-id pool-1 --models digits
 #

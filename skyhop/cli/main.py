@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from skyhop.cli.deploy import register as register_deploy
+from skyhop.cli.k8s import app as k8s_app
 from skyhop.cli.security import register as register_security
 from skyhop.errors import ConfigError, RemoteError, SkyhopError, TransportError
 from skyhop.home import Home, default_home
@@ -43,6 +44,7 @@ sla_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(sla_app, name="sla")
+app.add_typer(k8s_app, name="k8s")
 keys_app = typer.Typer(
     help="The fleet's HPKE key: rotate it and announce it to clients.", no_args_is_help=True
 )
@@ -80,6 +82,12 @@ GpuOpt = Annotated[
 ]
 
 
+MetricsHostOpt = Annotated[
+    str, typer.Option(help="Bind /metrics, /healthz and /readyz here (0.0.0.0 in a "
+                      "Kubernetes pod, for its probes and Prometheus).")
+]
+
+
 def _identity(default: str) -> object:
     return typer.Option(
         "--identity",
@@ -110,14 +118,14 @@ def _logging(level: str) -> None:
 
 def _run_until_signal(
     stop: Callable[[], object], parent: int | None = None,
-    leave: threading.Event | None = None
+    leave: Sequence[threading.Event] = ()
 ) -> None:
-    """Block until SIGINT/SIGTERM, ``leave`` is set, or process ``parent`` is no longer
-    this one's parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
+    """Block until SIGINT/SIGTERM, one of ``leave`` is set, or process ``parent`` is no
+    longer this one's parent (it exited, even if killed with SIGKILL), then call ``stop()``."""
     done = threading.Event()
-    if leave is not None:
-        def relay() -> None:
-            leave.wait()
+    for event in leave:
+        def relay(event: threading.Event = event) -> None:
+            event.wait()
             done.set()
 
         threading.Thread(target=relay, daemon=True).start()
@@ -171,8 +179,10 @@ def broker(
         typer.Option(
             help="Cloud GPU pool to size with the autoscaler: none (cloud agents are "
             "started by hand), local (cloud agents started and stopped here as "
-            "`skyhop agent --role cloud` processes, logs in HOME/logs/pool/) or ray "
-            "(the same agents as Ray actors: \\[broker.autoscale] ray_address). "
+            "`skyhop agent --role cloud` processes, logs in HOME/logs/pool/), "
+            "kubernetes (the pods of one Deployment: \\[broker.autoscale] namespace, "
+            "deployment) or ray (the same agents as Ray actors: \\[broker.autoscale] "
+            "ray_address). "
             "Default: \\[broker.autoscale] backend in the home's config, else none."
         ),
     ] = None,
@@ -183,6 +193,7 @@ def broker(
             "Default: \\[broker.autoscale] models."
         ),
     ] = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
     identity: Annotated[str | None, _identity("broker")] = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -217,7 +228,7 @@ def broker(
     )
     b.start()
     if metrics_port:
-        b.metrics.serve(metrics_port)
+        b.metrics.serve(metrics_port, metrics_host, ready=lambda: b.bus.connected)
     _run_until_signal(b.stop)
 
 
@@ -241,6 +252,10 @@ def _pool_backend(h: Home, url: str, cfg: AutoscaleConfig) -> PoolBackend | None
         from cloud_broker.ray_pool import ray_pool
 
         return ray_pool(h, url, cfg)
+    if cfg.backend == "kubernetes":
+        from cloud_broker.k8s_pool import kubernetes_pool
+
+        return kubernetes_pool(h, url, cfg)
     from cloud_broker.pool import local_pool
 
     return local_pool(h, url, cfg)
@@ -270,12 +285,18 @@ def agent(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics here.")
     ] = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
     parent_pid: Annotated[
         int | None,
         typer.Option(help="Stop, as on SIGTERM, once process PARENT_PID (this agent's "
                      "parent) exits: a broker's local pool passes its own, so that its "
                      "workers do not outlive it."),
     ] = None,
+    hold_after_drain: Annotated[
+        bool, typer.Option(help="Once drained by a broker, leave MQTT but keep running "
+                           "until SIGTERM: a Kubernetes pod must not exit (it would be "
+                           "restarted) before its Deployment removes it.")
+    ] = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Run an agent: serve MODELS with ONNX Runtime and publish this node's load.
@@ -302,8 +323,11 @@ def agent(
     )
     a.start()
     if metrics_port:
-        a.metrics.serve(metrics_port)
-    _run_until_signal(a.stop, parent=parent_pid, leave=a.taken_over)
+        a.metrics.serve(metrics_port, metrics_host, ready=a.ready)
+    _run_until_signal(a.stop, parent=parent_pid, leave=(a.taken_over, a.drained))
+    if a.drained.is_set() and hold_after_drain:
+        log.info("drained; waiting for SIGTERM")
+        _run_until_signal(lambda: None, parent=parent_pid)
     if a.taken_over.is_set():
         raise ConfigError(f"another agent connected as node {a.node_id}: give each its own "
                           "--node-id (this one stopped)")

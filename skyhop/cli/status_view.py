@@ -46,7 +46,7 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
         table.add_row(
             n["node"],
             n["role"],
-            "yes" if n["live"] else "[red]no[/red]",
+            ("draining" if n.get("draining") else "yes") if n["live"] else "[red]no[/red]",
             n["gpu"],
             str(n["queue"]),
             str(n["in_flight"]),

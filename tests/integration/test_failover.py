@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 
@@ -15,10 +17,11 @@ import pytest
 
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import free_port
 from skyhop.errors import ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
 from skyhop.process import agent_args, spawn, terminate
-from skyhop.protocol.messages import NodeStatus
+from skyhop.protocol.messages import DRAIN, NodeStatus
 from skyhop.protocol.topics import Topics
 from tests.integration.fleet import SLOW_SIDE, make_home
 
@@ -278,3 +281,36 @@ def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> No
     with Client(stack.mqtt_url, home.fleet_public(), topics=Topics(home.config().prefix),
                 client_id="client", tls=home.tls(stack.mqtt_url, "client")) as other:
         assert other.infer("digits", image, budget_ms=5_000).outputs["label"].shape == (1,)
+
+
+def test_a_drained_agent_answers_what_it_holds_then_leaves(fleet, transport: str) -> None:
+    """A broker's drain order (a pool scale-down on Kubernetes): the node takes no new
+    work, finishes its queue, publishes its death; the fleet serves on, one reply each."""
+    if transport == "mqtts":
+        pytest.skip("over mqtts only a broker may write work topics (the k8s pool test)")
+    stack, client = fleet
+    stack.agent("edge-1", ["slow"], "--metrics-port", str(port := free_port()),
+                "--hold-after-drain")
+    stack.agent("edge-2", ["slow"])
+    stack.wait_live(["edge-1", "edge-2"])
+    futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(40)]
+    time.sleep(0.15)  # both agents hold a queue
+    with Bus(stack.mqtt_url, "drainer") as broker:
+        broker.publish(Topics(stack.home.config().prefix).work("edge-1"), b"", qos=1,
+                       user_properties=(DRAIN,))
+        time.sleep(0.2)  # the PUBACK, before the clean disconnect
+    later = [client.submit("slow", X, budget_ms=60_000) for _ in range(10)]
+    assert _outcomes(futures + later) == {"OK": 50}, _errors(futures + later)
+    time.sleep(0.5)
+    assert client.counters["unmatched_replies"] == 0
+    log = (stack.log_dir / "edge-1.log").read_text()
+    held = int(re.search(r"leaving once the (\d+) held are answered", log)[1])
+    assert held > 0 and "node edge-1 drained" in log
+    served = Counter(f.result().header.node for f in futures)
+    assert served["edge-1"] >= held  # what it held, it answered itself
+    assert {f.result().header.node for f in later} == {"edge-2"}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    assert refused.value.code == 503  # a Kubernetes readiness probe now fails
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+

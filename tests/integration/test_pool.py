@@ -117,6 +117,24 @@ def _load_for_two_workers(service_ms: float) -> tuple[float, float]:
     return budget, min(2 * rate, 40.0)
 
 
+def _grow_to_two(stack: LocalStack, client: Client, backend: str) -> dict[str, Any]:
+    """Wait for the first worker, then drive a load it cannot hold until a second is
+    serving; every request must get its one reply. Returns the pool's first status."""
+    service_ms = _wait(f"a first {backend} worker", lambda: _serving(stack), 120, stack)[0]
+    first = _pool(stack)
+    assert first["backend"] == backend and first["last_cold_start_ms"] > 0
+    budget, rate = _load_for_two_workers(service_ms)
+    sent = _drive(client, budget, rate, 40, until=lambda: len(_serving(stack)) >= 2)
+    assert _pool(stack)["ready"] >= 2, _status(stack)
+    outcomes = [_outcome(f) for f in sent]
+    print(f"cold start {first['last_cold_start_ms']:.0f} ms;",
+          {o: outcomes.count(o) for o in set(outcomes)})
+    time.sleep(0.5)
+    assert client.counters["unmatched_replies"] == 0  # never two replies for one request
+    assert LOCAL_EXPIRY not in outcomes  # and never none
+    return first
+
+
 def _children(pid: int) -> set[int]:
     """Child processes of ``pid``, zombies included: a worker not yet reaped counts."""
     kids: set[int] = set()
@@ -223,7 +241,8 @@ def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:
     ("args", "says"),
     [
         (["--pool", "local"], "--pool-models digits"),
-        (["--pool", "k8s"], "backend: Input should be 'none', 'local' or 'ray'"),
+        (["--pool", "k8s"], "backend: Input should be 'none', 'local', 'kubernetes' or 'ray'"),
+        (["--pool", "kubernetes", "--pool-models", "digits"], "no Kubernetes API to reach"),
         (["--pool", "local", "--pool-models", "nope"], "nope"),
         (["--pool", "ray"], "the ray pool needs the models"),
     ],
@@ -231,8 +250,10 @@ def test_an_empty_pool_wakes_on_demand_and_returns_to_zero(empty_fleet) -> None:
 def test_a_bad_pool_is_one_clear_line(tmp_path: Path, args: list[str], says: str) -> None:
     home = Home(tmp_path / "home")
     home.init()
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env["KUBECONFIG"] = str(tmp_path / "no-kubeconfig")  # not this machine's, if it has one
     proc = subprocess.run([sys.executable, "-m", "skyhop", "broker", "--home", str(home.path),
-                           *args], capture_output=True, text=True, timeout=60)
+                           *args], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and says in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -8,7 +8,6 @@ brought up by Ray's autoscaler is not tested here: no cloud is reachable (docs/p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,16 +16,12 @@ import pytest
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
 from tests.integration.test_pool import (
-    LOCAL_EXPIRY,
     POOL,
     X,
-    _drive,
     _fleet,
-    _load_for_two_workers,
+    _grow_to_two,
     _outcome,
     _pool,
-    _serving,
-    _status,
     _wait,
 )
 
@@ -56,19 +51,7 @@ def ray_fleet(fleet_server, tmp_path: Path) -> Iterator[tuple[LocalStack, Client
 
 def test_a_ray_pool_grows_under_load_and_shrinks_back(ray_fleet) -> None:
     stack, client = ray_fleet
-    service_ms = _wait("a first Ray worker", lambda: _serving(stack), 120, stack)[0]
-    first = _pool(stack)
-    assert first["backend"] == "ray" and first["last_cold_start_ms"] > 0
-    budget, rate = _load_for_two_workers(service_ms)
-    sent = _drive(client, budget, rate, 40, until=lambda: len(_serving(stack)) >= 2)
-    assert _pool(stack)["ready"] >= 2, _status(stack)
-
-    outcomes = [_outcome(f) for f in sent]
-    print(f"cold start {first['last_cold_start_ms']:.0f} ms;",
-          {o: outcomes.count(o) for o in set(outcomes)})
-    time.sleep(0.5)
-    assert client.counters["unmatched_replies"] == 0  # never two replies for one request
-    assert LOCAL_EXPIRY not in outcomes  # and never none
+    _grow_to_two(stack, client, "ray")
     settled = _wait("the Ray pool back at min_size", lambda: _settled(stack, 1), 60, stack)
     assert [w["state"] for w in settled["workers"]] == ["ready"]
     log = (stack.log_dir / "broker.log").read_text()

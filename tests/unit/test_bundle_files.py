@@ -19,14 +19,6 @@ from skyhop.security.pki import Pki
 NOW = dt.datetime.now(dt.timezone.utc)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Home:
-    h = Home(tmp_path / "fleet")
-    h.init()
-    Pki(h.path).init()
-    return h
-
-
 def _files(home: Home, node: Node) -> dict[str, bytes]:
     return {f.path: f.data for f in node_files(home, node, NOW)}
 

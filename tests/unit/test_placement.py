@@ -208,6 +208,20 @@ def test_dead_node_is_never_chosen_while_others_live() -> None:
     assert {decide(fleet, origin=str(i)).node for i in range(20)} == {"alive"}
 
 
+def test_a_draining_node_gets_no_new_work_and_is_not_dead() -> None:
+    fleet = Fleet()
+    add(fleet, "leaving", mean=1, p95=1)
+    add(fleet, "staying", mean=5, p95=6)
+    went_offline = fleet.on_status(NodeStatus(node="leaving", online=True, session=1,
+                                              models=("m",), draining=True), NOW)
+    assert not went_offline  # what it holds is still its to answer
+    report(fleet, "leaving", mean=1, p95=1, seq=3)  # its load reports do not undo the drain
+    assert {decide(fleet, origin=str(i)).node for i in range(20)} == {"staying"}
+    fleet.on_status(NodeStatus(node="staying", online=True, session=1, models=("m",),
+                               draining=True), NOW)
+    assert decide(fleet).code == ErrorCode.UNAVAILABLE
+
+
 def test_expire_marks_silent_nodes_dead() -> None:
     fleet = Fleet(node_timeout_ms=1000)
     add(fleet, "a")

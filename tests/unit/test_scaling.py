@@ -17,7 +17,8 @@ from skyhop.protocol.messages import NodeStatus, SlaConfig
 from tests.unit.test_placement import NOW, add
 
 POOL_ONLY = {"backend", "models", "slots", "providers", "gpus", "worker_prefix",
-             "stop_grace_s", "ray_address", "num_gpus", "num_cpus"}
+             "stop_grace_s", "ray_address", "num_gpus", "num_cpus", "namespace", "deployment",
+             "kube_context"}
 
 
 def test_counter_counts_since_the_last_take_and_keeps_budget_and_size() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
-from skyhop.mqtt.bus import Bus
+from skyhop.mqtt.bus import NO_SUBSCRIBERS, Bus
 from skyhop.mqtt.message import Message
 from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.announcement import verify as announcement_verify
@@ -41,6 +41,7 @@ log = logging.getLogger("skyhop.client")
 RETRIED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED})
 RETRY_BACKOFF_S = 0.05  # the first retry waits up to this long, each next twice as long
 MIN_RETRY_BUDGET_S = 0.01  # no retry with less budget than this left
+EARLY_MAX = 1024  # PUBACKs kept for packet ids publish() has not returned yet
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,11 @@ class Client:
         self._key_issued_at = -1
         self._waiting: dict[bytes, _Waiting] = {}
         self._lock = threading.Lock()
-        self.bus = Bus(mqtt_url, self.client_id, tls=tls)
+        # Requests by MQTT packet id until their PUBACK, and PUBACKs that came back
+        # before publish() returned the id (the network thread can be that quick).
+        self._by_mid: dict[int, bytes] = {}
+        self._early: dict[int, int] = {}
+        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_puback=self._on_puback)
         self.reply_topic = self.topics.reply(self.client_id)
 
     def start(self, timeout: float = 10.0) -> Client:
@@ -96,6 +101,8 @@ class Client:
         self.bus.stop()
         with self._lock:
             waiting, self._waiting = self._waiting, {}
+            self._by_mid.clear()
+            self._early.clear()
         for w in waiting.values():
             w.timer.cancel()
             if not w.future.done():
@@ -164,7 +171,7 @@ class Client:
         with self._lock:
             self._waiting[correlation] = _Waiting(future, key, header.id, time.monotonic(), timer)
         timer.start()
-        self.bus.publish(
+        mid = self.bus.publish(
             self.topics.req(header.model),
             envelope,
             qos=1,
@@ -172,7 +179,37 @@ class Client:
             correlation=correlation,
             expiry_s=max(1, int(header.budget_ms / 1000) + 1),
         )
+        if mid is not None:
+            with self._lock:
+                code = self._early.pop(mid, None)
+                if code is None:
+                    self._by_mid[mid] = correlation
+            if code == NO_SUBSCRIBERS:
+                self._unrouted(correlation)
         return future
+
+    def _on_puback(self, mid: int, code: int) -> None:
+        with self._lock:
+            correlation = self._by_mid.pop(mid, None)
+            if correlation is None:
+                self._early[mid] = code
+                if len(self._early) > EARLY_MAX:  # ids of other publishes: keep it bounded
+                    del self._early[next(iter(self._early))]
+                return
+        if code == NO_SUBSCRIBERS:
+            self._unrouted(correlation)
+
+    def _unrouted(self, correlation: bytes) -> None:
+        """The MQTT server had no broker to give the request to, and dropped it: say so
+        now rather than at the deadline (``infer`` retries, as after a broker restart)."""
+        self.counters["unrouted_requests"] += 1
+        with self._lock:
+            w = self._waiting.pop(correlation, None)
+        if w is not None and not w.future.done():
+            w.timer.cancel()
+            w.future.set_exception(RemoteError(
+                ErrorCode.UNAVAILABLE, "no broker is subscribed to requests on this MQTT "
+                "server (is `skyhop broker` running and connected?); the request was dropped"))
 
     def infer(
         self,

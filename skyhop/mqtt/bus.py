@@ -99,6 +99,9 @@ RECONNECT_MAX_S = 30.0
 
 # The server's DISCONNECT reason when another client connects with our client id.
 SESSION_TAKEN_OVER = 0x8E
+# PUBACK "No matching subscribers" (MQTT 5 §3.4.2.1): Mosquitto 2 sends it and drops the
+# message; for a request it means no broker is listening.
+NO_SUBSCRIBERS = 0x10
 
 # How long the first TLS 1.3 connect waits for the server's verdict on our certificate
 # (one round trip in practice; see Bus._await_tls_verdict).
@@ -195,6 +198,7 @@ class Bus:
         will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
         on_taken_over: Callable[[], None] | None = None,
+        on_puback: Callable[[int, int], None] | None = None,
         tls: TlsFiles | None = None,
         keepalive: int = 15,
         clean_start: bool = True,
@@ -206,7 +210,11 @@ class Bus:
         When another client connects with this ``client_id`` the server disconnects this
         one (0x8E, session taken over). Reconnecting would take the session back, and
         the two would evict each other forever: so the bus stays down, logs why, and
-        calls ``on_taken_over`` (on a thread of its own, free to call ``stop()``)."""
+        calls ``on_taken_over`` (on a thread of its own, free to call ``stop()``).
+
+        ``on_puback(mid, reason)`` hears each QoS 1 acknowledgement (on the network
+        thread, where it must not block): ``reason`` 0x10 (NO_SUBSCRIBERS) means the
+        server had nobody to give the message to, and dropped it."""
         self.url = MqttUrl.parse(url)
         if not client_id or not isinstance(client_id, str):
             raise ConfigError(f"bad MQTT client id {client_id!r}: must be a non-empty string")
@@ -215,6 +223,7 @@ class Bus:
         self.client_id = client_id
         self._hook = on_connect
         self._on_taken_over = on_taken_over
+        self._on_puback = on_puback
         self.taken_over = False
         self._keepalive = keepalive
         self._clean_start = clean_start
@@ -234,6 +243,7 @@ class Bus:
             "reconnects": 0,
             "dropped": 0,
             "publish_refused": 0,  # PUBACK >= 0x80, e.g. denied by the ACL
+            "publish_unrouted": 0,  # PUBACK 0x10: no subscriber, the server dropped it
             "certificate_refused": 0,  # reconnects the server refused at the TLS handshake
         }
         self._local = threading.local()  # .in_callback: are we on the network thread?
@@ -286,7 +296,7 @@ class Bus:
     @property
     def counters(self) -> dict[str, int]:
         """A snapshot: messages_in/out, handler_errors, callback_errors, reconnects, dropped,
-        publish_refused, certificate_refused."""
+        publish_refused, publish_unrouted, certificate_refused."""
         with self._counts_lock:
             return dict(self._counts)
 
@@ -397,8 +407,9 @@ class Bus:
         correlation: bytes | None = None,
         user_properties: Iterable[tuple[str, str]] = (),
         expiry_s: int | None = None,
-    ) -> None:
-        """Queue a message; never waits for the network.
+    ) -> int | None:
+        """Queue a message; never waits for the network. Returns its MQTT packet id
+        (what ``on_puback`` names), or None for a QoS 0 message dropped while disconnected.
 
         QoS 1/2 messages published while disconnected are sent after the reconnect; QoS 0
         ones are dropped (counted as ``dropped``). Raises TransportError if the bus is not
@@ -435,8 +446,9 @@ class Bus:
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             self._count("dropped")
             log.debug("%s: disconnected, dropped QoS 0 message to %s", self.client_id, topic)
-            return
+            return None
         self._count("messages_out")
+        return int(info.mid)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until the server has acknowledged every QoS 1/2
@@ -782,6 +794,11 @@ class Bus:
             self._count("publish_refused")
             log.warning("%s: a publish was refused by the server: %s", self.client_id,
                         _reason_name(reason))
+        code = int(getattr(reason, "value", 0))
+        if code == NO_SUBSCRIBERS:
+            self._count("publish_unrouted")
+        if self._on_puback is not None:
+            self._on_puback(mid, code)
 
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any

@@ -314,3 +314,21 @@ def test_a_drained_agent_answers_what_it_holds_then_leaves(fleet, transport: str
     assert refused.value.code == 503  # a Kubernetes readiness probe now fails
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
 
+
+def test_a_request_no_broker_hears_is_answered_at_once(mosquitto, tmp_path) -> None:
+    """With no broker subscribed (none started yet, or between a restart's stop and
+    start) the MQTT server drops a request, and says so in its PUBACK (0x10): the client
+    answers UNAVAILABLE then, not silence until the budget runs out."""
+    home = make_home(tmp_path)  # a prefix of its own: no other test's broker listens
+    topics = Topics(home.config().prefix)
+    with Client(mosquitto.url, home.fleet_public(), topics=topics) as client:
+        started = time.monotonic()
+        future = client.submit("digits", {"image": np.zeros((1, 64), np.float32)},
+                               budget_ms=60_000)
+        with pytest.raises(RemoteError) as refused:
+            future.result(timeout=30)  # long before the 60 s budget
+        assert refused.value.code == ErrorCode.UNAVAILABLE
+        assert "no broker is subscribed" in refused.value.message
+        assert client.counters["unrouted_requests"] == 1
+        assert client.bus.counters["publish_unrouted"] == 1
+        print(f"answered after {time.monotonic() - started:.3f} s")

@@ -159,6 +159,8 @@ class WorkerPool:
         self._hold_until_ms = 0.0
         self._foreign_names: set[str] = set()  # names seen online that are not ours
         self._reaped: set[str] = set()  # ours, exited; the fleet may not have seen it go yet
+        self._adopted: set[str] = set()  # running before this broker: no cold start to learn
+        self.keep_on_close = False  # close() leaves the workers for the next broker
 
     def start(self, n: int, now_ms: float,
               online: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -172,6 +174,12 @@ class WorkerPool:
         for name in names:
             self._workers[name] = (Worker(name, now_ms), self._spawn(name))
         return names
+
+    def adopt(self, name: str, handle: Handle, now_ms: float) -> None:
+        """Take in a worker a previous broker started (it is ready at its birth, which
+        the fleet's retained status shows at once; no cold start is learnt from it)."""
+        self._workers[name] = (Worker(name, now_ms), handle)
+        self._adopted.add(name)
 
     def _in_use(self, name: str, online: Callable[[str], bool]) -> bool:
         """Is this free name still online: another pool's worker, or our own last one
@@ -203,6 +211,9 @@ class WorkerPool:
         worker, proc = entry
         self._failed_starts = 0
         self._workers[name] = (replace(worker, ready_ms=now_ms), proc)
+        if name in self._adopted:
+            self._adopted.discard(name)
+            return None
         cold_ms = now_ms - worker.asked_ms
         self._cold_starts.append(cold_ms)
         return cold_ms
@@ -247,7 +258,12 @@ class WorkerPool:
                         cold_starts_ms=cold)
 
     def close(self) -> None:
-        procs = [p for _, p in self._workers.values()] + [p for p, _ in self._stopping.values()]
+        procs = [p for p, _ in self._stopping.values()]
+        if self.keep_on_close:
+            log.info("pool workers %s left running for the next broker to adopt",
+                     ", ".join(self._workers) or "(none)")
+        else:
+            procs += [p for _, p in self._workers.values()]
         terminate(procs, self.grace_s)
         self._workers.clear()
         self._stopping.clear()

@@ -10,9 +10,11 @@ then runs ``python -m skyhop agent`` there as its child with ``--parent-pid`` it
 process, so the agent stops when the actor dies. The broker's account of the pool
 (cold starts, crash backoff, names) is ``WorkerPool``'s; ``RayWorker`` is its handle.
 
-Actors are owned by the broker: they end with it, as the local pool's processes do, so
-a broker that restarts starts workers anew rather than adopting the old ones. Every Ray
-node needs skyhop installed (in the cluster's image, or a ``runtime_env``).
+With ``ray_address = "local"`` the cluster, and so the actors, end with the broker. On a
+cluster of its own (``auto``, ``ray://…``) each actor is detached and named for its node
+(``pool-1`` …, namespace ``skyhop``): a broker that stops leaves them serving, and one
+that starts adopts them instead of starting new ones. Every Ray node needs skyhop
+installed (in the cluster's image, or a ``runtime_env``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,13 @@ class AgentActor:
             return self._proc.wait()
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+    def join(self) -> int:
+        """Wait for the agent ``run`` started to exit; its exit code (for a broker that
+        adopts this actor: the call that started it belonged to the previous broker)."""
+        while self._proc is None:
+            time.sleep(0.1)
+        return self._proc.wait()
 
     def stop(self) -> None:
         """A clean stop: SIGTERM; the agent publishes its death and exits."""
@@ -104,27 +114,47 @@ def ray_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool:
     names = worker_names(config)
     check_home(home, mqtt_url, config.models, names)
     local = config.ray_address == "local"
-    ray.init(address=None if local else config.ray_address, namespace=NAMESPACE,
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=None if local else config.ray_address, namespace=NAMESPACE,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"ray pool: {exc}: is the cluster up (`ray status --address "
+                          f"{config.ray_address}`)? ray_address under [broker.autoscale] "
+                          f"names it") from None
     if local and ray.cluster_resources().get("GPU", 0) < config.num_gpus:
         ray.shutdown()
         raise ConfigError(f"this machine's Ray cluster has no {config.num_gpus:g} GPU for a "
                           f"worker: set num_gpus = 0 under [broker.autoscale] to run on CPUs")
-    actor_class = ray.remote(AgentActor).options(
-        num_gpus=config.num_gpus, num_cpus=config.num_cpus,
-        max_concurrency=2)  # stop() runs while run() waits on the agent
+    actor_class = ray.remote(AgentActor)
+    # On a cluster of its own the actors end with it; on a shared one they are detached
+    # and named for their node, so that a broker that restarts finds and adopts them.
+    lifetime: dict[str, str] = {} if local else {"lifetime": "detached"}
     args = worker_args(config)
 
     def run_worker(name: str) -> RayWorker:
         files = node_files(home, Node(name, "cloud", tuple(config.models), mqtt_url),
                            dt.datetime.now(dt.timezone.utc))
-        actor = actor_class.remote()
+        named = {"name": name, **lifetime} if lifetime else {}
+        actor = actor_class.options(
+            num_gpus=config.num_gpus, num_cpus=config.num_cpus, **named,
+            max_concurrency=3).remote()  # stop() and join() run while run() waits
         return RayWorker(ray, actor, actor.run.remote(
             [(f.path, f.data, f.mode) for f in files], args))
 
     log.info("ray pool on %s: %s", config.ray_address, ray.cluster_resources())
-    return WorkerPool(run_worker, names, models=config.models, slots=config.slots,
+    pool = WorkerPool(run_worker, names, models=config.models, slots=config.slots,
                       grace_s=config.stop_grace_s, kind="ray", on_close=ray.shutdown)
+    if not local:
+        pool.keep_on_close = True
+        for name in names:
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                continue  # none of that name: it will be started when needed
+            pool.adopt(name, RayWorker(ray, actor, actor.join.remote()),
+                       time.monotonic() * 1000)
+            log.info("ray pool: adopted %s, left running by a previous broker", name)
+    return pool
 
 
 def _import_ray() -> Any:

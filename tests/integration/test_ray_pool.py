@@ -8,6 +8,8 @@ brought up by Ray's autoscaler is not tested here: no cloud is reachable (docs/p
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import free_port
 from tests.integration.test_pool import (
     POOL,
     X,
@@ -22,6 +25,7 @@ from tests.integration.test_pool import (
     _grow_to_two,
     _outcome,
     _pool,
+    _serving,
     _wait,
 )
 
@@ -83,3 +87,42 @@ def test_while_the_pool_warms_edges_take_the_burst(fleet_server, tmp_path: Path,
         pool = _wait("a worker warmed by the burst", lambda: _pool(stack)["ready"] >= 1 and
                      _pool(stack), 60, stack)
         assert pool["last_cold_start_ms"] > 0
+
+
+@pytest.fixture
+def ray_cluster(tmp_path: Path) -> Iterator[str]:
+    """A Ray cluster of its own, as a shared one would be: started by hand, outliving
+    any broker (``ray start --head``; CPU only here)."""
+    port = free_port()
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
+                    "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_restarted_broker_adopts_the_actors_on_a_shared_cluster(
+        fleet_server, transport: str, tmp_path: Path, ray_cluster: str, monkeypatch) -> None:
+    if transport == "mqtt":
+        pytest.skip("one transport is enough: a Ray cluster takes a minute to start here")
+    # `ray start` made a token (~/.ray/auth_token); a driver sends it in token mode only.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    pool = RAY.replace("[broker.autoscale]", f'[broker.autoscale]\nray_address = "{ray_cluster}"')
+    with _fleet(fleet_server, tmp_path, pool) as (stack, client):
+        _wait("a first Ray worker", lambda: _serving(stack), 120, stack)
+        broker = stack.procs.pop("broker")
+        broker.terminate()
+        assert broker.wait(timeout=60) == 0
+        stack.watcher().latest = None  # the old broker's retained status is no news
+        stack.broker()
+        settled = _wait("the new broker's pool", lambda: _settled(stack, 1), 60, stack)
+        assert [w["node"] for w in settled["workers"]] == ["pool-1"]
+        log = (stack.log_dir / "broker.log").read_text()
+        assert "left running for the next broker to adopt" in log
+        assert "ray pool: adopted pool-1" in log and "started ['pool-1']" not in log.split(
+            "adopted pool-1")[1]  # nothing started anew
+        assert client.infer("busy", X, budget_ms=30_000).header.where == "cloud"

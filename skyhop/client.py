@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,6 +41,7 @@ log = logging.getLogger("skyhop.client")
 RETRIED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED})
 RETRY_BACKOFF_S = 0.05  # the first retry waits up to this long, each next twice as long
 MIN_RETRY_BUDGET_S = 0.01  # no retry with less budget than this left
+MIN_SEND_MS = 1.0  # a held request with less budget left is not sent
 EARLY_MAX = 1024  # PUBACKs kept for packet ids publish() has not returned yet
 
 
@@ -58,6 +59,14 @@ class _Waiting:
     request_id: str
     sent: float
     timer: threading.Timer
+
+
+@dataclass(frozen=True)
+class _Held:
+    header: RequestHeader
+    body: bytes
+    key: bytes  # the request key: kept, so the reply it is waited for with stays valid
+    held_at: float  # time.monotonic() when submitted
 
 
 class Client:
@@ -86,7 +95,9 @@ class Client:
         # before publish() returned the id (the network thread can be that quick).
         self._by_mid: dict[int, bytes] = {}
         self._early: dict[int, int] = {}
-        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_puback=self._on_puback)
+        self._held: dict[bytes, _Held] = {}  # submitted while disconnected (send_sealed)
+        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._send_held,
+                       on_puback=self._on_puback)
         self.reply_topic = self.topics.reply(self.client_id)
 
     def start(self, timeout: float = 10.0) -> Client:
@@ -103,6 +114,7 @@ class Client:
             waiting, self._waiting = self._waiting, {}
             self._by_mid.clear()
             self._early.clear()
+            self._held.clear()
         for w in waiting.values():
             w.timer.cancel()
             if not w.future.done():
@@ -158,10 +170,17 @@ class Client:
             priority=self.priority_for(model, priority),
         )
         envelope, key = seal_request(header, body, self.fleet_key)
-        return self.send_sealed(header, envelope, key)
+        return self.send_sealed(header, envelope, key, body=body)
 
-    def send_sealed(self, header: RequestHeader, envelope: bytes, key: bytes) -> Future[Result]:
-        """Publish an already sealed envelope (tests use it to send tampered ones)."""
+    def send_sealed(self, header: RequestHeader, envelope: bytes, key: bytes, *,
+                    body: bytes | None = None) -> Future[Result]:
+        """Publish an already sealed envelope (tests use it to send tampered ones).
+
+        While the MQTT connection is down a request with its ``body`` is held here, not
+        in the MQTT library's queue: at the reconnect it is sealed again with the budget
+        it has left, or, with none left, ended ``DEADLINE_EXCEEDED`` unsent. Queued as it
+        was, it would reach a broker with its whole budget, be run, and be answered to
+        nobody (the client gave up on it at its deadline)."""
         future: Future[Result] = Future()
         correlation = header.id.encode()
         timer = threading.Timer(
@@ -171,6 +190,18 @@ class Client:
         with self._lock:
             self._waiting[correlation] = _Waiting(future, key, header.id, time.monotonic(), timer)
         timer.start()
+        if body is not None and not self.bus.connected:
+            with self._lock:
+                self._held[correlation] = _Held(header, body, key, time.monotonic())
+            self.counters["held_while_disconnected"] += 1
+            if self.bus.connected:  # it came back meanwhile, its hook perhaps run already
+                self._send_held()
+            return future
+        self._publish(header, envelope)
+        return future
+
+    def _publish(self, header: RequestHeader, envelope: bytes) -> None:
+        correlation = header.id.encode()
         mid = self.bus.publish(
             self.topics.req(header.model),
             envelope,
@@ -186,7 +217,21 @@ class Client:
                     self._by_mid[mid] = correlation
             if code == NO_SUBSCRIBERS:
                 self._unrouted(correlation)
-        return future
+
+    def _send_held(self) -> None:
+        """On (re)connect: each held request goes out with what is left of its budget."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for correlation, h in held.items():
+            left_ms = h.header.budget_ms - (time.monotonic() - h.held_at) * 1000
+            if left_ms < MIN_SEND_MS:
+                self._fail(correlation, ErrorCode.DEADLINE_EXCEEDED, "the budget ran out while "
+                           "this client was disconnected from the MQTT server; never sent")
+                continue
+            header = replace(h.header, budget_ms=left_ms, sent_at_ms=time.time_ns() // 1_000_000)
+            envelope, _ = seal_request(header, h.body, self.fleet_key, request_key=h.key)
+            self.counters["resealed_after_reconnect"] += 1
+            self._publish(header, envelope)
 
     def _on_puback(self, mid: int, code: int) -> None:
         with self._lock:
@@ -203,13 +248,18 @@ class Client:
         """The MQTT server had no broker to give the request to, and dropped it: say so
         now rather than at the deadline (``infer`` retries, as after a broker restart)."""
         self.counters["unrouted_requests"] += 1
+        self._fail(correlation, ErrorCode.UNAVAILABLE, "no broker is subscribed to requests "
+                   "on this MQTT server (is `skyhop broker` running and connected?); the "
+                   "request was dropped")
+
+    def _fail(self, correlation: bytes, code: ErrorCode, message: str) -> None:
+        """End a request here, with this error, if it is still waiting."""
         with self._lock:
             w = self._waiting.pop(correlation, None)
+            self._held.pop(correlation, None)
         if w is not None and not w.future.done():
             w.timer.cancel()
-            w.future.set_exception(RemoteError(
-                ErrorCode.UNAVAILABLE, "no broker is subscribed to requests on this MQTT "
-                "server (is `skyhop broker` running and connected?); the request was dropped"))
+            w.future.set_exception(RemoteError(code, message))
 
     def infer(
         self,
@@ -266,14 +316,8 @@ class Client:
         w.future.set_result(Result(outputs, header, latency))
 
     def _expire(self, correlation: bytes) -> None:
-        with self._lock:
-            w = self._waiting.pop(correlation, None)
-        if w is not None and not w.future.done():
-            w.future.set_exception(
-                RemoteError(
-                    ErrorCode.DEADLINE_EXCEEDED, "no reply from the fleet within the budget"
-                )
-            )
+        self._fail(correlation, ErrorCode.DEADLINE_EXCEEDED,
+                   "no reply from the fleet within the budget")
 
     def _on_sla(self, msg: Message) -> None:
         if msg.payload:

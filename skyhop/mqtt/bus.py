@@ -93,9 +93,13 @@ MAX_INFLIGHT = 1000
 MAX_QUEUED = 50_000
 
 # Reconnect backoff after a lost connection: delay = uniform(MIN, min(MAX, BASE * 2**n)).
+# MAX is short so that a restarted MQTT server is back in use within 2 s (the jitter
+# spreads a fleet's reconnects over those 2 s); a refused certificate, which retrying
+# soon will not fix, backs off to REFUSED_MAX_S instead.
 RECONNECT_MIN_S = 0.05
-RECONNECT_BASE_S = 0.5
-RECONNECT_MAX_S = 30.0
+RECONNECT_BASE_S = 0.25
+RECONNECT_MAX_S = 2.0
+REFUSED_MAX_S = 30.0
 
 # The server's DISCONNECT reason when another client connects with our client id.
 SESSION_TAKEN_OVER = 0x8E
@@ -162,8 +166,8 @@ def _reason_name(reason: Any) -> str:
         return str(reason)
 
 
-def _reconnect_delay(attempt: int) -> float:
-    ceiling = min(RECONNECT_MAX_S, RECONNECT_BASE_S * 2 ** min(attempt, 16))
+def _reconnect_delay(attempt: int, most_s: float = RECONNECT_MAX_S) -> float:
+    ceiling = min(most_s, RECONNECT_BASE_S * 2 ** min(attempt, 16))
     return random.uniform(RECONNECT_MIN_S, max(RECONNECT_MIN_S, ceiling))
 
 
@@ -724,10 +728,10 @@ class Bus:
         log.info("%s: reconnected to %s", self.client_id, self.url)
         self._after_connect()
 
-    def _schedule_reconnect(self) -> None:
+    def _schedule_reconnect(self, most_s: float = RECONNECT_MAX_S) -> None:
         if self._stopping or self.taken_over:
             return
-        delay = _reconnect_delay(self._attempt)
+        delay = _reconnect_delay(self._attempt, most_s)
         self._attempt += 1
         # paho waits its min_delay after a reset; setting min == max makes it wait exactly
         # our jittered delay (its type hints say int, but it only does arithmetic).
@@ -746,7 +750,9 @@ class Bus:
             return
         if self._state == "running" and not self._stopping and self._tls_refusal:
             self._certificate_refused()
-        elif self._state == "running" and not self._stopping:
+            self._schedule_reconnect(REFUSED_MAX_S)
+            return
+        if self._state == "running" and not self._stopping:
             # Without a DISCONNECT from the server paho invents a reason code (0x80,
             # "Unspecified error") that would only mislead.
             why = (
@@ -775,7 +781,7 @@ class Bus:
             log.error("%s: %s refuses our certificate (%s): it was revoked or has expired, "
                       "or the server's CRL is out of date (skyhop certs crl). Retrying every "
                       "%g s at most until it is accepted%s", self.client_id, self.url,
-                      self._tls_refusal, RECONNECT_MAX_S, LogThrottle.suffix(held))
+                      self._tls_refusal, REFUSED_MAX_S, LogThrottle.suffix(held))
         self._tls_refusal = ""
 
     def _taken(self, client: Any) -> None:

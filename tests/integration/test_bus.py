@@ -160,6 +160,8 @@ def test_shared_subscription_delivers_each_message_once(
 def test_retained_message_and_unsubscribe(bus_factory: BusFactory, topics: Topics) -> None:
     pub = bus_factory()
     pub.publish(topics.sla("digits"), b"50ms", retain=True)
+    # Retained by the server before anyone subscribes: else it could arrive live.
+    assert pub.flush(10)
     got, put = inbox()
     sub = bus_factory()
     sub.subscribe(topics.sla_all, put)

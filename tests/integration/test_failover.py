@@ -18,9 +18,11 @@ import pytest
 from skyhop.client import Client
 from skyhop.dev.localstack import LocalStack
 from skyhop.dev.mosquitto import free_port
+from skyhop.dev.netem import DelayProxy
 from skyhop.errors import ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
 from skyhop.process import agent_args, spawn, terminate
+from skyhop.protocol.envelope import peek_request
 from skyhop.protocol.messages import DRAIN, NodeStatus
 from skyhop.protocol.topics import Topics
 from tests.integration.fleet import SLOW_SIDE, make_home
@@ -332,3 +334,46 @@ def test_a_request_no_broker_hears_is_answered_at_once(mosquitto, tmp_path) -> N
         assert client.counters["unrouted_requests"] == 1
         assert client.bus.counters["publish_unrouted"] == 1
         print(f"answered after {time.monotonic() - started:.3f} s")
+
+
+def test_requests_made_while_disconnected_go_out_with_what_is_left(mosquitto, tmp_path):
+    """The client's link to the MQTT server is cut (a user-space proxy, closed): what it
+    submits meanwhile is held, not queued in the MQTT library with its whole budget. At
+    the reconnect each is sealed again with the budget it has left, and one whose
+    budget ran out is ended DEADLINE_EXCEEDED and never sent: no broker runs dead work."""
+    home = make_home(tmp_path)
+    topics = Topics(home.config().prefix)
+    seen: list[tuple[str, float]] = []
+
+    def record(msg) -> None:
+        header = peek_request(msg.payload)
+        seen.append((header.id, header.budget_ms))
+
+    with Bus(mosquitto.url, "stand-in-broker") as broker:  # hears every request
+        broker.subscribe(topics.req_shared("skyhop-brokers"), record, qos=1)
+        proxy = DelayProxy("127.0.0.1", mosquitto.port, delay_ms=0)
+        port = proxy.start()
+        with Client(proxy.url, home.fleet_public(), topics=topics) as client:
+            proxy.stop()  # the link is cut
+            deadline = time.monotonic() + 30
+            while client.bus.connected:
+                assert time.monotonic() < deadline, "the client never saw the cut"
+                time.sleep(0.05)
+            x = {"image": np.zeros((1, 64), np.float32)}
+            short = client.submit("digits", x, budget_ms=300)
+            long = client.submit("digits", x, budget_ms=60_000)
+            time.sleep(1.0)  # longer than the short one's budget
+            with DelayProxy("127.0.0.1", mosquitto.port, delay_ms=0, listen_port=port):
+                with pytest.raises(RemoteError) as late:
+                    short.result(timeout=30)
+                assert late.value.code == ErrorCode.DEADLINE_EXCEEDED
+                assert "never sent" in late.value.message
+                deadline = time.monotonic() + 30
+                while not seen:
+                    assert time.monotonic() < deadline, "the held request never went out"
+                    time.sleep(0.05)
+                time.sleep(0.3)  # a second copy, if any, would be here by now
+            # Only the long one went out, once, with its budget less the time it was held.
+            assert len(seen) == 1 and 30_000 < seen[0][1] <= 60_000 - 1_000, seen
+            assert client.counters["resealed_after_reconnect"] == 1
+            assert not long.done()  # a broker would now run it, with an honest budget

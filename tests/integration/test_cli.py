@@ -121,7 +121,7 @@ def test_requests_take_the_model_sla(stack: LocalStack) -> None:
             time.sleep(0.05)
         sent: list[RequestHeader] = []
         send = client.send_sealed
-        client.send_sealed = lambda h, e, k: (sent.append(h), send(h, e, k))[1]
+        client.send_sealed = lambda h, e, k, **kw: (sent.append(h), send(h, e, k, **kw))[1]
         image = {"image": SAMPLES["images"][:1]}
         client.infer("digits", image)
         client.infer("digits", image, budget_ms=800, priority=1)

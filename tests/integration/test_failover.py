@@ -353,7 +353,9 @@ def test_requests_made_while_disconnected_go_out_with_what_is_left(mosquitto, tm
         broker.subscribe(topics.req_shared("skyhop-brokers"), record, qos=1)
         proxy = DelayProxy("127.0.0.1", mosquitto.port, delay_ms=0)
         port = proxy.start()
-        with Client(proxy.url, home.fleet_public(), topics=topics) as client:
+        # A long local slack: the short request must end at the reconnect, unsent, not
+        # by the client's own timer first (on a loaded machine the reconnect can be late).
+        with Client(proxy.url, home.fleet_public(), topics=topics, slack_ms=30_000) as client:
             proxy.stop()  # the link is cut
             deadline = time.monotonic() + 30
             while client.bus.connected:

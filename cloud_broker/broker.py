@@ -527,7 +527,7 @@ class Broker:
         self.pool.stop(stop, now)
         if self.pool.drain_over_mqtt:
             for name in (w.name for w in workers if w.ready and w.name in stop):
-                self.bus.publish(self.topics.work(name), b"", qos=1, user_properties=(DRAIN,))
+                self._drain(name)
         started = self.pool.start(start, now, online=lambda name: self._online(name, now))
         self.metrics.inc("pool_workers_started_total", len(started))
         self.metrics.inc("pool_workers_stopped_total", len(stop))
@@ -538,8 +538,15 @@ class Broker:
         view = self.fleet.nodes.get(node)
         return view is not None and self.fleet.is_live(view, now)
 
+    def _drain(self, node: str) -> None:
+        """Order ``node`` to take no new work and leave once it has answered its own."""
+        self.bus.publish(self.topics.work(node), b"", qos=1, user_properties=(DRAIN,))
+
     def _pool_born(self, node: str) -> None:
         assert self.pool is not None
+        if self.pool.drain_over_mqtt and node in self.pool.stopping():
+            # Stopped while starting, born before its pod is gone: no work for it.
+            self._drain(node)
         cold_ms = self.pool.born(node, _now_ms())
         if cold_ms is not None:
             self.pool_gauges["last_cold_start_seconds"] = cold_ms / 1000

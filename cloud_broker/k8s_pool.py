@@ -444,11 +444,13 @@ class KubernetesPool:
         lost = []
         for old in self._pods.values():
             new = pods.get(old.name)
-            gone = new is None or (new.deleting and old.name not in self._stopping)
+            gone = new is None or new.deleting
             crashed = new is not None and new.restarts > old.restarts
             if (gone or crashed) and old.slot in self._ready:
-                lost.append(old.slot)
                 del self._ready[old.slot]
+                if gone and old.name in self._stopping:
+                    continue  # asked to go; its death message re-places what it held
+                lost.append(old.slot)
                 log.warning("pool worker %s (pod %s) %s unasked", old.slot, old.name,
                             "restarted" if crashed else "went away")
             elif crashed and now_ms is not None:

@@ -257,3 +257,15 @@ def test_the_replicas_never_fall_before_the_marks_are_written() -> None:
     failing[0] = False
     p.poll(20)  # retried, in order
     assert api.annotations["w-a"][COST] == VICTIM_COST and api.replicas == 1
+
+
+def test_a_worker_stopped_while_starting_is_not_lost_when_it_goes() -> None:
+    """Born between its stop and its pod's removal: it is in stopping() (the broker
+    drains it at its birth), and its going is no crash."""
+    api = FakeApi(1, [pod("w-a", slot="pool-1", ready=False)])
+    p = _pool(api)
+    p.stop(["pool-1"], 0)
+    assert p.stopping() == ["pool-1"]
+    p.born("pool-1", 10)
+    del api.by_name["w-a"]
+    assert p.poll(20) == [] and p.stopping() == []

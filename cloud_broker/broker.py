@@ -361,8 +361,7 @@ class Broker:
             log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s)
             return
         stopped = self.pool is not None and a.node in self.pool.stopping()
-        if stopped:
-            assert self.pool is not None
+        if self.pool is not None and stopped:
             self.pool.left(a.node, _now_ms())
         level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
         log.log(level, "node %s went offline (session %d)", a.node, a.session)

@@ -438,9 +438,7 @@ class KubernetesPool:
     def _refresh(self, seen: list[Pod], *, adopt: bool = False,
                  now_ms: float | None = None) -> list[str]:
         """Take a reading of the pods; return the ready workers that went away unasked."""
-        with self._io:  # slots not yet written
-            slots = {pod: a[SLOT] for pod, a in self._writes if SLOT in a}
-        pods = {p.name: replace(p, slot=p.slot or slots.get(p.name)) for p in seen}
+        pods = {p.name: p for p in seen}
         lost = []
         for old in self._pods.values():
             new = pods.get(old.name)
@@ -465,7 +463,8 @@ class KubernetesPool:
             self._asked.pop(name)
             self._stopping.discard(name)
             self._adopted.discard(name)
-        # A reading made before a slot's write landed does not take the slot back.
+        # A slot given here stands though the reading predates its write (or the write
+        # is still queued): _assign put it in the account first.
         for name, old in self._pods.items():
             if name in pods and old.slot and not pods[name].slot:
                 pods[name] = replace(pods[name], slot=old.slot)

@@ -126,15 +126,14 @@ def ray_pool(home: Home, mqtt_url: str, config: AutoscaleConfig) -> WorkerPool:
         raise ConfigError(f"this machine's Ray cluster has no {config.num_gpus:g} GPU for a "
                           f"worker: set num_gpus = 0 under [broker.autoscale] to run on CPUs")
     actor_class = ray.remote(AgentActor)
-    # On a cluster of its own the actors end with it; on a shared one they are detached
-    # and named for their node, so that a broker that restarts finds and adopts them.
-    lifetime: dict[str, str] = {} if local else {"lifetime": "detached"}
     args = worker_args(config)
 
     def run_worker(name: str) -> RayWorker:
         files = node_files(home, Node(name, "cloud", tuple(config.models), mqtt_url),
                            dt.datetime.now(dt.timezone.utc))
-        named = {"name": name, **lifetime} if lifetime else {}
+        # On a cluster of its own the actors end with it; on a shared one they are
+        # detached and named for their node, so that a restarted broker adopts them.
+        named = {} if local else {"name": name, "lifetime": "detached"}
         actor = actor_class.options(
             num_gpus=config.num_gpus, num_cpus=config.num_cpus, **named,
             max_concurrency=3).remote()  # stop() and join() run while run() waits

@@ -83,13 +83,17 @@ def node_files(home: Home, node: Node, now: dt.datetime) -> list[File]:
     config = home.config()
     catalog = home.catalog()
     entries = [catalog.get(m) for m in node.models]
-    home.fleet_public()  # a damaged or missing fleet key fails here, not on the device
     files = [File("home/config.toml", node_config(config, node).encode()),
              File("home/catalog.toml", catalog_text(entries).encode()),
-             File("home/keys/fleet.json", (home.keys_dir / "fleet.json").read_bytes())]
+             fleet_key_file(home)]
     if node.agent:
         files += model_files(home, entries) + worker_key_files(home, now)
     return files + pki_files(home, node, now)
+
+
+def fleet_key_file(home: Home) -> File:
+    home.fleet_public()  # a damaged or missing fleet key fails here, not on the device
+    return File("home/keys/fleet.json", (home.keys_dir / "fleet.json").read_bytes())
 
 
 def model_files(home: Home, entries: Sequence[ModelEntry]) -> list[File]:

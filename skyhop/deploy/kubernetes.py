@@ -28,7 +28,7 @@ import datetime as dt
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from skyhop.deploy.bundle import (
     File,
     Node,
     catalog_text,
+    fleet_key_file,
     model_files,
     node_config,
     pki_files,
@@ -128,26 +129,24 @@ def write(out: Path, docs: Iterable[dict[str, Any]]) -> list[Path]:
 
 def _pool_secret(home: Home, cluster: Cluster, now: dt.datetime) -> dict[str, Any]:
     entries = [home.catalog().get(m) for m in cluster.models]
-    shared = [*_catalog(home, entries), _fleet_key(home), *worker_key_files(home, now)]
-    slots = [_slot(home, Node(name, "cloud", cluster.models, cluster.mqtt), now)
-             for name in cluster.slot_names()]
+    shared = [*_catalog(home, entries), fleet_key_file(home), *worker_key_files(home, now)]
+    slots = {name: _slot(home, Node(name, "cloud", cluster.models, cluster.mqtt), now)
+             for name in cluster.slot_names()}
     return _secret("skyhop-pool", cluster, _common(shared, slots))
 
 
 def _broker_secret(home: Home, cluster: Cluster, now: dt.datetime) -> dict[str, Any]:
     fleet = home.config()
     # The catalog names the models; a broker never opens their files.
-    shared = [_catalog(home, home.catalog().models)[0], _fleet_key(home)]
+    shared = [_catalog(home, home.catalog().models)[0], fleet_key_file(home)]
     autoscale = {**fleet.broker.get("autoscale", {}), "backend": "kubernetes",
                  "namespace": cluster.namespace, "deployment": "skyhop-worker",
                  "models": list(cluster.models), "max_size": cluster.max_size}
-    broker = {**{k: v for k, v in fleet.broker.items() if k != "autoscale"}}
-    slots = []
-    for name in cluster.broker_names():
-        node = Node(name, "broker", tuple(fleet.sla), cluster.mqtt)
-        text = node_config(fleet, node) + _tables({"broker": broker,
-                                                   "broker.autoscale": autoscale})
-        slots.append([File("home/config.toml", text.encode()), *pki_files(home, node, now)])
+    broker = {k: v for k, v in fleet.broker.items() if k != "autoscale"}
+    tables = _tables({"broker": broker, "broker.autoscale": autoscale})
+    slots = {name: _slot(home, Node(name, "broker", tuple(fleet.sla), cluster.mqtt), now,
+                         tables)
+             for name in cluster.broker_names()}
     return _secret("skyhop-broker", cluster, _common(shared, slots))
 
 
@@ -176,33 +175,22 @@ def _catalog(home: Home, entries: Sequence[ModelEntry]) -> list[File]:
     return [File("home/catalog.toml", text.encode()), *model_files(home, local)]
 
 
-def _slot(home: Home, node: Node, now: dt.datetime) -> list[File]:
-    config = node_config(home.config(), node)
-    return [File("home/config.toml", config.encode()),
-            *(f for f in pki_files(home, node, now))]
+def _slot(home: Home, node: Node, now: dt.datetime, tables: str = "") -> list[File]:
+    """One identity's config (with ``tables`` appended) and credentials."""
+    config = node_config(home.config(), node) + tables
+    return [File("home/config.toml", config.encode()), *pki_files(home, node, now)]
 
 
-def _fleet_key(home: Home) -> File:
-    home.fleet_public()  # a damaged or missing fleet key fails here, not in the pods
-    return File("home/keys/fleet.json", (home.keys_dir / "fleet.json").read_bytes())
-
-
-def _common(shared: Sequence[File], slots: Sequence[Sequence[File]]) -> dict[str, bytes]:
+def _common(shared: Sequence[File], slots: Mapping[str, Sequence[File]]) -> dict[str, bytes]:
     """Secret data: files every slot has alike once, the rest under slots/NAME/."""
     data = {_key(f.path): f.data for f in shared}
-    for files in slots:
-        name = _slot_name(files)
+    for name, files in slots.items():
         for f in files:
             if f.path in ("home/pki/ca.crt", "home/pki/crl.pem"):
                 data[_key(f.path)] = f.data
             else:
                 data[_key(f"home/{SLOTS}/{name}/" + f.path.removeprefix("home/"))] = f.data
     return data
-
-
-def _slot_name(files: Sequence[File]) -> str:
-    key = next(f.path for f in files if f.path.endswith(".key"))
-    return Path(key).stem
 
 
 def _key(path: str) -> str:

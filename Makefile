@@ -17,7 +17,8 @@ PY310   ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.10*/b
 VENV310 ?= .venv-py310
 STAMP310 := $(VENV310)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test test-gpu unit unit-py310 demo lint typecheck bench clean check-mosquitto
+.PHONY: install test test-gpu unit unit-py310 demo lint typecheck bench clean check-mosquitto \
+	check-browser
 
 install: $(STAMP)
 
@@ -34,7 +35,15 @@ check-mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 		{ echo "mosquitto not found: install it with 'sudo apt-get install mosquitto'"; exit 1; }
 
-test: install check-mosquitto typecheck unit-py310
+# Debian's chromium, for the status page's browser test (tests/integration/test_web.py):
+# installed here when run as root (CI); otherwise the test skips and says how.
+check-browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else echo "chromium not found: the browser test will skip (sudo apt-get install chromium)"; fi
+
+test: install check-mosquitto check-browser typecheck unit-py310
 	$(PY) -m pytest
 
 # The unit suite on Python 3.10 (JetPack 6). CI must run it; elsewhere it is skipped,

@@ -21,8 +21,10 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
+from cloud_broker.broker_metrics import CATALOG, NAMESPACE, POOL_GAUGES, bind_nodes
 from cloud_broker.config import BrokerConfig, scale_config
 from cloud_broker.dispatch import (
     Action,
@@ -36,7 +38,8 @@ from cloud_broker.dispatch import (
     Reply,
     Send,
 )
-from cloud_broker.fleet import Fleet
+from cloud_broker.fleet import Fleet, NodeView
+from cloud_broker.outcomes import Outcome, Outcomes
 from cloud_broker.pool import PoolBackend, Worker, plan
 from cloud_broker.ratelimit import RateLimiter
 from cloud_broker.scaling import reason, scale_context
@@ -63,6 +66,8 @@ from skyhop.stats import percentile
 
 log = logging.getLogger("skyhop.broker")
 TICK_S = 0.02
+HISTORY_S, HISTORY_BUCKET_S = 600.0, 5.0  # what /status and the page chart
+SCRAPE_CACHE_MS = 500.0  # one scrape reads the fleet once, not once per gauge
 
 
 def _now_ms() -> float:
@@ -115,11 +120,17 @@ class Broker:
                                          max_clients=100_000)
                              if self.config.node_rate > 0 else None)
         self.sla: dict[str, SlaConfig] = {}
-        self.metrics = Metrics("skyhop_broker")
-        self.metrics.gauge("pending_requests", lambda: len(self.dispatcher))
-        self.metrics.gauge("live_nodes", self._live_count)
+        self.metrics = Metrics(NAMESPACE, CATALOG)
+        self.metrics.read("pending_requests", lambda: len(self.dispatcher))
+        self.metrics.read("live_nodes", self._live_count)
+        bind_nodes(self.metrics, self._scraped_nodes)
+        self._scrape: tuple[float, list[dict[str, Any]]] = (-math.inf, [])
         self.where: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=10_000)
+        self.outcomes = Outcomes(HISTORY_BUCKET_S, HISTORY_S)
+        # (time s, target, ready, starting) every bucket: the page's pool chart
+        self.pool_history: deque[tuple[float, int, int, int]] = deque(
+            maxlen=round(HISTORY_S / HISTORY_BUCKET_S))
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._closed = False  # drained: a request now is refused, not taken
@@ -132,16 +143,11 @@ class Broker:
         self._next_scale_ms = 0.0  # the first call sizes the pool at once (min_size)
         # What the pool gauges read: scrapes come from another thread, so they read
         # these numbers, refreshed by the ticker, rather than the pool itself.
-        self.pool_gauges = dict.fromkeys(
-            ("target", "ready", "starting", "stopping", "last_cold_start_seconds"), 0.0
-        )
+        self.pool_gauges = dict.fromkeys(POOL_GAUGES, 0.0)
         if pool is not None:
             for name in self.pool_gauges:
-                self.metrics.gauge(f"pool_{name}",
-                                   functools.partial(self.pool_gauges.__getitem__, name))
-            for counter in ("pool_worker_crashes_total", "pool_workers_started_total",
-                            "pool_workers_stopped_total"):
-                self.metrics.inc(counter, 0)  # scraped as 0 rather than missing
+                self.metrics.read(f"pool_{name}",
+                                  functools.partial(self.pool_gauges.__getitem__, name))
             # Known before any worker is up: a request for them is UNAVAILABLE (the pool
             # will serve it), not UNKNOWN_MODEL.
             self.fleet.known_models.update(pool.models)
@@ -174,6 +180,11 @@ class Broker:
         self.bus.stop()
         if self.pool is not None:
             self.pool.close()  # after the bus: no handler can touch the pool any more
+
+    def ready(self) -> bool:
+        """``/readyz``: connected, subscribed (the server sends the nodes' retained
+        statuses at subscribe: the fleet view) and not stopping."""
+        return self.bus.connected and self._ticker is not None and not self._closed
 
     def drain(self, timeout_s: float) -> None:
         """Take no new requests; wait up to ``timeout_s`` for the replies to those taken
@@ -351,10 +362,25 @@ class Broker:
                      a.message)
             payload = error_reply(ReplyHeader(id=request.id, status=a.code, message=a.message))
         self.bus.publish(route.reply_topic, payload, qos=1, correlation=route.correlation)
-        self.metrics.inc("replies_total", code=a.code, where=a.where or "none")
+        self._count(a)
+
+    def _count(self, a: Answer) -> None:
+        request, where = a.pending.request, a.where or "none"
+        outcome = Outcome(request.model, a.code, a.latency_ms, request.budget_ms, a.where)
+        m = self.metrics
+        m.inc("replies_total", code=a.code, where=where)
+        m.inc("slo_met_total" if outcome.met else "slo_missed_total", model=request.model)
+        m.observe("request_latency_seconds", a.latency_ms / 1000, model=request.model,
+                  where=where)
+        if a.reply is not None and a.reply.ok:
+            m.observe("queue_wait_seconds", a.reply.queue_ms / 1000, model=request.model,
+                      where=where)
+            m.observe("service_seconds", a.reply.service_ms / 1000, model=request.model,
+                      where=where)
         if a.where:
             self.where[a.where] += 1
         self.latencies.append(a.latency_ms)
+        self.outcomes.record(time.time(), outcome, a.message)
 
     def _node_down(self, a: NodeDown) -> None:
         if a.session is None:
@@ -439,7 +465,8 @@ class Broker:
         return sum(self.fleet.is_live(v, now) for v in self.fleet.nodes.values())
 
     def status(self, now: float | None = None) -> dict[str, object]:
-        """The retained ``broker/status`` document (docs/protocol.md §broker/status)."""
+        """The retained ``broker/status`` document (docs/protocol.md §broker/status).
+        Called under the lock."""
         now = _now_ms() if now is None else now
         lat = list(self.latencies)
         return {
@@ -450,27 +477,71 @@ class Broker:
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
             "placements": dict(self.where),
             **({"pool": self._pool_status()} if self.pool is not None else {}),
-            "nodes": [
-                {
-                    "node": v.node,
-                    "role": v.role,
-                    "live": self.fleet.is_live(v, now),
-                    "draining": v.status.draining,
-                    "gpu": v.status.gpu,
-                    "queue": v.load.queue if v.load else 0,
-                    "in_flight": v.load.in_flight if v.load else 0,
-                    "outstanding": v.outstanding,
-                    "placements": v.placements,
-                    "rtt_ms": round(v.link.rtt_ms, 2),
-                    "gpu_util": v.load.gpu_util if v.load else 0.0,
-                    "mem_mb": [v.load.mem_used_mb, v.load.mem_total_mb] if v.load else [0.0, 0.0],
-                    "service_ms": {m: round(s.mean_ms, 2) for m, s in v.load.models.items()}
-                    if v.load
-                    else {},
-                }
-                for v in sorted(self.fleet.nodes.values(), key=lambda v: v.node)
-            ],
+            "nodes": [self._node_row(v, now)
+                      for v in sorted(self.fleet.nodes.values(), key=lambda v: v.node)],
         }
+
+    def _node_row(self, v: NodeView, now: float) -> dict[str, Any]:
+        live = self.fleet.is_live(v, now)
+        load = v.load
+        return {
+            "node": v.node,
+            "role": v.role,
+            "live": live,
+            "draining": v.status.draining,
+            "state": ("draining" if v.status.draining else "live") if live else "offline",
+            "gpu": v.status.gpu,
+            "probe": load.probe if load else "",
+            "queue": load.queue if load else 0,
+            "in_flight": load.in_flight if load else 0,
+            "outstanding": v.outstanding,
+            "placements": v.placements,
+            "rtt_ms": round(v.link.rtt_ms, 2),
+            "gpu_util": load.gpu_util if load else 0.0,
+            "mem_mb": [load.mem_used_mb, load.mem_total_mb] if load else [0.0, 0.0],
+            "service_ms": {m: round(s.mean_ms, 2) for m, s in load.models.items()}
+            if load else {},
+            "last_seen_s": round(max(0.0, now - v.last_seen_ms) / 1000, 2),
+        }
+
+    def web_status(self) -> dict[str, object]:
+        """``/status`` on the broker's HTTP port: the retained document, plus each
+        model's recent outcomes, the pool's history and recent errors. Takes the lock."""
+        with self._lock:
+            doc = self.status()
+            wall = time.time()
+            known = sorted(set(self.outcomes.models()) | set(self.sla)
+                           | self.fleet.known_models)
+            doc["models"] = [self._model_status(m, wall) for m in known]
+            doc["errors"] = {"last_1m": self.outcomes.codes(wall, 60),
+                             "last_10m": self.outcomes.codes(wall, 600),
+                             "latest": list(self.outcomes.errors)}
+            doc["pool_history"] = [
+                {"t": t, "target": target, "ready": ready, "starting": starting}
+                for t, target, ready, starting in self.pool_history]
+        doc["time"] = round(wall, 3)
+        doc["connected"] = self.bus.connected
+        return doc
+
+    def _model_status(self, model: str, wall: float) -> dict[str, object]:
+        sla = self.sla.get(model)
+        return {
+            "model": model,
+            "sla": {"budget_ms": sla.budget_ms, "priority": sla.priority} if sla else None,
+            "last_1m": self.outcomes.summary(model, wall, 60),
+            "last_10m": self.outcomes.summary(model, wall, 600),
+            "series": self.outcomes.series(model, wall),
+        }
+
+    def _scraped_nodes(self) -> list[dict[str, Any]]:
+        """The node rows for one scrape (a scrape reads them once per gauge family)."""
+        now = _now_ms()
+        taken, rows = self._scrape
+        if now - taken > SCRAPE_CACHE_MS:
+            with self._lock:
+                rows = [self._node_row(v, now) for v in self.fleet.nodes.values()]
+            self._scrape = (now, rows)
+        return rows
 
     # -- cloud pool ---------------------------------------------------------------------
 
@@ -487,6 +558,10 @@ class Broker:
         ready, starting = self._pool_counts()
         self.pool_gauges.update(ready=ready, starting=starting,
                                 stopping=len(self.pool.stopping()))
+        wall = time.time()
+        if not self.pool_history or wall - self.pool_history[-1][0] >= HISTORY_BUCKET_S:
+            self.pool_history.append((round(wall, 3), int(self.pool_gauges["target"]),
+                                      ready, starting))
         self.dispatcher.pool_ready = ready  # an empty pool's demand (demand.wanted_cloud)
 
     def _pool_counts(self) -> tuple[int, int]:

@@ -91,6 +91,7 @@ class Answer:
     where: str = ""  # the answering node's role, when a node answered
     forward: bool = False  # pass the node's reply on unchanged
     decision: Decision | None = None  # the placement that refused it, if one did
+    reply: Reply | None = None  # the node's reply header, when a node answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,7 @@ class Dispatcher:
         elif r.status in RETRYABLE and p.remaining_ms(now) > 0:
             return [Redispatch(p, r.status), self._place(p, now, after=ErrorCode(r.status))]
         self.tracker.complete(r.request_id)
-        return [Answer(p, r.status, "", now - p.accepted_ms, r.where, forward=True)]
+        return [Answer(p, r.status, "", now - p.accepted_ms, r.where, forward=True, reply=r)]
 
     def node_status(self, status: NodeStatus, now: float) -> list[Action]:
         if self.fleet.on_status(status, now):

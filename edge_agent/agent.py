@@ -27,7 +27,7 @@ from edge_agent.runner import ModelRunner
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import WorkerKeys
-from skyhop.metrics import Metrics
+from skyhop.metrics import Metrics, counter, gauge, histogram
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message, Will
 from skyhop.mqtt.url import TlsFiles
@@ -54,6 +54,29 @@ from skyhop.stats import ServiceTime
 
 log = logging.getLogger("skyhop.agent")
 KEY_REFRESH_S = 2.0
+
+# Exported as skyhop_agent_<name> (docs/operations.md lists them all).
+METRICS = {
+    "accepted_total": counter("Requests taken into this node's queue."),
+    "replies_total": counter("Replies sent, by code (OK or an error code).", "code"),
+    "duplicates_total": counter("Redelivered requests answered from the result cache."),
+    "expired_in_queue_total": counter("Requests whose budget ran out while queued here."),
+    "no_reply_topic_total": counter("Requests dropped for want of a reply topic."),
+    "status_restored_total": counter("Times this node re-announced a status that was "
+                                     "cleared or overwritten on the MQTT server."),
+    "probe_errors_total": counter("Failed reads of the device's telemetry."),
+    "report_errors_total": counter("Load reports that could not be published."),
+    "key_refresh_errors_total": counter("Failed re-reads of the worker keys."),
+    "queue_wait_seconds": histogram("Time from a request's arrival here to its run.",
+                                    "model"),
+    "service_seconds": histogram("Time the model ran for one request.", "model"),
+    "queue_depth": gauge("Requests waiting in this node's queue."),
+    "in_flight": gauge("Requests running now."),
+    "device_utilization_ratio": gauge("Accelerator (or CPU) utilisation, 0 to 1, as the "
+                                      "last load report read it.", "device", "probe"),
+    "device_memory_used_bytes": gauge("Accelerator memory in use.", "device", "probe"),
+    "device_memory_total_bytes": gauge("Accelerator memory in all.", "device", "probe"),
+}
 
 
 @dataclass(frozen=True)
@@ -91,16 +114,16 @@ class Agent:
         self.topics = topics or Topics()
         # bdSeq: grows with each start so a stale death cannot kill a newer birth.
         self.session = time.time_ns() // 1_000_000
-        self.metrics = Metrics("skyhop_agent")
-        self.metrics.gauge("queue_depth", lambda: len(self._queue))
-        self.metrics.gauge("in_flight", lambda: self._in_flight)
+        self.metrics = Metrics("skyhop_agent", METRICS)
+        self.metrics.read("queue_depth", lambda: len(self._queue))
+        self.metrics.read("in_flight", lambda: self._in_flight)
         # The accelerator as the last load report read it: a scrape never calls the probe.
-        device = (("device", probe.device), ("probe", probe.kind))
-        self.metrics.gauge("device_utilization_ratio", lambda: {device: self._sample.util})
-        self.metrics.gauge("device_memory_used_bytes",
-                           lambda: {device: self._sample.mem_used_mb * MIB})
-        self.metrics.gauge("device_memory_total_bytes",
-                           lambda: {device: self._sample.mem_total_mb * MIB})
+        device = (probe.device, probe.kind)
+        self.metrics.read("device_utilization_ratio", lambda: {device: self._sample.util})
+        self.metrics.read("device_memory_used_bytes",
+                          lambda: {device: self._sample.mem_used_mb * MIB})
+        self.metrics.read("device_memory_total_bytes",
+                          lambda: {device: self._sample.mem_total_mb * MIB})
         self.service = {
             m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
             for m, r in self.runners.items()
@@ -335,6 +358,9 @@ class Agent:
             self._finish(job, None, exc.code, exc.message)
             return
         self.service[opened.header.model].observe(service_ms)
+        model = opened.header.model
+        self.metrics.observe("queue_wait_seconds", started - job.received, model=model)
+        self.metrics.observe("service_seconds", service_ms / 1000, model=model)
         header = ReplyHeader(
             id=opened.header.id,
             status=OK,

@@ -21,4 +21,4 @@ VOLUME /var/lib/skyhop
 # /metrics listens on loopback only: the health check reads it there.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9100/metrics', timeout=4)"]
-ENTRYPOINT ["skyhop", "broker", "--metrics-port", "9100"]
+ENTRYPOINT ["skyhop", "broker", "--http-port", "9100", "--http-host", "0.0.0.0"]

@@ -105,7 +105,13 @@ def _home(home: Path | None) -> Home:
 
 
 def _mqtt(home: Home, mqtt: str | None) -> str:
-    return mqtt or home.config().mqtt
+    """The server to connect to; when the home's config chose it, say so (stderr)."""
+    if mqtt:
+        return mqtt
+    url = home.config().mqtt
+    console.print(f"MQTT server {escape(url)} (from {home.path / 'config.toml'}; --mqtt to "
+                  "choose another)", highlight=False)
+    return url
 
 
 def _logging(level: str) -> None:
@@ -171,9 +177,16 @@ def broker(
             help="deadline (default), round-robin, least-connection, weighted or power-of-two."
         ),
     ] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus /metrics here.")
+    http_port: Annotated[
+        int | None, typer.Option(
+            help="Serve HTTP here: the status page at /, JSON at /status, Prometheus "
+            "/metrics, and /healthz and /readyz for probes (docs/operations.md).")
     ] = None,
+    http_host: Annotated[
+        str, typer.Option(help="Bind --http-port here. The page and /status show the "
+                          "fleet to whoever reaches them: open them (0.0.0.0) only "
+                          "behind a network you trust or an authenticating proxy.")
+    ] = "127.0.0.1",
     pool: Annotated[
         str | None,
         typer.Option(
@@ -193,7 +206,6 @@ def broker(
             "Default: \\[broker.autoscale] models."
         ),
     ] = None,
-    metrics_host: MetricsHostOpt = "127.0.0.1",
     identity: Annotated[str | None, _identity("broker")] = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -227,8 +239,12 @@ def broker(
         pool=backend,
     )
     b.start()
-    if metrics_port:
-        b.metrics.serve(metrics_port, metrics_host, ready=lambda: b.bus.connected)
+    if http_port:
+        from cloud_broker.web import routes
+        from skyhop.httpd import serve
+
+        serve(http_port, http_host, routes(b.metrics, b.ready, b.web_status))
+        log.info("status page on http://%s:%d/", http_host, http_port)
     _run_until_signal(b.stop)
 
 
@@ -323,7 +339,9 @@ def agent(
     )
     a.start()
     if metrics_port:
-        a.metrics.serve(metrics_port, metrics_host, ready=a.ready)
+        from skyhop.httpd import probes, serve
+
+        serve(metrics_port, metrics_host, probes(a.metrics, a.ready))
     _run_until_signal(a.stop, parent=parent_pid, leave=(a.taken_over, a.drained))
     if a.drained.is_set() and hold_after_drain:
         log.info("drained; waiting for SIGTERM")
@@ -437,7 +455,10 @@ def infer(
     with client:
         time.sleep(0.05)  # let retained SLAs and key announcements arrive
         sla = client.sla.get(model)
+        source = ("--budget-ms" if budget_ms else "the home's config" if budget
+                  else "the model's SLA" if sla else "the catalog's default")
         budget = budget or (sla.budget_ms if sla else entry.budget_ms)
+        console.print(f"budget {budget:g} ms (from {source})", highlight=False)
         result = client.infer(model, inputs, budget_ms=budget, priority=priority)
     h_ = result.header
     typer.echo(

@@ -45,7 +45,7 @@ def stack(fleet_server, tmp_path_factory) -> Iterator[LocalStack]:
         with LocalStack(home, url, root / "logs", server) as st:
             st.metrics_port = free_port()
             st.home = broker_home
-            st.broker("--metrics-port", str(st.metrics_port))
+            st.broker("--http-port", str(st.metrics_port))
             st.home = home
             st.agent_ports = {n: free_port() for n in agents}
             for node, role in agents.items():

@@ -289,10 +289,10 @@ def test_the_broker_sizes_its_pool_and_shows_it(caplog: pytest.LogCaptureFixture
     broker._pool_tick(t0 + 2000)
     pool = broker.status()["pool"]
     assert (pool["crashes"], pool["target"], pool["ready"], pool["starting"]) == (1, 3, 1, 2)
-    metrics = broker.metrics.render()
-    for line in ("skyhop_broker_pool_target 3", "skyhop_broker_pool_worker_crashes_total 1",
-                 "skyhop_broker_pool_workers_started_total 4",
-                 'skyhop_broker_pool_scale_events_total{direction="up"} 2'):
+    metrics = broker.metrics.render().decode()
+    for line in ("skyhop_broker_pool_target 3.0", "skyhop_broker_pool_worker_crashes_total 1.0",
+                 "skyhop_broker_pool_workers_started_total 4.0",
+                 'skyhop_broker_pool_scale_events_total{direction="up"} 2.0'):
         assert line in metrics, metrics
 
 

@@ -514,7 +514,7 @@ class Broker:
                            | self.fleet.known_models)
             doc["models"] = [self._model_status(m, wall) for m in known]
             doc["errors"] = {"last_1m": self.outcomes.codes(wall, 60),
-                             "last_10m": self.outcomes.codes(wall, 600),
+                             "last_10m": self.outcomes.codes(wall, HISTORY_S),
                              "latest": list(self.outcomes.errors)}
             doc["pool_history"] = [
                 {"t": t, "target": target, "ready": ready, "starting": starting}
@@ -529,7 +529,7 @@ class Broker:
             "model": model,
             "sla": {"budget_ms": sla.budget_ms, "priority": sla.priority} if sla else None,
             "last_1m": self.outcomes.summary(model, wall, 60),
-            "last_10m": self.outcomes.summary(model, wall, 600),
+            "last_10m": self.outcomes.summary(model, wall, HISTORY_S),
             "series": self.outcomes.series(model, wall),
         }
 

@@ -54,8 +54,6 @@ CATALOG: dict[str, Spec] = {
                                            "[broker] node_rate."),
     "spoofed_node_messages_total": counter("Node messages whose payload names another node "
                                            "than their topic."),
-    "sla_rejected_total": counter("SLA messages ignored: unsigned, not signed by an "
-                                  "operator of this fleet, or for an unknown model.", "why"),
     # the fleet, as this broker sees it
     "live_nodes": gauge("Nodes online and heard from within node_timeout_s."),
     "node_info": gauge("1 per known node, with its device class and telemetry probe.",

@@ -74,7 +74,7 @@ class Metrics:
     def __init__(self, namespace: str, catalog: Mapping[str, Spec]) -> None:
         self.namespace = namespace
         self.catalog = dict(catalog)
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self._counters: dict[str, Counter] = {}
         self._histograms: dict[str, Histogram] = {}
         self._readers: dict[str, Callable[[], GaugeReading]] = {}

@@ -12,6 +12,7 @@ lets it re-dispatch the work of a dead node and still answer each request exactl
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import math
@@ -21,6 +22,7 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from cloud_broker.autoscaler import ScaleContext, ScaleState, scale
@@ -44,7 +46,9 @@ from cloud_broker.pool import PoolBackend, Worker, plan
 from cloud_broker.ratelimit import RateLimiter
 from cloud_broker.scaling import reason, scale_context
 from cloud_broker.tracker import Request
+from skyhop import audit
 from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.logs import fields
 from skyhop.logthrottle import LogThrottle
 from skyhop.metrics import Metrics
 from skyhop.mqtt.bus import Bus
@@ -56,12 +60,13 @@ from skyhop.protocol.messages import (
     LoadReport,
     NodeStatus,
     ReplyHeader,
-    SlaConfig,
+    RequestHeader,
     WorkMeta,
     packb,
 )
 from skyhop.protocol.replay import ReplayGuard
 from skyhop.protocol.topics import BROKERS_GROUP, Topics
+from skyhop.security.sla import Rejected, SlaBook
 from skyhop.stats import percentile
 
 log = logging.getLogger("skyhop.broker")
@@ -97,7 +102,11 @@ class Broker:
         seed: int | None = None,
         tls: TlsFiles | None = None,
         pool: PoolBackend | None = None,
+        slas: SlaBook | None = None,
+        audit: Path | None = None,
     ) -> None:
+        """``slas``: which SLAs to apply (default: unsigned ones, as with no fleet CA).
+        ``audit``: the trail to record applied SLAs and scale decisions in."""
         self.config = config or BrokerConfig()
         self.topics = topics or Topics()
         self.broker_id = broker_id or f"broker-{uuid.uuid4().hex[:8]}"
@@ -119,7 +128,9 @@ class Broker:
         self.node_limiter = (RateLimiter(self.config.node_rate, self.config.node_burst,
                                          max_clients=100_000)
                              if self.config.node_rate > 0 else None)
-        self.sla: dict[str, SlaConfig] = {}
+        self.slas = slas or SlaBook(None)
+        self.sla = self.slas.current  # what placement and the autoscaler read
+        self.audit_path = audit
         self.metrics = Metrics(NAMESPACE, CATALOG)
         self.metrics.read("pending_requests", lambda: len(self.dispatcher))
         self.metrics.read("live_nodes", self._live_count)
@@ -180,6 +191,7 @@ class Broker:
         self.bus.stop()
         if self.pool is not None:
             self.pool.close()  # after the bus: no handler can touch the pool any more
+        log.info("broker %s stopped", self.broker_id)
 
     def ready(self) -> bool:
         """``/readyz``: connected, subscribed (the server sends the nodes' retained
@@ -198,8 +210,8 @@ class Broker:
         self.bus.unsubscribe(self.topics.req_shared(BROKERS_GROUP))
         with self._lock:
             pending = len(self.dispatcher)
-        if pending:
-            log.info("draining %d request(s) for up to %.0f s", pending, timeout_s)
+        log.info("draining: taking no new requests; %d in flight, waiting up to %.0f s",
+                 pending, timeout_s)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end and len(self.dispatcher):
             time.sleep(0.05)
@@ -289,10 +301,19 @@ class Broker:
             return
         route = Route(msg.payload, reply_topic, msg.correlation)
         # One client's requests are one stream (placement's hysteresis): origin = its topic.
-        request = Request(header.id, header.model, header.size, header.budget_ms,
+        request = Request(header.id, header.model, header.size, self._budget(header),
                           header.priority, origin=reply_topic, ref=route)
         self.metrics.inc("requests_accepted_total", model=header.model)
         self._act(self.dispatcher.accept(request, now))
+
+    def _budget(self, header: RequestHeader) -> float:
+        """A request's budget, capped at its model's SLA: the SLA is the operator's
+        bound on what one request may ask of the fleet (docs/operations.md §SLAs)."""
+        sla = self.sla.get(header.model)
+        if sla is None or header.budget_ms <= sla.budget_ms:
+            return header.budget_ms
+        self.metrics.inc("budget_capped_total", model=header.model)
+        return sla.budget_ms
 
     def _check_rate(self, client: str | None, now: float) -> None:
         """Before the replay guard, so that a refused request may be sent again."""
@@ -330,7 +351,7 @@ class Broker:
                     self._node_down(a)
                 case NodeUp(status=status):
                     log.info("node %s online: role=%s models=%s", status.node, status.role,
-                             ",".join(status.models))
+                             ",".join(status.models), extra=fields(node=status.node))
                     if self.pool is not None:
                         self._pool_born(status.node)
 
@@ -359,7 +380,8 @@ class Broker:
         request, route = a.pending.request, a.pending.request.ref
         if not a.forward:
             log.info("request %s (%s) answered %s: %s", request.id, request.model, a.code,
-                     a.message)
+                     a.message, extra=fields(request_id=request.id, model=request.model,
+                                             code=a.code))
             payload = error_reply(ReplyHeader(id=request.id, status=a.code, message=a.message))
         self.bus.publish(route.reply_topic, payload, qos=1, correlation=route.correlation)
         self._count(a)
@@ -384,13 +406,18 @@ class Broker:
 
     def _node_down(self, a: NodeDown) -> None:
         if a.session is None:
-            log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s)
+            log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s,
+                        extra=fields(node=a.node))
             return
         stopped = self.pool is not None and a.node in self.pool.stopping()
         if self.pool is not None and stopped:
             self.pool.left(a.node, _now_ms())
-        level = logging.INFO if stopped else logging.WARNING  # a scale-down is no alarm
-        log.log(level, "node %s went offline (session %d)", a.node, a.session)
+        if stopped or a.stopped:  # a scale-down or a clean stop is no alarm
+            log.info("node %s stopped (session %d)", a.node, a.session,
+                     extra=fields(node=a.node))
+        else:
+            log.warning("node %s lost its connection (session %d): offline", a.node, a.session,
+                        extra=fields(node=a.node))
 
     def _refuse(
         self,
@@ -402,7 +429,8 @@ class Broker:
     ) -> None:
         """Answer a request that was never accepted (bad input)."""
         self.metrics.inc("refused_total", code=code)
-        log.info("request %s refused %s: %s", request_id or "?", code, message)
+        log.info("request %s refused %s: %s", request_id or "?", code, message,
+                 extra=fields(request_id=request_id or None, code=code))
         if topic:
             reply = error_reply(ReplyHeader(id=request_id, status=code, message=message))
             self.bus.publish(topic, reply, qos=1, correlation=correlation)
@@ -433,10 +461,38 @@ class Broker:
         return False
 
     def _on_sla(self, msg: Message) -> None:
-        if msg.payload:
-            sla = SlaConfig.decode(msg.payload)
-            self.sla[sla.model] = sla
-            self.fleet.known_models.add(sla.model)
+        """Apply an SLA the fleet CA vouches for (skyhop.security.sla); count the rest."""
+        try:
+            change = self.slas.offer(self.topics.model_of(msg.topic), msg.payload,
+                                     dt.datetime.now(dt.timezone.utc))
+        except Rejected as exc:
+            self.metrics.inc("sla_rejected_total", reason=exc.reason)
+            self._warn(f"sla-{exc.reason}", "ignored the SLA on %s: %s", msg.topic, exc.message)
+            return
+        if change is None:
+            return
+        if change.sla is None:
+            log.info("SLA for %s cleared by %s", change.model, change.signer,
+                     extra=fields(model=change.model))
+            self._audit(change.signer, "sla.cleared", {"model": change.model})
+            return
+        self.fleet.known_models.add(change.model)
+        log.info("SLA for %s: %g ms, priority %d (signed by %s)", change.model,
+                 change.sla.budget_ms, change.sla.priority, change.signer,
+                 extra=fields(model=change.model))
+        self._audit(change.signer, "sla.applied", {"model": change.model,
+                                               "budget_ms": change.sla.budget_ms,
+                                               "priority": change.sla.priority})
+
+    def _audit(self, signer: str, action: str, changed: dict[str, Any]) -> None:
+        """Record in the trail as this broker, naming who asked (``by``)."""
+        if self.audit_path is None:
+            return
+        try:
+            audit.record(self.audit_path, self.broker_id, action, {**changed, "by": signer})
+        except OSError as exc:
+            self.metrics.inc("audit_errors_total")
+            self._warn("audit", "cannot write the audit trail %s: %s", self.audit_path, exc)
 
     # -- ticker -------------------------------------------------------------------------
 
@@ -472,6 +528,7 @@ class Broker:
         return {
             "v": 1,
             "broker": self.broker_id,
+            "time": round(time.time(), 3),  # wall clock, Unix s: when this was true
             "policy": self.config.policy,
             "pending": len(self.dispatcher),
             "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99)},
@@ -585,6 +642,7 @@ class Broker:
             ready, starting = self._pool_counts()
             why = reason(ctx, old, target, self._scale_state)
             log.info("scale target=%d ready=%d starting=%d reason=%s", target, ready, starting, why)
+            self._audit("autoscaler", "pool.scale", {"from": old, "to": target, "why": why})
 
     def _scale_context(self, now: float, workers: list[Worker],
                        busy: dict[str, int]) -> ScaleContext:
@@ -624,7 +682,8 @@ class Broker:
         cold_ms = self.pool.born(node, _now_ms())
         if cold_ms is not None:
             self.pool_gauges["last_cold_start_seconds"] = cold_ms / 1000
-            log.info("pool worker %s ready after a %.1f s cold start", node, cold_ms / 1000)
+            log.info("pool worker %s ready after a %.1f s cold start", node, cold_ms / 1000,
+                     extra=fields(node=node))
 
     def _pool_status(self) -> dict[str, object]:
         assert self.pool is not None

@@ -54,6 +54,13 @@ CATALOG: dict[str, Spec] = {
                                            "[broker] node_rate."),
     "spoofed_node_messages_total": counter("Node messages whose payload names another node "
                                            "than their topic."),
+    "sla_rejected_total": counter("SLA messages ignored: unsigned, forged, not-operator, "
+                                  "expired, revoked, stale or topic (docs/security.md).",
+                                  "reason"),
+    "budget_capped_total": counter("Requests whose own budget exceeded their model's SLA: "
+                                   "placed and judged by the SLA's.", "model"),
+    "audit_errors_total": counter("Audit entries that could not be written to "
+                                  "HOME/audit.jsonl."),
     # the fleet, as this broker sees it
     "live_nodes": gauge("Nodes online and heard from within node_timeout_s."),
     "node_info": gauge("1 per known node, with its device class and telemetry probe.",

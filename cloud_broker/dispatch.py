@@ -113,6 +113,7 @@ class LateReply:
 class NodeDown:
     node: str
     session: int | None  # its death's session; None: silent past the node timeout
+    stopped: bool = False  # the agent said it stopped cleanly (not its will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,8 @@ class Dispatcher:
 
     def node_status(self, status: NodeStatus, now: float) -> list[Action]:
         if self.fleet.on_status(status, now):
-            return [NodeDown(status.node, status.session), *self._rescue(status.node, now)]
+            return [NodeDown(status.node, status.session, status.stopped),
+                    *self._rescue(status.node, now)]
         return [NodeUp(status)] if status.online else []
 
     def node_lost(self, node: str, now: float) -> list[Action]:

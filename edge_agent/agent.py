@@ -27,6 +27,7 @@ from edge_agent.runner import ModelRunner
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import WorkerKeys
+from skyhop.logs import fields
 from skyhop.metrics import Metrics, counter, gauge, histogram
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message, Will
@@ -175,14 +176,14 @@ class Agent:
         with self._cond:
             self._cond.notify_all()
         if self.bus.connected and not self.taken_over.is_set():  # the node lives on elsewhere
-            self.bus.publish(
-                self.topics.status(self.node_id), self._status(online=False), qos=1, retain=True
-            )
+            self.bus.publish(self.topics.status(self.node_id),
+                             self._status(online=False, stopped=True), qos=1, retain=True)
         for t in self._threads:
             t.join(timeout=5)
         self.bus.flush(2.0)  # the death, and replies just sent: the Will is discarded
         self.bus.stop()
         self.probe.close()
+        log.info("agent %s stopped (session %d)", self.node_id, self.session)
 
     def ready(self) -> bool:
         """Serving: connected and not draining (an HTTP /readyz, for Kubernetes)."""
@@ -198,7 +199,7 @@ class Agent:
             self.topics.status(self.node_id), self._status(online=True), qos=1, retain=True
         )
 
-    def _status(self, *, online: bool) -> bytes:
+    def _status(self, *, online: bool, stopped: bool = False) -> bytes:
         return NodeStatus(
             node=self.node_id,
             online=online,
@@ -208,6 +209,7 @@ class Agent:
             gpu=self.probe.device,
             concurrency=self.config.concurrency,
             draining=online and self.draining.is_set(),
+            stopped=stopped,
         ).encode()
 
     def _on_own_status(self, msg: Message) -> None:
@@ -402,7 +404,8 @@ class Agent:
         self, topic: str, correlation: bytes | None, request_id: str, code: ErrorCode, message: str
     ) -> bytes:
         self.metrics.inc("replies_total", code=code)
-        log.info("request %s answered %s: %s", request_id or "?", code, message)
+        log.info("request %s answered %s: %s", request_id or "?", code, message,
+                 extra=fields(request_id=request_id or None, node=self.node_id, code=code))
         reply = error_reply(
             ReplyHeader(
                 id=request_id, status=code, message=message, node=self.node_id, where=self.role

@@ -63,6 +63,7 @@ OVERLOADED, DEADLINE = "OVERLOADED", "DEADLINE_EXCEEDED"
 # The simulator knows the future; a live broker does not: ``clairvoyant`` is a benchmark
 # yardstick (``planner.clairvoyant_targets``), not one of the broker's ``AUTOSCALERS``.
 CLAIRVOYANT = "clairvoyant"
+PROGRESS_EVERY = 50_000  # events between progress calls: ~0.1 s of a run
 SIM_AUTOSCALERS = (*AUTOSCALERS, CLAIRVOYANT)
 
 
@@ -96,6 +97,7 @@ class Simulation:
         self.nodes: dict[str, SimNode] = {}
         self.models = {m.name: m for m in scenario.models}
         self._ids = itertools.count(1)
+        self.arrived = 0  # requests so far, for progress
         self.open = 0  # requests arrived and not yet answered
         self.pool = Pool(scenario.cloud, self._cloud_node, self.rng["boot"])
         self.scaler = replace(self._scale_config(autoscaler), **(scaling or {}))
@@ -189,8 +191,9 @@ class Simulation:
     def _at(self, t: float, kind: int, a: Any, b: Any) -> None:
         heapq.heappush(self.q, (t, next(self._seq), kind, a, b))
 
-    def run(self) -> dict[str, Any]:
-        """Run to the end (every request answered) and return the report."""
+    def run(self, progress: Callable[[float, int], None] | None = None) -> dict[str, Any]:
+        """Run to the end (every request answered) and return the report. ``progress``
+        is called now and then with (simulated seconds, requests so far)."""
         self._start()
         handlers: dict[int, Callable[[Any, Any], None]] = {
             ARRIVE: self._arrive, RECV: self._recv, DONE: self._done, REPLY: self._reply,
@@ -199,12 +202,16 @@ class Simulation:
             RECOVER: self._recover, SAMPLE: self._sample, BROKER_LOAD: self._broker_load}
         end = self.s.duration_s * 1000
         q, pop = self.q, heapq.heappop
+        events = 0
         while q:
             t, _, kind, a, b = pop(q)
             if t > end and self.open == 0:
                 break  # every request answered, no more arrive: the rest is housekeeping
             self.now = t
             handlers[kind](a, b)
+            events += 1
+            if progress is not None and events % PROGRESS_EVERY == 0:
+                progress(t / 1000, self.arrived)
         self.pool.account(max(self.now, end))
         extra = {"static_pool": self.scaler.static_size, "pool_peak": self.pool.peak,
                  "cloud_cold_start_s": round(self.s.cloud.cold_start_s, 3)}
@@ -228,6 +235,7 @@ class Simulation:
                          int(m.request_kb * 1000), int(m.reply_kb * 1000), factor, origin)
         req.feasible = self._feasible(req)
         self.open += 1
+        self.arrived += 1
         self.rec.arrival(req)
         request = Request(str(req.id), m.name, req.size, m.budget_ms, m.priority, origin, req)
         self._act(self.dispatcher.accept(request, self.now))
@@ -493,7 +501,8 @@ def _lognormal(rng: random.Random, cv: float) -> float:
 
 
 def simulate(scenario: Scenario, *, policy: str = "deadline", autoscaler: str = "predictive",
-             seed: int = 1, **kwargs: Any) -> dict[str, Any]:
+             seed: int = 1, progress: Callable[[float, int], None] | None = None,
+             **kwargs: Any) -> dict[str, Any]:
     """Run one scenario and return its report (see docs/simulator.md §Report)."""
     return Simulation(scenario, policy=policy, autoscaler=autoscaler, seed=seed,
-                      **kwargs).run()
+                      **kwargs).run(progress)

@@ -11,6 +11,7 @@ locally with ``RemoteError(DEADLINE_EXCEEDED)``, so a caller never waits forever
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import random
@@ -30,9 +31,10 @@ from skyhop.mqtt.message import Message
 from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.announcement import verify as announcement_verify
 from skyhop.protocol.envelope import FleetPublicKey, body_size, open_reply, seal_request
-from skyhop.protocol.messages import KeyAnnouncement, ReplyHeader, RequestHeader, SlaConfig
+from skyhop.protocol.messages import KeyAnnouncement, ReplyHeader, RequestHeader
 from skyhop.protocol.tensors import decode_body, encode_body
 from skyhop.protocol.topics import Topics
+from skyhop.security.sla import Rejected, SlaBook
 
 log = logging.getLogger("skyhop.client")
 
@@ -85,8 +87,9 @@ class Client:
         self.topics = topics or Topics()
         self.fleet_key = fleet_key
         self.slack_ms = slack_ms
-        self.sla: dict[str, SlaConfig] = {}
         self.trust = trust  # the fleet CA's key: announcements signed by it move fleet_key
+        self.slas = SlaBook(trust)  # with a CA, only operator-signed SLAs count
+        self.sla = self.slas.current
         self.counters: Counter[str] = Counter()
         self._key_issued_at = -1
         self._waiting: dict[bytes, _Waiting] = {}
@@ -320,12 +323,11 @@ class Client:
                    "no reply from the fleet within the budget")
 
     def _on_sla(self, msg: Message) -> None:
-        if msg.payload:
-            try:
-                sla = SlaConfig.decode(msg.payload)
-            except ProtocolError:
-                return
-            self.sla[sla.model] = sla
+        try:
+            self.slas.offer(self.topics.model_of(msg.topic), msg.payload,
+                            dt.datetime.now(dt.timezone.utc))
+        except (ProtocolError, Rejected):
+            self.counters["ignored_slas"] += 1
 
     def _on_key_announcement(self, msg: Message) -> None:
         """Follow a fleet key rotation; ignore (and count) anything not signed by the CA."""

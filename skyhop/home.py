@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +29,9 @@ from skyhop.mqtt.url import MqttUrl, TlsFiles
 from skyhop.protocol.envelope import FleetKeyPair, FleetPublicKey
 from skyhop.protocol.topics import DEFAULT_PREFIX
 from skyhop.schema import Strict, validated
+
+if TYPE_CHECKING:
+    from skyhop.security.sla import SlaBook
 
 
 class SlaEntry(Strict):
@@ -199,6 +202,29 @@ class Home:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ConfigError(f"{path}: the fleet CA must have an EC key")
         return key
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit trail (skyhop.audit)."""
+        return self.path / "audit.jsonl"
+
+    def revoked(self) -> frozenset[int]:
+        """Serials that ``pki/crl.pem`` revokes (its CA signature checked); empty
+        without a CA or CRL. Read at start: a broker re-reads it when restarted."""
+        ca, path = self.trust(), self.path / "pki" / "crl.pem"
+        if ca is None or not path.exists():
+            return frozenset()
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        if not crl.is_signature_valid(ca):
+            raise ConfigError(f"{path} is not signed by the fleet CA: copy it from the "
+                              "operator's home again")
+        return frozenset(r.serial_number for r in crl)
+
+    def sla_book(self) -> SlaBook:
+        """The SLAs this home's fleet CA lets a broker apply (skyhop.security.sla)."""
+        from skyhop.security.sla import SlaBook
+
+        return SlaBook(self.trust(), self.revoked())
 
     def fleet_public(self) -> FleetPublicKey:
         path = self.keys_dir / "fleet.json"

@@ -194,7 +194,14 @@ def spec_request_envelope(header: RequestHeader, body: bytes, pk_r: bytes, sk_e:
 
 
 def message_fields(msg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(msg.to_dict()))  # tuples -> lists, as JSON holds them
+    """A message's fields as JSON holds them: tuples as lists, bytes as {"hex": ...}."""
+    return json.loads(json.dumps(msg.to_dict(), default=lambda b: {"hex": b.hex()}))
+
+
+def from_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``message_fields`` for constructor arguments."""
+    return {k: bytes.fromhex(v["hex"]) if isinstance(v, dict) and set(v) == {"hex"} else v
+            for k, v in fields.items()}
 
 
 def request_header(body: bytes, **changes: Any) -> RequestHeader:

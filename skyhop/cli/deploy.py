@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from skyhop import audit
 from skyhop.deploy import bundle, wheelhouse
 from skyhop.errors import ConfigError
 from skyhop.home import Home, default_home
@@ -101,6 +102,9 @@ def bundle_command(
     files += bundle.scripts(spec, target, package_version("skyhop"))
     files.append(bundle.sha256sums(files))
     bundle.write(out, f"skyhop-{node}", files)
+    audit.record(h.audit_path, audit.local_actor(), "bundle.create",
+                 {"node": node, "role": role, "models": ",".join(names), "file": str(out),
+                  "platform": target.platform, "python": target.python})
     _summary(out, node, target, files)
 
 

@@ -4,6 +4,7 @@ says what to do, and exit non-zero."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,9 +28,14 @@ from skyhop.home import Home, default_home
 from skyhop.schema import updated
 
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from cloud_broker.config import AutoscaleConfig, BrokerConfig
     from cloud_broker.pool import PoolBackend
     from edge_agent.check import NodeCheck
+    from skyhop.mqtt.message import Message
+    from skyhop.protocol.messages import SlaConfig
 
 app = typer.Typer(
     help="skyhop: encrypted AI inference across edge GPUs and a cloud pool, over MQTT 5.",
@@ -66,6 +72,13 @@ MqttOpt = Annotated[
     typer.Option("--mqtt", help="MQTT server URL, mqtt://host:port. Default: the home's config."),
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option("--log-format", envvar="SKYHOP_LOG_FORMAT",
+                 help="text (one line per event) or json (one object per line, with "
+                 "request_id, model, node and code as fields). Processes it starts "
+                 "inherit it."),
+]
 ProvidersOpt = Annotated[
     str | None,
     typer.Option(
@@ -114,12 +127,14 @@ def _mqtt(home: Home, mqtt: str | None) -> str:
     return url
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def _logging(level: str, fmt: str) -> None:
+    from skyhop.logs import setup
+
+    try:
+        setup(level, fmt)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    os.environ["SKYHOP_LOG_FORMAT"] = fmt  # pool workers and other children log alike
 
 
 def _run_until_signal(
@@ -208,6 +223,7 @@ def broker(
     ] = None,
     identity: Annotated[str | None, _identity("broker")] = None,
     log_level: LogOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run the orchestrator: place each request on an edge or cloud node, within its budget.
 
@@ -216,7 +232,7 @@ def broker(
     from cloud_broker.broker import Broker
     from cloud_broker.config import load
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     h = _home(home)
     cfg = h.config()
     bcfg = load(h, cfg)
@@ -237,6 +253,8 @@ def broker(
         tls=tls,
         broker_id=identity if tls else None,
         pool=backend,
+        slas=h.sla_book(),
+        audit=h.audit_path,
     )
     b.start()
     if http_port:
@@ -314,6 +332,7 @@ def agent(
                            "restarted) before its Deployment removes it.")
     ] = False,
     log_level: LogOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run an agent: serve MODELS with ONNX Runtime and publish this node's load.
 
@@ -324,7 +343,7 @@ def agent(
     from edge_agent.builder import build_agent
     from edge_agent.config import load
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     h = _home(home)
     cfg = load(h)
     a = build_agent(
@@ -363,6 +382,7 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     home: HomeOpt = None,
     log_level: LogOpt = "warning",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Check this machine before an agent joins a fleet: the telemetry probe, ONNX
     Runtime's providers, and each model's provider and speed, loaded as the agent loads
@@ -371,7 +391,7 @@ def check(
 
     from edge_agent.check import check_node
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     with console.status("loading the models as an agent would…"):
         report = check_node(_home(home), models.split(",") if models else None,
                             providers.split(",") if providers else None, gpu)
@@ -458,7 +478,9 @@ def infer(
         source = ("--budget-ms" if budget_ms else "the home's config" if budget
                   else "the model's SLA" if sla else "the catalog's default")
         budget = budget or (sla.budget_ms if sla else entry.budget_ms)
-        console.print(f"budget {budget:g} ms (from {source})", highlight=False)
+        capped = (f"; the broker caps it at the SLA's {sla.budget_ms:g} ms"
+                  if sla and budget > sla.budget_ms else "")
+        console.print(f"budget {budget:g} ms (from {source}{capped})", highlight=False)
         result = client.infer(model, inputs, budget_ms=budget, priority=priority)
     h_ = result.header
     typer.echo(
@@ -491,22 +513,175 @@ def _write_outputs(outputs: dict[str, np.ndarray], path: Path | None) -> None:
 
 @sla_app.command("set")
 def sla_set(
-    model: str,
-    budget_ms: Annotated[float, typer.Option(help="Latency budget in ms.")],
-    priority: Annotated[int, typer.Option(help="0 (normal) to 7.")] = 0,
+    model: Annotated[str, typer.Argument(help="A model in the home's catalog.")],
+    budget_ms: Annotated[float, typer.Option(min=0.001, max=3_600_000,
+                                             help="Latency budget in ms.")],
+    priority: Annotated[int, typer.Option(min=0, max=7, help="0 (normal) to 7.")] = 0,
     mqtt: MqttOpt = None,
     home: HomeOpt = None,
     identity: Annotated[str | None, _identity("operator")] = None,
 ) -> None:
-    """Publish MODEL's SLA (retained): requests without a budget get this one."""
+    """Publish MODEL's SLA (retained), signed with the operator's certificate key.
+
+    A request without a budget gets the SLA's; one with a larger budget is capped at
+    it by the broker (placed and judged by the SLA's). Brokers apply only SLAs whose
+    signer chains to the fleet CA as an operator.
+    """
     from skyhop.protocol.messages import SlaConfig
-    from skyhop.protocol.topics import Topics
 
     h = _home(home)
-    sla = SlaConfig(model=model, budget_ms=budget_ms, priority=priority)
-    _publish_retained(h, mqtt, _who(h, identity, "operator"), Topics(h.config().prefix).sla(model),
-                      sla.encode())
+    h.catalog().get(model)  # refuses a model the fleet does not know, naming those it does
+    _publish_sla(h, mqtt, identity, SlaConfig(model=model, budget_ms=budget_ms,
+                                              priority=priority))
     typer.echo(f"SLA for {model}: {budget_ms:g} ms, priority {priority}")
+
+
+@sla_app.command("clear")
+def sla_clear(
+    model: str,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    identity: Annotated[str | None, _identity("operator")] = None,
+) -> None:
+    """Withdraw MODEL's SLA on every broker at once (a signed, retained tombstone):
+    requests then need their own budget, or get the catalog's default."""
+    from skyhop.protocol.messages import SlaConfig
+
+    h = _home(home)
+    _publish_sla(h, mqtt, identity, SlaConfig(model=model, budget_ms=1.0, cleared=True))
+    typer.echo(f"SLA for {model} cleared")
+
+
+@sla_app.command("list")
+def sla_list(
+    json_: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    identity: Annotated[str | None, _identity("operator")] = None,
+) -> None:
+    """Every SLA retained on the MQTT server, and whether brokers apply it."""
+    rows = _sla_rows(_home(home), mqtt, identity)
+    if json_:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("model", "budget ms", "priority", "signed by", "set at", "applied")
+    for r in rows:
+        table.add_row(str(r["model"]), f"{r['budget_ms']:g}", str(r["priority"]),
+                      str(r["signer"]), str(r["set_at"]),
+                      "yes" if r["applied"] else f"no: {r['why']}")
+    Console().print(table if rows else "no SLAs: `skyhop sla set MODEL --budget-ms N`")
+
+
+@sla_app.command("get")
+def sla_get(
+    model: str,
+    mqtt: MqttOpt = None,
+    home: HomeOpt = None,
+    identity: Annotated[str | None, _identity("operator")] = None,
+) -> None:
+    """MODEL's SLA as JSON; exit 1 if it has none."""
+    rows = [r for r in _sla_rows(_home(home), mqtt, identity) if r["model"] == model]
+    if not rows:
+        raise ConfigError(f"{model} has no SLA: `skyhop sla set {model} --budget-ms N`")
+    typer.echo(json.dumps(rows[0], indent=2))
+
+
+def _sla_rows(h: Home, mqtt: str | None, identity: str | None) -> list[dict[str, object]]:
+    """The retained SLAs, judged as a broker of this home would judge them."""
+    import datetime as dt
+
+    from skyhop.protocol.messages import SlaConfig
+    from skyhop.protocol.topics import Topics
+    from skyhop.security.sla import Rejected
+
+    topics = Topics(h.config().prefix)
+    rows = []
+    for msg in _retained(h, mqtt, _who(h, identity, "operator"), topics.sla_all):
+        book = h.sla_book()
+        try:
+            sla = SlaConfig.decode(msg.payload)
+            change = book.offer(topics.model_of(msg.topic), msg.payload,
+                                dt.datetime.now(dt.timezone.utc))
+            applied, why = True, ""
+        except Rejected as exc:
+            applied, why, change = False, exc.reason, None
+        except SkyhopError:
+            continue  # not an SLA at all; `skyhop status` counts those at the broker
+        if sla.cleared:
+            continue
+        rows.append({"model": sla.model, "budget_ms": sla.budget_ms, "priority": sla.priority,
+                     "signer": change.signer if change else "?", "applied": applied, "why": why,
+                     "set_at": _ms_time(sla.issued_at_ms)})
+    return sorted(rows, key=lambda r: str(r["model"]))
+
+
+def _ms_time(ms: int) -> str:
+    import datetime as dt
+
+    return (dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+            if ms else "")
+
+
+def _publish_sla(h: Home, mqtt: str | None, identity: str | None, sla: SlaConfig) -> None:
+    """Sign ``sla`` as the operator (unsigned where the home has no fleet CA), publish
+    it retained, and record it in the audit trail."""
+    import dataclasses
+
+    from skyhop import audit
+    from skyhop.protocol.topics import Topics
+    from skyhop.security.sla import sign
+
+    who = _who(h, identity, "operator")
+    now_ms = time.time_ns() // 1_000_000
+    if h.trust() is None:
+        console.print("unsigned: this home has no fleet CA (`skyhop certs init`), so "
+                      "brokers take its SLAs as they come", highlight=False)
+        sla = dataclasses.replace(sla, issued_at_ms=now_ms)
+    else:
+        cert, key = _operator_key(h, who)
+        sla = sign(sla, cert, key, now_ms)
+    _publish_retained(h, mqtt, who, Topics(h.config().prefix).sla(sla.model), sla.encode())
+    action = "sla.clear" if sla.cleared else "sla.set"
+    changed = ({"model": sla.model} if sla.cleared else
+               {"model": sla.model, "budget_ms": sla.budget_ms, "priority": sla.priority})
+    audit.record(h.audit_path, who, action, changed)
+
+
+def _operator_key(h: Home, who: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from skyhop.security.pki import Pki, role_of
+
+    _, cert_path, key_path = Pki(h.path).credentials(who)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    if role_of(cert) != "operator" or not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{who} is a {role_of(cert)}, not an operator: sign as one with "
+                          "--identity NAME, issued by `skyhop certs issue NAME --role operator`")
+    return cert, key
+
+
+def _retained(h: Home, mqtt: str | None, identity: str, topic: str,
+              quiet_s: float = 0.3) -> list[Message]:
+    """The retained messages on ``topic`` (a filter): those that come at once on
+    subscribing, until none has for ``quiet_s``."""
+    from skyhop.mqtt.bus import Bus
+
+    url = _mqtt(h, mqtt)
+    tls = h.tls(url, identity)
+    got: list[Message] = []
+    bus = Bus(url, identity if tls else f"skyhop-operator-{time.time_ns()}", tls=tls)
+    bus.subscribe(topic, got.append, qos=1)
+    with bus:
+        seen = -1
+        while seen != len(got):
+            seen = len(got)
+            time.sleep(quiet_s)
+    return got
 
 
 def _publish_retained(h: Home, mqtt: str | None, identity: str, topic: str, data: bytes) -> None:
@@ -537,6 +712,10 @@ def keys_rotate(
     old = h.fleet_public().kid
     key = h.rotate(grace_s=grace_s, now_s=time.time())
     typer.echo(f"fleet key {old} -> {key.kid}; {old} accepted for {grace_s:g} s more")
+    from skyhop import audit
+
+    audit.record(h.audit_path, audit.local_actor(), "keys.rotate",
+                 {"old": old, "new": key.kid, "grace_s": grace_s})
     if announce:
         keys_announce(home=home, mqtt=mqtt, identity=identity)
 
@@ -566,9 +745,12 @@ def keys_announce(
         raise ConfigError(f"{ca_key_path} is not an EC key")
     key = h.fleet_public()
     announcement = sign(key, ca_key, time.time_ns() // 1_000_000)
-    _publish_retained(h, mqtt, _who(h, identity, "operator"), Topics(h.config().prefix).keys,
-                      announcement.encode())
+    who = _who(h, identity, "operator")
+    _publish_retained(h, mqtt, who, Topics(h.config().prefix).keys, announcement.encode())
     typer.echo(f"announced fleet key {key.kid}")
+    from skyhop import audit
+
+    audit.record(h.audit_path, who, "keys.announce", {"kid": key.kid})
 
 
 @app.command()
@@ -645,8 +827,13 @@ def demo(
         ),
     ] = True,
     home: HomeOpt = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Keep every process's log here. Default: a new "
+                                  "directory in the system's temp dir, printed at the end.")
+    ] = None,
 ) -> None:
-    """Run a whole local fleet (Mosquitto, broker, edge agents, a cloud worker) under load."""
+    """Run a whole local fleet (Mosquitto, broker, edge agents, a cloud worker) under
+    load, then say whether it met its budgets and, if not, why."""
     from skyhop.dev.demo import run_demo
 
     run_demo(
@@ -658,6 +845,7 @@ def demo(
         wan_ms=wan_ms,
         home=home,
         tls=tls,
+        log_dir=log_dir,
     )
 
 
@@ -697,8 +885,13 @@ def simulate(
         )
     spec = load_scenario(scenario)
     started = time.perf_counter()
-    with console.status(f"simulating {spec.name}…"):
-        result = run_simulation(spec, policy=policy, autoscaler=autoscaler, seed=seed)
+    with console.status(f"simulating {spec.name}…") as shown:
+        def progress(sim_s: float, requests: int) -> None:
+            shown.update(f"simulating {spec.name}: {sim_s:,.0f} of {spec.duration_s:,.0f} "
+                         f"simulated s, {requests:,} requests")
+
+        result = run_simulation(spec, policy=policy, autoscaler=autoscaler, seed=seed,
+                                progress=progress)
     wall = time.perf_counter() - started
     if report is not None:
         report.write_text(dumps(result))

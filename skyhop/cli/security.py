@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from skyhop import audit
 from skyhop.errors import ConfigError
 from skyhop.home import Home, default_home
 from skyhop.security.pki import CA_DAYS, CRL_DAYS, LEAF_DAYS, ROLES, Pki
@@ -50,10 +51,18 @@ _APPLY = ("apply it: `skyhop mosquitto-config --home {home} ...` again, send Mos
           "SIGHUP, and run `skyhop acl apply --home {home} --mqtt mqtts://...`")
 
 
+audit_app = typer.Typer(
+    help="The fleet's audit trail (HOME/audit.jsonl): who changed certificates, keys, "
+    "rights, SLAs and the pool, hash-chained so that an edit shows.",
+    no_args_is_help=True,
+)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``certs``, ``acl`` and ``mosquitto-config`` to the ``skyhop`` app."""
+    """Add ``certs``, ``acl``, ``audit`` and ``mosquitto-config`` to the ``skyhop`` app."""
     app.add_typer(certs_app, name="certs")
     app.add_typer(acl_app, name="acl")
+    app.add_typer(audit_app, name="audit")
     app.command("mosquitto-config")(mosquitto_config)
 
 
@@ -117,10 +126,13 @@ def certs_issue(
         f"valid until {item.not_after:%Y-%m-%d}"
     )
     typer.echo(f"  copy to {name}'s machine: {creds.ca} {creds.cert} {creds.key}")
+    audit.record(pki.home / "audit.jsonl", audit.local_actor(), "certs.issue",
+                 {"name": name, "role": role, "serial": f"{item.serial:x}"})
     if role == "server":
-        _err(f"use it with `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
+        typer.echo(f"next: `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
     else:
-        _err(f"Mosquitto grants {name} nothing until you {_APPLY.format(home=pki.home)}")
+        typer.echo(f"next: once Mosquitto runs, {_APPLY.format(home=pki.home)} (a first "
+                   "setup does this when it starts Mosquitto)")
 
 
 @certs_app.command("revoke")
@@ -130,6 +142,8 @@ def certs_revoke(name: str, home: HomeOpt = None) -> None:
     done = pki.revoke(name)
     serials = ", ".join(f"{e.serial:x}" for e in done)
     typer.echo(f"revoked {name} (serial {serials}); CRL {pki.crl_path} updated")
+    audit.record(pki.home / "audit.jsonl", audit.local_actor(), "certs.revoke",
+                 {"name": name, "serials": serials})
     _err(f"Mosquitto still accepts {name} until you {_APPLY.format(home=pki.home)}")
 
 
@@ -241,6 +255,8 @@ def acl_apply(
                                          agents_reply_to_clients=agents_reply_to_clients,
                                          progress=bar.update)
     _err(f"{url}: {count} identities with rights; {summary(commands)}")
+    audit.record(h.audit_path, identity, "acl.apply",
+                 {"server": url, "identities": count, "commands": summary(commands)})
 
 
 class _Bar:
@@ -286,8 +302,9 @@ def mosquitto_config(
         ),
     ] = None,
     bind: Annotated[
-        str | None, typer.Option(help="Listen on this address only (default: every interface).")
-    ] = None,
+        str, typer.Option(help="Listen on this address only: 0.0.0.0 for every interface, "
+                          "or the address the fleet's devices reach.")
+    ] = "127.0.0.1",
     server: Annotated[
         str | None,
         typer.Option(
@@ -338,3 +355,66 @@ def mosquitto_config(
         out.write_text(text)
         _err(f"Mosquitto config written to {out}; run: mosquitto -c {out}")
     _err(f"server certificate {files.server}, CRL and rights in {files.dir}")
+    if bind in ("127.0.0.1", "::1", "localhost"):
+        _err(f"listening on {bind}:{port} only, for this host: pass --bind 0.0.0.0 (or the "
+             "address devices reach) to open it to the fleet")
+
+
+# -- audit ----------------------------------------------------------------------------
+
+
+@audit_app.command("list")
+def audit_list(
+    since: Annotated[
+        str | None, typer.Option(help="Only entries from this time on: ISO 8601 "
+                                 "(2026-12-01, 2026-12-01T09:30) or an age (90m, 2h, 7d).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Show the trail, oldest first (it is checked as it is read: see `audit verify`)."""
+    import json
+
+    path = _home(home).audit_path
+    start = _since(since) if since else None
+    try:
+        for e in audit.entries(audit.read_lines(path)):
+            if start is not None and e.time < start:
+                continue
+            if json_:
+                typer.echo(json.dumps({"line": e.number, "time": e.time.isoformat(),
+                                       "actor": e.actor, "action": e.action,
+                                       "changed": e.changed}))
+            else:
+                changed = " ".join(f"{k}={v}" for k, v in e.changed.items())
+                typer.echo(f"{e.time:%Y-%m-%d %H:%M:%S} {e.actor:<16} {e.action:<13} {changed}")
+    except audit.Broken as exc:
+        raise ConfigError(f"{path}: {exc}; `skyhop audit verify` checks the whole "
+                          "trail") from None
+
+
+@audit_app.command("verify")
+def audit_verify(home: HomeOpt = None) -> None:
+    """Check the hash chain: exit 0 if intact, else 1 naming the first bad line."""
+    path = _home(home).audit_path
+    lines = audit.read_lines(path)
+    try:
+        count = sum(1 for _ in audit.entries(lines))
+    except audit.Broken as exc:
+        _err(f"{path}: broken at {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(f"{path}: {count} entries intact; head {audit.head(lines)} (keep it "
+               "elsewhere to show later that no entry was cut off the end)")
+
+
+def _since(text: str) -> dt.datetime:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    now = dt.datetime.now(dt.timezone.utc)
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - dt.timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: give an ISO 8601 time (2026-12-01T09:30) "
+                          "or an age (90m, 2h, 7d)") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)

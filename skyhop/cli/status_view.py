@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,53 +20,77 @@ from skyhop.protocol.topics import Topics
 
 
 def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
-    lat = status.get("latency_ms", {})
-    caption = (
-        f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
-        f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms  "
-        f"placements {status.get('placements', {})}"
-    )
-    pool = status.get("pool")
-    if pool:
-        caption += (
-            f"\npool ({pool.get('backend', '?')}) {pool['ready']} ready + "
-            f"{pool['starting']} starting, target {pool['target']} "
-            f"({pool['min_size']}-{pool['max_size']}, {pool['policy']})"
-        )
-        workers = ", ".join(f"{w['node']} {w.get('state', 'ready' if w['ready'] else '?')}"
-                            for w in pool.get("workers", []))
-        caption += f"\nworkers {workers}" if workers else ""
-    table = Table(title=title, caption=caption)
-    table.add_column("node", no_wrap=True)  # the one column an operator greps for
-    for name in ("role", "live", "device", "queue", "in flight", "util", "memory", "rtt ms"):
-        table.add_column(name)
-    table.add_column("service ms", overflow="fold")
-    table.add_column("placed")
+    """The fleet in at most 80 columns, one line per node: long node and device names
+    are cut with an ellipsis. ``svc`` is the node's slowest model (each model's is on
+    the status page and in ``/status``)."""
+    table = Table(title=title, caption=caption(status), box=None, padding=(0, 1, 0, 0),
+                  caption_justify="left", header_style="bold")
+    table.add_column("node", no_wrap=True, max_width=12, min_width=4)
+    table.add_column("role", no_wrap=True, min_width=4)
+    table.add_column("state", no_wrap=True, min_width=5)
+    table.add_column("device", no_wrap=True, max_width=10, min_width=6)
+    for name in ("q/run", "util", "memory", "rtt", "svc", "placed"):
+        table.add_column(name, no_wrap=True, justify="right", min_width=len(name))
     for n in status.get("nodes", []):
-        service = ", ".join(f"{m} {ms:.1f}" for m, ms in n.get("service_ms", {}).items())
+        state = node_state(n)
         table.add_row(
-            n["node"],
-            n["role"],
-            ("draining" if n.get("draining") else "yes") if n["live"] else "[red]no[/red]",
-            n["gpu"],
-            str(n["queue"]),
-            str(n["in_flight"]),
-            f"{n['gpu_util']:.0%}",
-            memory_text(n.get("mem_mb")),
-            f"{n['rtt_ms']:.1f}",
-            service,
+            n["node"], n["role"], "[red]offline[/red]" if state == "offline" else state,
+            n["gpu"], f"{n['queue']}/{n['in_flight']}", f"{n['gpu_util']:.0%}",
+            memory_text(n.get("mem_mb")), f"{n['rtt_ms']:.1f}", service_text(n),
             str(n["placements"]),
         )
     return table
 
 
+def caption(status: dict[str, Any]) -> str:
+    lat = status.get("latency_ms", {})
+    placed = " ".join(f"{k} {v}" for k, v in sorted(status.get("placements", {}).items()))
+    lines = [f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
+             f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms",
+             f"placed {placed or 'none yet'}", "rtt and svc in ms"]
+    pool = status.get("pool")
+    if pool:
+        lines.append(f"pool ({pool.get('backend', '?')}) {pool['ready']} ready + "
+                     f"{pool['starting']} starting, target {pool['target']} "
+                     f"({pool['min_size']}-{pool['max_size']}, {pool['policy']})")
+        workers = ", ".join(f"{w['node']} {w.get('state', 'ready' if w['ready'] else '?')}"
+                            for w in pool.get("workers", []))
+        if workers:
+            lines.append(f"workers {workers}")
+    return "\n".join(lines)
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The same view as plain, greppable lines, for a log or a pipe (not a terminal)."""
+    at = status.get("time")
+    stamp = dt.datetime.fromtimestamp(at, dt.timezone.utc).strftime("%H:%M:%S") if at else "-"
+    lines = [f"{stamp} fleet {line}" for line in caption(status).splitlines()]
+    for n in status.get("nodes", []):
+        lines.append(
+            f"{stamp} node {n['node']} role={n['role']} state={node_state(n)} "
+            f"device={n['gpu']} queue={n['queue']} run={n['in_flight']} "
+            f"util={n['gpu_util']:.0%} memory={memory_text(n.get('mem_mb'))} "
+            f"rtt_ms={n['rtt_ms']:.1f} svc_ms={service_text(n)} placed={n['placements']}")
+    return lines
+
+
+def node_state(n: dict[str, Any]) -> str:
+    return n.get("state") or (("draining" if n.get("draining") else "live") if n["live"]
+                              else "offline")
+
+
+def service_text(n: dict[str, Any]) -> str:
+    times = n.get("service_ms") or {}
+    return f"{max(times.values()):.1f}" if times else "-"
+
+
 def memory_text(mem_mb: Sequence[float] | None) -> str:
-    """``12.3/141.0 GiB`` from [used, total] MiB; '-' before a node's first load report
-    (or from a broker that predates the field)."""
+    """``12.3/141G`` from [used, total] MiB (GiB); '-' before a node's first load
+    report (or from a broker that predates the field)."""
     if not mem_mb or not mem_mb[1]:
         return "-"
     used, total = (x / 1024 for x in mem_mb)
-    return f"{used:.1f}/{total:.1f} GiB"
+    return f"{used:.{0 if used >= 100 else 1}f}/{total:.0f}G"
 
 
 class StatusWatcher:
@@ -105,6 +130,9 @@ def show_status(
         if not watch:
             console.print(status_table(watcher.latest or {}))
             return
+        if not console.is_terminal:
+            _print_lines(watcher)
+            return
         with Live(
             status_table(watcher.latest or {}), console=console, refresh_per_second=2
         ) as live:
@@ -115,3 +143,11 @@ def show_status(
         pass
     finally:
         watcher.stop()
+
+
+def _print_lines(watcher: StatusWatcher) -> None:
+    """``status --watch`` into a pipe or file: each new status as plain lines."""
+    while True:
+        watcher.arrived.clear()
+        print("\n".join(status_lines(watcher.latest or {})), flush=True)
+        watcher.arrived.wait()

@@ -9,6 +9,7 @@ models with each model's own budget, and each one ends in a result or a named er
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -31,6 +32,7 @@ from skyhop.dev.mosquitto import MosquittoProcess, TlsMosquitto
 from skyhop.dev.netem import DelayProxy
 from skyhop.errors import ConfigError, RemoteError
 from skyhop.home import Home
+from skyhop.logs import setup
 from skyhop.models import Catalog, ModelEntry, fetch
 from skyhop.mqtt.url import MqttUrl
 from skyhop.stats import percentile
@@ -70,15 +72,8 @@ def _models(home: Home, console: Console) -> list[tuple[str, float]]:
 
 def _log_to(path: Path) -> None:
     """Library logs go to a file: the terminal belongs to the live table."""
-    import logging
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        filename=path,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        force=True,
-    )
+    setup("info", os.environ.get("SKYHOP_LOG_FORMAT", "text"), path=path)
 
 
 # Who the demo connects as over mqtts (agents get certificates named after their node id).
@@ -107,11 +102,15 @@ def run_demo(
     wan_ms: float,
     home: Path | None,
     tls: bool = True,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """``log_dir`` (default: a new directory under the system's temp dir) keeps every
+    process's log after the demo; the fleet's home and Mosquitto's files go with it."""
     console = Console()
+    logs = log_dir or Path(tempfile.mkdtemp(prefix="skyhop-demo-logs-"))
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="skyhop-demo-")))
-        _log_to(workdir / "logs" / "demo.log")
+        _log_to(logs / "demo.log")
         h = Home(home or workdir / "home")
         if not (h.keys_dir / "fleet.json").exists():
             h.init()
@@ -131,7 +130,7 @@ def run_demo(
         wan_url = f"{url.scheme}://127.0.0.1:{wan.port}"  # the edges' side of the WAN
         mix = _models(h, console)
         names = [m for m, _ in mix]
-        fleet = stack.enter_context(LocalStack(h, mqtt, workdir / "logs", server))
+        fleet = stack.enter_context(LocalStack(h, mqtt, logs, server))
         fleet.broker()
         for node, role in nodes.items():
             fleet.agent(node, names, role=role, mqtt_url=wan_url if role == "edge" else mqtt)
@@ -146,9 +145,12 @@ def run_demo(
         summary["transport"] = url.scheme
         console.print(status_table(fleet.watcher().latest or {}, "skyhop fleet (final)"))
     console.print_json(data=summary)
+    for line in verdict(summary):
+        console.print(line, highlight=False)
     if report:
         report.write_text(json.dumps(summary, indent=2) + "\n")
         console.print(f"report written to {report}")
+    console.print(f"logs of every process kept in {logs}", highlight=False)
     return summary
 
 
@@ -166,7 +168,9 @@ def _drive(
     inputs = {m: _inputs(catalog.get(m), nprng) for m, _ in mix}
     sent: list[tuple[Outcome, Future[Result]]] = []
     start = next_at = time.monotonic()
-    with Live(console=console, refresh_per_second=4) as live:
+    next_line = start
+    with Live(console=console, refresh_per_second=4,
+              redirect_stdout=False) if console.is_terminal else ExitStack() as live:
         while (now := time.monotonic()) < start + duration:
             if now < next_at:
                 time.sleep(min(next_at - now, 0.05))
@@ -178,12 +182,12 @@ def _drive(
                 )
                 next_at += rng.expovariate(rate)
             status = fleet.watcher().latest or {}
-            live.update(
-                Group(
-                    status_table(status),
-                    Text(f"{now - start:5.1f}/{duration:.0f} s  sent {len(sent)}"),
-                )
-            )
+            progress = f"{now - start:5.1f}/{duration:.0f} s  sent {len(sent)}"
+            if isinstance(live, Live):
+                live.update(Group(status_table(status), Text(progress)))
+            elif now >= next_line:  # a pipe or a log: a plain line every 5 s
+                console.print(progress.strip(), highlight=False)
+                next_line = now + 5
     for outcome, future in sent:
         try:
             result = future.result()
@@ -191,6 +195,40 @@ def _drive(
         except RemoteError as exc:
             outcome.code = str(exc.code)
     return [o for o, _ in sent]
+
+
+# What each refusal means, in the words a newcomer needs (docs/protocol.md §Errors).
+WHY = {
+    "INFEASIBLE": "the budget was below the best time the broker predicts on any node "
+                  "that serves the model (its measured service time, queue and round "
+                  "trip) on this machine",
+    "DEADLINE_EXCEEDED": "placed in time but answered late: the nodes ran slower than "
+                         "the service times they had reported (a busy machine)",
+    "OVERLOADED": "every node that serves the model was full",
+    "UNAVAILABLE": "no live node served the model then (starting, draining or lost)",
+}
+HEALTHY = 0.95  # of requests within budget: below this the verdict says what went wrong
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """A few plain lines: was the run healthy, and if not, why (from the numbers)."""
+    met = summary["slo_met_fraction"]
+    lines = [f"verdict: {met:.0%} of {summary['requests']} requests met their budget"
+             + (" — healthy." if met >= HEALTHY else ".")]
+    for code, count in sorted(summary["errors"].items(), key=lambda kv: -kv[1]):
+        share = count / max(1, summary["requests"])
+        lines.append(f"  {code} {count} ({share:.0%}): {WHY.get(code, 'see the broker log')}")
+    for model, m in summary["models"].items():
+        if m["slo_met_fraction"] >= HEALTHY:
+            continue
+        p50 = m["latency_ms"]["p50"]
+        cause = (f"its median latency ({p50:.0f} ms) is above its budget "
+                 f"({m['budget_ms']:g} ms): this machine is too slow for it"
+                 if p50 > m["budget_ms"] else "see the refusals above")
+        lines.append(f"  {model} met its budget {m['slo_met_fraction']:.0%} of the time: "
+                     f"{cause}. A real fleet runs it on a GPU; here, raise its budget "
+                     f"(skyhop sla set {model} --budget-ms N) or run fewer agents.")
+    return lines
 
 
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:

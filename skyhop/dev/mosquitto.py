@@ -15,6 +15,7 @@ start raises ConfigError quoting the end of that log.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -105,7 +106,8 @@ class MosquittoProcess:
         """Render ``template`` and start Mosquitto on ``port`` (a free one if None).
 
         ``params`` fills further ``{name}`` placeholders; ``{workdir}`` is always the
-        directory holding the rendered config. Raises ConfigError if the binary or the
+        directory holding the rendered config; ``{port}``, and a ``listener 1883`` line,
+        the port. Raises ConfigError if the binary or the
         template is missing, or the broker does not accept TCP within ``timeout``.
         """
         template = Path(template)
@@ -127,6 +129,8 @@ class MosquittoProcess:
             chosen = port if port is not None else free_port()
             try:
                 rendered = text.format(port=chosen, workdir=wd, **(params or {}))
+                # dev.conf is also a config to run as it is, on the standard port
+                rendered = re.sub(r"(?m)^listener 1883\b", f"listener {chosen}", rendered)
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(
                     f"cannot render {template}: placeholder {exc} has no value "

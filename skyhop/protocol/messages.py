@@ -190,6 +190,9 @@ class NodeStatus(_Message):
     # Online but taking no new work: finishing what it holds before it leaves (a pool
     # worker chosen for scale-down). Brokers place nothing on it; its death follows.
     draining: bool = False
+    # A death the agent published itself on a clean stop; the will (a crash, a lost
+    # link) leaves it False. Brokers log the one as news, the other as an alarm.
+    stopped: bool = False
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -200,8 +203,8 @@ class NodeStatus(_Message):
 
     def validate(self) -> None:
         _name(self.node, "node")
-        if not isinstance(self.online, bool) or not isinstance(self.draining, bool):
-            raise _bad("online and draining must be booleans")
+        if not all(isinstance(b, bool) for b in (self.online, self.draining, self.stopped)):
+            raise _bad("online, draining and stopped must be booleans")
         _int(self.session, "session")
         if self.role not in ROLES:
             raise _bad(f"role must be one of {ROLES}, got {self.role!r}")
@@ -271,18 +274,38 @@ def _model_load(name: str, value: Any) -> ModelLoad:
 
 @dataclass(frozen=True)
 class SlaConfig(_Message):
-    """Retained per-model SLA, published by an operator on ``config/sla/{model}``."""
+    """Retained per-model SLA, published by an operator on ``config/sla/{model}``.
+
+    ``cleared`` marks a withdrawn SLA (a signed tombstone: an empty retained message
+    cannot be signed). ``signer`` is the operator's certificate (DER) and ``signature``
+    ECDSA P-256 / SHA-256 over ``signed_bytes()``; see skyhop/security/sla.py.
+    """
 
     KIND: ClassVar[str] = "SLA config"
     model: str
     budget_ms: float
     priority: int = 0
+    issued_at_ms: int = 0  # newer wins; an older one is a rollback
+    cleared: bool = False
+    signer: bytes = b""
+    signature: bytes = b""
     v: int = SCHEMA_VERSION
 
     def validate(self) -> None:
         _name(self.model, "model")
         _float(self.budget_ms, "budget_ms", 0.001, MAX_BUDGET_MS)
         _int(self.priority, "priority", 0, MAX_PRIORITY)
+        _int(self.issued_at_ms, "issued_at_ms")
+        if not isinstance(self.cleared, bool):
+            raise _bad("cleared must be a boolean")
+        if not isinstance(self.signer, bytes) or len(self.signer) > 4096:
+            raise _bad("signer must be a DER certificate of at most 4096 bytes")
+        if not isinstance(self.signature, bytes) or len(self.signature) > 128:
+            raise _bad("signature must be at most 128 bytes")
+
+    def signed_bytes(self) -> bytes:
+        """Every field but the signature: what the operator's key signs."""
+        return packb({k: v for k, v in self.to_dict().items() if k != "signature"})
 
 
 # A broker's order on a node's work topic, as a user property on an empty message: stop

@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -594,3 +595,18 @@ def test_bus_through_delay_proxy(mosquitto: MosquittoProcess, topics: Topics) ->
         bus.publish(topics.ping("far"), big)
         assert got.get(timeout=10).payload == big
     assert rtt >= 2 * delay_ms / 1000
+
+
+def test_dev_conf_runs_as_the_readme_says() -> None:
+    """`mosquitto -c deploy/mosquitto/dev.conf`, verbatim, listens on 127.0.0.1:1883.
+    Run in a network namespace of its own, where 1883 is free whatever this host runs."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    script = f"ip link set lo up && timeout 3 {mosquitto} -c {DEV_CONF}"
+    try:
+        proc = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True,
+                              text=True, timeout=30, cwd=DEV_CONF.parents[2])
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if "Operation not permitted" in proc.stderr:
+        pytest.skip("unshare -n needs root (CI runs as root)")
+    assert "Opening ipv4 listen socket on port 1883" in proc.stderr, proc.stderr

@@ -91,7 +91,7 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:
     print("served by", dict(wheres))
     assert wheres["edge-2"] > wheres["edge-1"]  # edge-2 finished edge-1's queue
     log = (stack.log_dir / "broker.log").read_text()
-    assert "node edge-1 went offline" in log
+    assert "node edge-1 lost its connection" in log
 
 
 def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:

@@ -107,9 +107,9 @@ def test_status_table_shows_each_nodes_memory() -> None:
                         node | {"node": "new-1", "mem_mb": [0.0, 0.0]}, node | {"node": "old-1"}]}
     console = Console(record=True, width=200)
     console.print(status_table(status))
-    lines = {line.split()[1]: line for line in console.export_text().splitlines()
-             if line.startswith("│")}
-    assert "2.0/140.4 GiB" in lines["gpu-1"]
+    lines = {line.split()[0]: line for line in console.export_text().splitlines()
+             if line.strip()}
+    assert "2.0/140G" in lines["gpu-1"]
     assert " - " in lines["new-1"] and " - " in lines["old-1"]  # no report yet; older broker
 
 
@@ -141,3 +141,57 @@ def test_rate_limiter_allows_a_burst_then_the_rate_per_client() -> None:
     assert [limiter.allow("a", 10_000) for _ in range(4)] == [True, True, True, False]
     limiter.allow("c", 10_000)  # a third client: the least recent ("b") is forgotten
     assert list(limiter._buckets) == ["a", "c"]
+
+
+def _wide_fleet() -> dict:
+    node = {"node": "edge-camera-0042", "role": "edge", "live": True, "state": "draining",
+            "gpu": "jetson-orin-nx", "queue": 120, "in_flight": 4, "gpu_util": 1.0,
+            "rtt_ms": 95.25, "mem_mb": [7000.0, 16000.0], "placements": 123456,
+            "service_ms": {"digits": 0.4, "ppocr-cls": 812.5, "ppocr-det": 1999.9,
+                           "yolo": 77.0, "other": 3.0}}
+    return {"policy": "deadline", "pending": 3, "time": 1.8e9,
+            "latency_ms": {"p50": 1.2, "p99": 9.9},
+            "placements": {"edge": 1000, "cloud": 20},
+            "nodes": [node, node | {"node": "gpu-1", "live": False, "state": "offline"}]}
+
+
+def test_status_table_fits_80_columns_one_line_per_node() -> None:
+    from rich.console import Console
+
+    from skyhop.cli.status_view import status_table
+
+    console = Console(record=True, width=80)
+    console.print(status_table(_wide_fleet()))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    header = next(line for line in lines if "node" in line and "placed" in line)
+    for name in ("role", "state", "device", "q/run", "util", "memory", "rtt", "svc"):
+        assert name in header  # no header cut
+    rows = [line for line in lines if line.lstrip().startswith(("edge-camera", "gpu-1"))]
+    assert len(rows) == 2 and "1999.9" in rows[0]  # one line each; the slowest model
+    assert "placed cloud 20 edge 1000" in text  # not a Python dict
+
+
+def test_status_lines_are_plain_and_greppable() -> None:
+    from skyhop.cli.status_view import status_lines
+
+    lines = status_lines(_wide_fleet())
+    node = [line for line in lines if " node gpu-1 " in line]
+    assert len(node) == 1 and "state=offline" in node[0] and "svc_ms=1999.9" in node[0]
+    assert all("\x1b" not in line and "{" not in line for line in lines)
+
+
+def test_the_demo_verdict_explains_refusals_and_slow_models() -> None:
+    from skyhop.dev.demo import Outcome, summarize, verdict
+
+    outcomes = ([Outcome("digits", 50, latency_ms=2.0, where="edge")] * 70
+                + [Outcome("digits", 50, code="INFEASIBLE")] * 24
+                + [Outcome("ppocr-cls", 100, latency_ms=300.0, where="edge")] * 6)
+    lines = verdict(summarize(outcomes))
+    assert lines[0] == "verdict: 70% of 100 requests met their budget."
+    assert lines[1].startswith("  INFEASIBLE 24 (24%): the budget was below the best time")
+    slow = next(line for line in lines if line.startswith("  ppocr-cls"))
+    assert "met its budget 0%" in slow and "median latency (300 ms)" in slow
+    healthy = verdict(summarize([Outcome("digits", 50, latency_ms=2.0)] * 20))
+    assert healthy == ["verdict: 100% of 20 requests met their budget — healthy."]

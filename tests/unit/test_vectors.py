@@ -81,17 +81,17 @@ REQUESTS = load("request_envelopes.json")
 @pytest.mark.parametrize("vector", HEADERS["valid"], ids=ids(HEADERS["valid"]))
 def test_message_encoding_is_exact(vector: dict[str, Any]) -> None:
     cls = mv.MESSAGE_TYPES[vector["type"]]
-    value = cls(**vector["fields"])
+    value = cls(**mv.from_fields(vector["fields"]))
     assert value.encode() == h(vector["msgpack"])
     decoded = cls.decode(h(vector["msgpack"]))
     assert decoded == value
-    assert json.loads(json.dumps(decoded.to_dict())) == vector["fields"]
+    assert mv.message_fields(decoded) == vector["fields"]
 
 
 @pytest.mark.parametrize("vector", HEADERS["lenient"], ids=ids(HEADERS["lenient"]))
 def test_lenient_encodings_are_accepted(vector: dict[str, Any]) -> None:
     cls = mv.MESSAGE_TYPES[vector["type"]]
-    assert cls.decode(h(vector["msgpack"])) == cls(**vector["fields"])
+    assert cls.decode(h(vector["msgpack"])) == cls(**mv.from_fields(vector["fields"]))
 
 
 @pytest.mark.parametrize("vector", HEADERS["invalid"], ids=ids(HEADERS["invalid"]))

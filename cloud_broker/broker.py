@@ -52,10 +52,12 @@ from skyhop.logs import fields
 from skyhop.logthrottle import LogThrottle
 from skyhop.metrics import Metrics
 from skyhop.mqtt.bus import Bus
-from skyhop.mqtt.message import Handler, Message
+from skyhop.mqtt.message import Handler, Message, Will
 from skyhop.mqtt.url import TlsFiles
+from skyhop.protocol.age import Ages
 from skyhop.protocol.envelope import error_reply, peek_reply, peek_request
 from skyhop.protocol.messages import (
+    ANNOUNCE,
     DRAIN,
     LoadReport,
     NodeStatus,
@@ -73,6 +75,9 @@ log = logging.getLogger("skyhop.broker")
 TICK_S = 0.02
 HISTORY_S, HISTORY_BUCKET_S = 600.0, 5.0  # what /status and the page chart
 SCRAPE_CACHE_MS = 500.0  # one scrape reads the fleet once, not once per gauge
+
+
+ASK_BIRTH_EVERY_MS = 5_000.0
 
 
 def _now_ms() -> float:
@@ -119,6 +124,9 @@ class Broker:
         )
         self.fleet = self.dispatcher.fleet
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
+        self.ages = Ages()  # how long each client's requests waited before reaching us
+        self._asked_birth: dict[str, float] = {}  # node -> when we last asked (_ask_birth)
+        self.clock = uuid.uuid4().hex[:12]  # names _now_ms()'s clock to the agents
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
                         if self.config.client_rate > 0 else None)
@@ -146,7 +154,11 @@ class Broker:
         self._stopping = threading.Event()
         self._closed = False  # drained: a request now is refused, not taken
         self._ticker: threading.Thread | None = None
-        self.bus = Bus(mqtt_url, self.broker_id, tls=tls)
+        # Sent by the MQTT server only if this process dies: clients then send again
+        # what they still wait for (ADR 0010). Not retained: only the living care.
+        self.bus = Bus(mqtt_url, self.broker_id, tls=tls,
+                       will=Will(self.topics.broker_lost(self.broker_id), b"", qos=1,
+                                 retain=False))
         # The cloud pool, when this broker sizes one (docs/architecture.md).
         self.pool = pool
         self.scaling = scale_config(self.config.autoscale, self.config.margin)
@@ -281,8 +293,10 @@ class Broker:
             self._refuse(msg.response_topic, msg.correlation, "", exc.code, exc.message)
             return
         reply_topic = msg.response_topic or header.reply
-        if self.dispatcher.holds(header.id):
-            self.metrics.inc("duplicates_total")  # QoS 1 redelivery: the first copy answers
+        if self.dispatcher.holds(header.id) or self.replay.seen(header.id):
+            # A QoS 1 redelivery, or a client sending again after a broker died (ADR
+            # 0010): the first copy answers, or has answered, here.
+            self.metrics.inc("duplicates_total")
             return
         try:
             if self.topics.model_of(msg.topic) != header.model:
@@ -299,9 +313,19 @@ class Broker:
             self._refuse(reply_topic, msg.correlation, header.id, ErrorCode.UNAVAILABLE,
                          "this broker is stopping; retry")
             return
+        # Time it sat in the client library's or the MQTT server's queue counts: a
+        # request whose budget ran out on the way is never run (skyhop.protocol.age).
+        waited = self.ages.age_ms(reply_topic or "", header.sent_at_ms, now)
+        budget = self._budget(header) - waited
+        if budget <= 0:
+            self.metrics.inc("stale_total", stage="broker")
+            self._refuse(reply_topic, msg.correlation, header.id, ErrorCode.DEADLINE_EXCEEDED,
+                         f"it waited {waited:.0f} ms before reaching the broker (a client's "
+                         "or the MQTT server's queue), past its budget; never run")
+            return
         route = Route(msg.payload, reply_topic, msg.correlation)
         # One client's requests are one stream (placement's hysteresis): origin = its topic.
-        request = Request(header.id, header.model, header.size, self._budget(header),
+        request = Request(header.id, header.model, header.size, budget,
                           header.priority, origin=reply_topic, ref=route)
         self.metrics.inc("requests_accepted_total", model=header.model)
         self._act(self.dispatcher.accept(request, now))
@@ -363,7 +387,8 @@ class Broker:
             qos=1,
             response_topic=self.topics.broker_replies(self.broker_id),
             correlation=p.request.id.encode(),
-            user_properties=tuple(WorkMeta(a.remaining_ms, a.attempt).properties()),
+            user_properties=tuple(WorkMeta(a.remaining_ms, a.attempt, sent_ms=_now_ms(),
+                                           clock=self.clock).properties()),
             expiry_s=max(1, math.ceil(a.remaining_ms / 1000)),
         )
         log.debug(
@@ -449,7 +474,24 @@ class Broker:
         if msg.payload:
             load = LoadReport.decode(msg.payload)
             if self._from_its_node(msg, load.node):
-                self.dispatcher.node_load(load, _now_ms())
+                now = _now_ms()
+                self.dispatcher.node_load(load, now)
+                view = self.fleet.nodes.get(load.node)
+                if view is None or view.status.session < load.session:
+                    self._ask_birth(load.node, now)
+
+    def _ask_birth(self, node: str, now: float) -> None:
+        """Load proves a node runs, but without its status (garbage, or nothing, retained
+        on its status topic) it cannot be placed on: ask it to announce itself again."""
+        if now - self._asked_birth.get(node, -math.inf) < ASK_BIRTH_EVERY_MS:
+            return
+        if len(self._asked_birth) > 100_000:
+            self._asked_birth.clear()
+        self._asked_birth[node] = now
+        self.metrics.inc("births_asked_total")
+        self._warn(f"birth-{node}", "node %s sends load but its status is unknown: asked "
+                   "it to announce itself", node)
+        self.bus.publish(self.topics.work(node), b"", qos=1, user_properties=(ANNOUNCE,))
 
     def _from_its_node(self, msg: Message, node: str) -> bool:
         """The ACL binds a node to its own topics, not to what its payload claims."""

@@ -35,6 +35,9 @@ CATALOG: dict[str, Spec] = {
     "redispatched_total": counter("Requests placed again, by why (the holder's refusal or "
                                   "NODE_LOST).", "reason"),
     "late_replies_total": counter("Node replies that came after the request was answered."),
+    "stale_total": counter("Requests that waited past their budget before reaching this "
+                           "broker (a client's or the MQTT server's queue): answered "
+                           "DEADLINE_EXCEEDED, never run.", "stage"),
     "drain_unanswered_total": counter("Requests answered UNAVAILABLE because the broker "
                                       "stopped before their reply."),
     "request_latency_seconds": histogram(
@@ -52,6 +55,8 @@ CATALOG: dict[str, Spec] = {
                                     "thread). Should stay 0."),
     "node_messages_limited_total": counter("Node status and load messages dropped beyond "
                                            "[broker] node_rate."),
+    "births_asked_total": counter("Nodes that sent load with no status this broker could "
+                                  "read, asked to announce themselves again."),
     "spoofed_node_messages_total": counter("Node messages whose payload names another node "
                                            "than their topic."),
     "sla_rejected_total": counter("SLA messages ignored: unsigned, forged, not-operator, "

@@ -32,6 +32,7 @@ from skyhop.metrics import Metrics, counter, gauge, histogram
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message, Will
 from skyhop.mqtt.url import TlsFiles
+from skyhop.protocol.age import Ages
 from skyhop.protocol.envelope import (
     OpenedRequest,
     error_reply,
@@ -40,6 +41,7 @@ from skyhop.protocol.envelope import (
     seal_reply,
 )
 from skyhop.protocol.messages import (
+    ANNOUNCE,
     DRAIN,
     OK,
     LoadReport,
@@ -62,6 +64,8 @@ METRICS = {
     "replies_total": counter("Replies sent, by code (OK or an error code).", "code"),
     "duplicates_total": counter("Redelivered requests answered from the result cache."),
     "expired_in_queue_total": counter("Requests whose budget ran out while queued here."),
+    "stale_total": counter("Work that arrived after its budget (this agent was stopped, or "
+                           "the MQTT server held it): answered DEADLINE_EXCEEDED, never run."),
     "no_reply_topic_total": counter("Requests dropped for want of a reply topic."),
     "status_restored_total": counter("Times this node re-announced a status that was "
                                      "cleared or overwritten on the MQTT server."),
@@ -131,6 +135,7 @@ class Agent:
         }
         self._queue = WorkQueue(self.config.queue_capacity)
         self._cache = ResultCache(self.config.result_cache)
+        self._ages = Ages()  # how long work waited on its way, per broker clock
         self._replay = ReplayGuard(self.config.replay_window_s * 1000)
         self._cond = threading.Condition()
         self._in_flight = 0
@@ -250,6 +255,12 @@ class Agent:
         if DRAIN in msg.user_properties:
             self._drain()
             return
+        if ANNOUNCE in msg.user_properties:
+            if not self._stopping.is_set() and not self.taken_over.is_set():
+                self.metrics.inc("status_restored_total")
+                self.bus.publish(self.topics.status(self.node_id), self._status(online=True),
+                                 qos=1, retain=True)
+            return
         reply_topic = msg.response_topic
         if not reply_topic:
             self.metrics.inc("no_reply_topic_total")
@@ -268,21 +279,38 @@ class Agent:
         seen, cached = self._cache.lookup(header.id)
         if seen:
             self.metrics.inc("duplicates_total")
+            if cached is None:  # in progress: answer this asker too (another broker's?)
+                cached = self._cache.also(header.id, (reply_topic, msg.correlation))
             if cached is not None:
                 self.bus.publish(reply_topic, cached, qos=1, correlation=msg.correlation)
+            return
+        remaining_ms = meta.remaining_ms - self._waited_ms(reply_topic, meta, now)
+        if remaining_ms <= 0:
+            self.metrics.inc("stale_total")
+            self._reply_error(reply_topic, msg.correlation, header.id,
+                              ErrorCode.DEADLINE_EXCEEDED,
+                              f"it reached node {self.node_id} after its budget (this agent "
+                              "was stopped, or the MQTT server held it); never run")
             return
         work = _Work(msg.payload, reply_topic, msg.correlation, header.priority)
         with self._cond:
             try:
                 self._queue.push(
-                    header.id, now + meta.remaining_ms / 1000, now, work, header.priority
+                    header.id, now + remaining_ms / 1000, now, work, header.priority
                 )
             except ProtocolError as exc:
                 self._reply_error(reply_topic, msg.correlation, header.id, exc.code, exc.message)
                 return
-            self._cache.begin(header.id)
+            self._cache.begin(header.id, (reply_topic, msg.correlation))
             self._cond.notify()
         self.metrics.inc("accepted_total")
+
+    def _waited_ms(self, reply_topic: str, meta: WorkMeta, now: float) -> float:
+        """How much longer than its broker's quickest this work took to arrive: the time
+        this process was stopped, or the message sat queued (skyhop.protocol.age)."""
+        if meta.sent_ms is None:
+            return 0.0
+        return self._ages.age_ms(f"{reply_topic} {meta.clock}", meta.sent_ms, now * 1000)
 
     def _drain(self) -> None:
         if self.draining.is_set():
@@ -398,7 +426,8 @@ class Agent:
         else:
             self.metrics.inc("replies_total", code="OK")
             self.bus.publish(work.reply_topic, reply, qos=1, correlation=work.correlation)
-        self._cache.finish(job.request_id, reply)
+        for topic, correlation in self._cache.finish(job.request_id, reply):
+            self.bus.publish(topic, reply, qos=1, correlation=correlation)
 
     def _reply_error(
         self, topic: str, correlation: bytes | None, request_id: str, code: ErrorCode, message: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,32 +59,54 @@ class WorkQueue:
         return None, expired
 
 
+Route = tuple[str, bytes | None]  # (reply topic, correlation data)
+
+
 class ResultCache:
     """Recent replies by request id, so a duplicate is answered, never run twice.
 
-    ``begin`` marks an id in progress; ``finish`` stores its reply. Bounded LRU.
+    ``begin`` marks an id in progress with the route its reply takes; ``also`` adds a
+    route for a job in progress (a surviving broker asking for a request whose first
+    broker died, ADR 0010); ``finish`` stores the reply and returns those extra routes.
+    Bounded LRU; safe to call from the MQTT thread and the workers at once.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._done: OrderedDict[str, bytes] = OrderedDict()
-        self._running: set[str] = set()
+        self._running: dict[str, list[Route]] = {}
+        self._lock = threading.Lock()
 
     def lookup(self, request_id: str) -> tuple[bool, bytes | None]:
         """(seen, cached reply). Seen with no reply means the job is still in progress."""
-        if request_id in self._running:
-            return True, None
-        reply = self._done.get(request_id)
-        return reply is not None, reply
+        with self._lock:
+            if request_id in self._running:
+                return True, None
+            reply = self._done.get(request_id)
+            return reply is not None, reply
 
-    def begin(self, request_id: str) -> None:
-        self._running.add(request_id)
+    def begin(self, request_id: str, route: Route = ("", None)) -> None:
+        with self._lock:
+            self._running[request_id] = [route]
 
-    def finish(self, request_id: str, reply: bytes) -> None:
-        self._running.discard(request_id)
-        if self.size == 0:
-            return
-        self._done[request_id] = reply
-        self._done.move_to_end(request_id)
-        while len(self._done) > self.size:
-            self._done.popitem(last=False)
+    def also(self, request_id: str, route: Route) -> bytes | None:
+        """Send the reply of a job in progress to ``route`` too (a route it has already
+        is left alone: a redelivered copy). If the job finished meanwhile, its reply."""
+        with self._lock:
+            routes = self._running.get(request_id)
+            if routes is None:
+                return self._done.get(request_id)
+            if all(topic != route[0] for topic, _ in routes):
+                routes.append(route)
+            return None
+
+    def finish(self, request_id: str, reply: bytes) -> list[Route]:
+        """Store the reply; return the routes added by ``also``."""
+        with self._lock:
+            routes = self._running.pop(request_id, [])
+            if self.size > 0:
+                self._done[request_id] = reply
+                self._done.move_to_end(request_id)
+                while len(self._done) > self.size:
+                    self._done.popitem(last=False)
+            return routes[1:]

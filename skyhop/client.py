@@ -61,6 +61,7 @@ class _Waiting:
     request_id: str
     sent: float
     timer: threading.Timer
+    sealed: tuple[RequestHeader, bytes] | None = None  # as last published: to re-send
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Client:
     def start(self, timeout: float = 10.0) -> Client:
         self.bus.subscribe(self.reply_topic, self._on_reply, qos=1)
         self.bus.subscribe(self.topics.sla_all, self._on_sla, qos=1)
+        self.bus.subscribe(self.topics.broker_lost_all, self._on_broker_lost, qos=1)
         if self.trust is not None:
             self.bus.subscribe(self.topics.keys, self._on_key_announcement, qos=1)
         self.bus.start(timeout=timeout)
@@ -205,6 +207,9 @@ class Client:
 
     def _publish(self, header: RequestHeader, envelope: bytes) -> None:
         correlation = header.id.encode()
+        with self._lock:
+            if (w := self._waiting.get(correlation)) is not None:
+                w.sealed = (header, envelope)
         mid = self.bus.publish(
             self.topics.req(header.model),
             envelope,
@@ -234,6 +239,20 @@ class Client:
             header = replace(h.header, budget_ms=left_ms, sent_at_ms=time.time_ns() // 1_000_000)
             envelope, _ = seal_request(header, h.body, self.fleet_key, request_key=h.key)
             self.counters["resealed_after_reconnect"] += 1
+            self._publish(header, envelope)
+
+    def _on_broker_lost(self, msg: Message) -> None:
+        """A broker died (its Will): it may have held some of our requests, so send
+        again every one still waiting, as it was. A surviving broker takes those it
+        lacks and drops those it holds; an agent that ran one answers from its result
+        cache, and one running it answers both brokers (ADR 0010). Time already spent
+        counts: the survivor reads it from the send stamp (skyhop.protocol.age)."""
+        with self._lock:
+            again = [w.sealed for w in self._waiting.values() if w.sealed is not None]
+        broker = self.topics.level(msg.topic, 1)
+        log.info("broker %s lost: sending %d waiting request(s) again", broker, len(again))
+        self.counters["resent_after_broker_lost"] += len(again)
+        for header, envelope in again:
             self._publish(header, envelope)
 
     def _on_puback(self, mid: int, code: int) -> None:

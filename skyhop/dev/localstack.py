@@ -56,11 +56,14 @@ class LocalStack:
             if self.server is not None:
                 self.server.refresh()  # its rights are in force when this returns
 
-    def broker(self, *extra: str, mqtt_url: str | None = None) -> subprocess.Popen[bytes]:
-        self.credentials("broker", "broker")
+    def broker(self, *extra: str, mqtt_url: str | None = None,
+               name: str = "broker") -> subprocess.Popen[bytes]:
+        """A broker called ``name`` (its certificate over mqtts; its log, NAME.log)."""
+        self.credentials(name, "broker")
         return self._spawn(
-            "broker",
-            ["broker", "--mqtt", mqtt_url or self.mqtt_url, "--home", str(self.home.path), *extra],
+            name,
+            ["broker", "--mqtt", mqtt_url or self.mqtt_url, "--home", str(self.home.path),
+             "--identity", name, *extra],
         )
 
     def agent(

@@ -311,6 +311,9 @@ class SlaConfig(_Message):
 # A broker's order on a node's work topic, as a user property on an empty message: stop
 # taking work, finish what is held, publish the death (docs/protocol.md §Drain).
 DRAIN = ("skyhop-control", "drain")
+# A broker's ask on a node's work topic: publish your birth again. Sent when load comes
+# from a node whose status this broker never read (garbage or nothing retained there).
+ANNOUNCE = ("skyhop-control", "announce")
 
 
 @dataclass(frozen=True)
@@ -320,13 +323,21 @@ class WorkMeta:
     Carried as MQTT 5 user properties next to the untouched envelope, because the
     envelope's header is authenticated by the client and must not change.
     ``remaining_ms`` is relative so that node and broker clocks need not agree.
+    ``sent_ms`` (the broker's monotonic clock) and ``clock`` (that clock's identity: a
+    nonce per broker process) let the node tell how long the message waited on its way
+    (skyhop.protocol.age); a broker that sends neither is taken at its word.
     """
 
     remaining_ms: float
     attempt: int = 1
+    sent_ms: float | None = None
+    clock: str = ""
 
     def properties(self) -> list[tuple[str, str]]:
-        return [("remaining_ms", f"{self.remaining_ms:.3f}"), ("attempt", str(self.attempt))]
+        props = [("remaining_ms", f"{self.remaining_ms:.3f}"), ("attempt", str(self.attempt))]
+        if self.sent_ms is not None:
+            props += [("sent_ms", f"{self.sent_ms:.3f}"), ("clock", self.clock)]
+        return props
 
     @classmethod
     def from_properties(cls, props: list[tuple[str, str]] | None) -> WorkMeta:
@@ -334,11 +345,14 @@ class WorkMeta:
         try:
             remaining = float(d["remaining_ms"])
             attempt = int(d.get("attempt", "1"))
+            sent = float(d["sent_ms"]) if "sent_ms" in d else None
         except (KeyError, ValueError):
             raise _bad("work message lacks a valid remaining_ms user property") from None
         return cls(
             remaining_ms=_float(remaining, "remaining_ms", -MAX_BUDGET_MS, MAX_BUDGET_MS),
             attempt=_int(attempt, "attempt", 1, 1000),
+            sent_ms=None if sent is None else _float(sent, "sent_ms", -math.inf),
+            clock=_str(d.get("clock", ""), "clock", 64),
         )
 
 

@@ -92,6 +92,14 @@ class Topics:
     def broker_status(self) -> str:
         return f"{self.prefix}broker/status"
 
+    def broker_lost(self, broker_id: str) -> str:
+        """A broker's Will: it died holding requests (clients send theirs again)."""
+        return f"{self.prefix}broker/{check_name('broker', broker_id)}/lost"
+
+    @property
+    def broker_lost_all(self) -> str:
+        return f"{self.prefix}broker/+/lost"
+
     def broker_replies(self, broker_id: str) -> str:
         return f"{self.prefix}broker/{check_name('broker', broker_id)}/replies"
 

@@ -65,12 +65,14 @@ GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("write", "nodes/+/work"),
         ("write", "reply/+"),
         ("write", "broker/status"),
+        ("write", "broker/{name}/lost"),  # its Will: clients re-send what it held
     ),
     "client": (
         ("write", "req/+"),
         ("read", "reply/{name}"),  # the client id, hence the reply topic, is its CN
         ("read", "config/sla/+"),
         ("read", "keys/#"),
+        ("read", "broker/+/lost"),
     ),
     "operator": (
         ("readwrite", "config/sla/+"),  # read back what it set: SLAs are not secret

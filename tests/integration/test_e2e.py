@@ -286,12 +286,17 @@ def test_bad_input_gets_a_named_error(
     assert raw.status_of(correlation) == expected
 
 
-def test_replayed_request_is_refused(stack: LocalStack, raw: RawRequester) -> None:
+def test_a_request_sent_again_is_answered_once(stack: LocalStack, raw: RawRequester) -> None:
+    """The same envelope again (a replay, or a client re-sending after a broker died,
+    ADR 0010) is dropped and counted: its first copy was answered, and never runs twice."""
     envelope = _sealed(stack, GOOD_IMAGE)
     raw.send(envelope, b"first")
     assert raw.status_of(b"first") == "OK"
+    before = metric(stack, "skyhop_broker_duplicates_total")
     raw.send(envelope, b"again")
-    assert raw.status_of(b"again") == ErrorCode.REPLAYED
+    assert wait_metric(stack, "skyhop_broker_duplicates_total", before + 1) == before + 1
+    time.sleep(0.3)  # a reply, if one were sent, would be here by now
+    assert b"again" not in raw.replies
 
 
 def test_stale_request_is_refused(stack: LocalStack, raw: RawRequester) -> None:

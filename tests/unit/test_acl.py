@@ -131,6 +131,8 @@ def test_agent_rights(acl, me: str, other: str, access: str, topic: str, ok: boo
         ("b1", "write", "config/sla/digits", False),
         ("b1", "write", "keys/fleet", False),
         ("b1", "write", "broker/b1/replies", False),
+        ("b1", "write", "broker/b1/lost", True),  # its Will
+        ("b1", "write", "broker/b2/lost", False),  # not another broker's death
         ("b1", "read", "nodes/edge-1/work", False),
         ("b1", "read", "reply/c1", False),
         # client: writes requests; reads its own replies, SLAs and key announcements
@@ -138,6 +140,8 @@ def test_agent_rights(acl, me: str, other: str, access: str, topic: str, ok: boo
         ("c1", "read", "reply/c1", True),
         ("c1", "read", "config/sla/digits", True),
         ("c1", "read", "keys/fleet", True),
+        ("c1", "read", "broker/b1/lost", True),  # to send again what b1 held
+        ("c1", "write", "broker/b1/lost", False),
         ("c1", "read", "reply/c2", False),
         ("c1", "write", "reply/c1", False),
         ("c1", "write", "reply/c2", False),

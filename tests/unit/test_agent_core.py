@@ -195,3 +195,12 @@ def test_the_demo_verdict_explains_refusals_and_slow_models() -> None:
     assert "met its budget 0%" in slow and "median latency (300 ms)" in slow
     healthy = verdict(summarize([Outcome("digits", 50, latency_ms=2.0)] * 20))
     assert healthy == ["verdict: 100% of 20 requests met their budget — healthy."]
+
+
+def test_a_job_in_progress_answers_every_broker_that_asked_for_it() -> None:
+    cache = ResultCache(4)
+    cache.begin("a", ("broker/b1/replies", b"a"))
+    assert cache.also("a", ("broker/b1/replies", b"a")) is None  # a redelivery: no route
+    assert cache.also("a", ("broker/b2/replies", b"a")) is None  # b1 died; b2 asks
+    assert cache.finish("a", b"reply-a") == [("broker/b2/replies", b"a")]
+    assert cache.also("a", ("broker/b3/replies", b"a")) == b"reply-a"  # finished: cached

@@ -30,7 +30,7 @@ PURE = [
     "skyhop.protocol.messages", "skyhop.protocol.topics", "skyhop.protocol.envelope",
     "skyhop.protocol.tensors", "skyhop.protocol.replay", "skyhop.protocol.announcement",
     "skyhop.stats", "skyhop.mqtt.url", "skyhop.mqtt.message", "skyhop.mqtt.memory",
-    "skyhop.security.sla", "cloud_broker.outcomes",
+    "skyhop.security.sla", "cloud_broker.outcomes", "skyhop.protocol.age",
 ]
 IO = ("paho", "pydantic", "onnxruntime", "pynvml", "subprocess", "socket")
 SHELLS = ("cloud_broker.broker", "cloud_broker.pool", "edge_agent.agent", "skyhop.mqtt.bus",

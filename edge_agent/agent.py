@@ -14,12 +14,14 @@ error (``DEADLINE_EXCEEDED`` for one that expired while queued, ``BAD_ENVELOPE``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge_agent.config import AgentConfig
 from edge_agent.probe import MIB, Probe, ProbeError, ProbeSample
@@ -108,8 +110,13 @@ class Agent:
         role: str = "edge",
         bus_factory: type[Bus] = Bus,
         tls: TlsFiles | None = None,
+        run_log: Path | None = None,
     ) -> None:
+        """``run_log``: append one JSON line per job started (request id, wall-clock
+        ms), a record of what ran that chaos runs count from (bench/chaos.py)."""
         self.node_id = node_id
+        self._run_log = run_log.open("a", buffering=1) if run_log is not None else None
+        self._run_log_lock = threading.Lock()
         self.role = role
         self.runners = dict(runners)
         self._key_source = key_source  # re-read every KEY_REFRESH_S: rotation needs no restart
@@ -188,6 +195,10 @@ class Agent:
         self.bus.flush(2.0)  # the death, and replies just sent: the Will is discarded
         self.bus.stop()
         self.probe.close()
+        if self._run_log is not None:
+            with self._run_log_lock:
+                self._run_log.close()
+                self._run_log = None
         log.info("agent %s stopped (session %d)", self.node_id, self.session)
 
     def ready(self) -> bool:
@@ -381,6 +392,7 @@ class Agent:
                     f"node {self.node_id} does not serve {opened.header.model}",
                 )
             inputs = decode_body("inputs", opened.body)
+            self._record_run(h.id)
             t0 = time.monotonic()
             outputs = runner.run(inputs)
             service_ms = (time.monotonic() - t0) * 1000
@@ -415,6 +427,13 @@ class Agent:
                     f"the current key (retained on {self.topics.keys})",
                 ) from None
             raise
+
+    def _record_run(self, request_id: str) -> None:
+        line = json.dumps({"id": request_id, "node": self.node_id,
+                           "start_ms": round(time.time() * 1000, 3)})
+        with self._run_log_lock:
+            if self._run_log is not None:  # closed at stop
+                self._run_log.write(line + "\n")
 
     def _finish(self, job: Job, reply: bytes | None, code: ErrorCode | None, message: str) -> None:
         work: _Work = job.payload

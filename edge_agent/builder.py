@@ -34,6 +34,7 @@ def build_agent(
     concurrency: int | None = None,
     intra_op_threads: int | None = None,
     gpu: int | None = None,
+    run_log: Path | None = None,
 ) -> Agent:
     if role not in ("edge", "cloud"):
         raise ConfigError(f"--role must be edge or cloud, not {role!r}")
@@ -64,6 +65,7 @@ def build_agent(
         tls=home.tls(mqtt, node_id),
         topics=Topics(config.prefix),
         role=role,
+        run_log=run_log,
     )
 
 

@@ -331,6 +331,11 @@ def agent(
                            "until SIGTERM: a Kubernetes pod must not exit (it would be "
                            "restarted) before its Deployment removes it.")
     ] = False,
+    run_log: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Append one JSON line per job "
+                                  "started (request id, wall-clock ms): a record of what "
+                                  "ran, for chaos runs (bench/chaos.py).")
+    ] = None,
     log_level: LogOpt = "info",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -355,6 +360,7 @@ def agent(
         providers=providers.split(",") if providers else None,
         concurrency=concurrency,
         gpu=gpu,
+        run_log=run_log,
     )
     a.start()
     if metrics_port:

@@ -201,9 +201,11 @@ class MosquittoProcess:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
 
-    def restart(self, timeout: float = 10.0) -> Self:
-        """Stop and start again on the same port with the same config (keeps the workdir)."""
+    def restart(self, timeout: float = 10.0, down_s: float = 0.0) -> Self:
+        """Stop, stay down ``down_s``, and start again on the same port with the same
+        config (keeps the workdir)."""
         self._terminate()
+        time.sleep(down_s)
         self._launch(timeout)
         return self
 

@@ -1,0 +1,272 @@
+"""A reproducible chaos run: steady open-loop load on a real local fleet while faults
+are injected one after another, counted from what the client and the agents saw.
+
+Fleet: one Mosquitto (plain MQTT, on a fixed port so it can restart), two brokers on
+the shared subscription, three edge agents and one cloud agent, all serving `digits`;
+one client sending Poisson arrivals at ``--rate`` with a ``--budget-ms`` budget.
+Faults, each followed by a recovery window: kill -9 an agent (restarted 5 s later),
+kill -9 a broker (restarted 5 s later), the MQTT server down for 4 s, an agent
+SIGSTOPped for 10 s. A cut WAN link between bridged sites is not here yet: the harness
+has no bridged topology (issue 19, item 5).
+
+Counted per fault, for the requests sent in its window:
+
+- **never sent**: sent while no MQTT server was up and expired in the client's hands
+  (it says so: "never sent"); no part of the fleet took it;
+- **no reply**: any other request no terminal reply reached on the client's reply
+  topic (a tap subscriber counts them; the SDK's local timeout is no reply from the fleet);
+- **2+ replies**: more than one reply to one request on that topic;
+- **run twice**: one request id in more than one agent run record (``--run-log``);
+- **run late**: an agent started the request after the client's deadline (sent at +
+  budget; every process here reads the same wall clock, which a bench may use);
+- **recovery s**: from the fault's end to the first OK for a request sent after it.
+
+    .venv/bin/python bench/chaos.py [--rate 60] [--budget-ms 1000] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from skyhop.client import Client, Result
+from skyhop.dev.localstack import LocalStack
+from skyhop.dev.mosquitto import MosquittoProcess, free_port
+from skyhop.errors import RemoteError
+from skyhop.home import Home
+from skyhop.mqtt.bus import Bus
+from skyhop.protocol.topics import Topics
+
+AGENTS = {"edge-1": "edge", "edge-2": "edge", "edge-3": "edge", "cloud-1": "cloud"}
+WINDOW_S = 20.0  # each fault and the recovery after it
+CLIENT = "chaos-client"
+
+
+@dataclass
+class Sent:
+    id: str
+    sent_ms: float
+    budget_ms: float
+    code: str = ""
+    done_ms: float = 0.0
+    never_sent: bool = False  # the client held it while no server was up, and it expired
+
+
+@dataclass
+class Fault:
+    name: str
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+
+
+@dataclass
+class Run:
+    stack: LocalStack
+    server: MosquittoProcess
+    logs: Path
+    faults: list[Fault] = field(default_factory=list)
+
+    def agent(self, name: str) -> None:
+        self.stack.agent(name, ["digits"], "--log-level", "warning", "--run-log",
+                         str(self.logs / f"runs-{name}.jsonl"), role=AGENTS[name])
+
+    def broker(self, name: str) -> None:
+        self.stack.broker("--log-level", "warning", name=name)
+
+    def fault(self, name: str, act: Callable[[], float | None]) -> None:
+        """Run one fault, then its recovery window. ``act`` returns when the fault ended
+        (ms), or None: when it returns."""
+        f = Fault(name, start_ms=_now_ms())
+        print(f"{time.strftime('%H:%M:%S')} fault: {name}", flush=True)
+        ended = act()
+        f.end_ms = ended if ended is not None else _now_ms()
+        self.faults.append(f)
+        time.sleep(max(0.0, WINDOW_S - (_now_ms() - f.start_ms) / 1000))
+
+
+def _now_ms() -> float:
+    return time.time() * 1000
+
+
+def kill(run: Run, name: str, restart: Callable[[str], None]) -> Callable[[], float]:
+    """kill -9 ``name``; the fault is the kill (the others carry on), the restart 5 s
+    later is the repair."""
+    def act() -> float:
+        run.stack.kill(name)
+        killed = _now_ms()
+        time.sleep(5)
+        restart(name)
+        return killed
+    return act
+
+
+def server_down(server: MosquittoProcess, seconds: float) -> Callable[[], None]:
+    def act() -> None:
+        server.restart(down_s=seconds)  # the fault ends once it accepts connections
+    return act
+
+
+def stop_agent(run: Run, name: str, seconds: float) -> Callable[[], None]:
+    def act() -> None:
+        proc = run.stack.procs[name]
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        proc.send_signal(signal.SIGCONT)
+    return act
+
+
+class Load:
+    """Open-loop Poisson arrivals from one client; each request's fate recorded."""
+
+    def __init__(self, client: Client, rate: float, budget_ms: float) -> None:
+        self.client, self.rate, self.budget_ms = client, rate, budget_ms
+        self.sent: list[Sent] = []
+        self._stop = threading.Event()
+        send = client.send_sealed
+
+        def recording(header, envelope, key, **kw):  # type: ignore[no-untyped-def]
+            self.sent.append(Sent(header.id, _now_ms(), header.budget_ms))  # submit's thread
+            return send(header, envelope, key, **kw)
+
+        client.send_sealed = recording  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        rng = random.Random(7)
+        x = {"image": np.zeros((1, 64), np.float32)}
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            future = self.client.submit("digits", x, budget_ms=self.budget_ms)
+            future.add_done_callback(self._done(self.sent[-1]))
+            next_at += rng.expovariate(self.rate)
+
+    @staticmethod
+    def _done(s: Sent) -> Callable[[Future[Result]], None]:
+        def record(f: Future[Result]) -> None:
+            s.done_ms = _now_ms()
+            exc = f.exception()
+            s.code = "OK" if exc is None else str(exc.code if isinstance(exc, RemoteError)
+                                                  else type(exc).__name__)
+            s.never_sent = isinstance(exc, RemoteError) and "never sent" in exc.message
+        return record
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tap(url: str, topic: str) -> tuple[Bus, Counter[str]]:
+    """Count the replies that reach ``topic``, by correlation (the request id)."""
+    replies: Counter[str] = Counter()
+    bus = Bus(url, f"chaos-tap-{time.monotonic_ns()}")
+    bus.subscribe(topic, lambda m: replies.update([(m.correlation or b"").decode()]), qos=1)
+    return bus.start(), replies
+
+
+def runs(logs: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted(logs.glob("runs-*.jsonl"))
+            for line in p.read_text().splitlines() if line]
+
+
+def tally(load: Load, faults: list[Fault], replies: Counter[str], ran: list[dict]
+          ) -> list[dict]:
+    starts: dict[str, list[float]] = {}
+    for r in ran:
+        starts.setdefault(r["id"], []).append(r["start_ms"])
+    rows = []
+    for i, f in enumerate(faults):
+        until = faults[i + 1].start_ms if i + 1 < len(faults) else math.inf
+        mine = [s for s in load.sent if f.start_ms <= s.sent_ms < until]
+        after = sorted(s.done_ms for s in mine if s.sent_ms >= f.end_ms and s.code == "OK")
+        rows.append({
+            "fault": f.name,
+            "requests": len(mine),
+            "codes": dict(Counter(s.code for s in mine)),
+            # sent while no MQTT server was up, and expired in the client: nobody took it
+            "never_sent": sum(s.never_sent for s in mine),
+            "no_reply": sum(replies[s.id] == 0 and not s.never_sent for s in mine),
+            "two_or_more_replies": sum(replies[s.id] > 1 for s in mine),
+            "run_twice": sum(len(starts.get(s.id, [])) > 1 for s in mine),
+            "run_late": sum(any(t > s.sent_ms + s.budget_ms for t in starts.get(s.id, []))
+                            for s in mine),
+            "most_late_ms": round(max([t - s.sent_ms - s.budget_ms for s in mine
+                                       for t in starts.get(s.id, [])], default=0.0), 1),
+            "recovery_s": round((after[0] - f.end_ms) / 1000, 2) if after else None,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=60.0, help="requests per second")
+    parser.add_argument("--budget-ms", type=float, default=1000.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="skyhop-chaos-"))
+    home = Home(work / "home")
+    home.init()
+    logs = work / "logs"
+    with MosquittoProcess.start(port=free_port(), workdir=work / "mqtt") as server, \
+            LocalStack(home, server.url, logs) as stack:
+        run = Run(stack, server, logs)
+        for name in ("broker-1", "broker-2"):
+            run.broker(name)
+        for name in AGENTS:
+            run.agent(name)
+        stack.wait_live(list(AGENTS), timeout=120)
+        tap_bus, replies = tap(server.url, Topics().reply(CLIENT))
+        with Client(server.url, home.fleet_public(), client_id=CLIENT) as client:
+            load = Load(client, args.rate, args.budget_ms)
+            load.start()
+            run.fault("none (baseline)", lambda: None)
+            run.fault("kill -9 agent edge-1", kill(run, "edge-1", run.agent))
+            run.fault("kill -9 broker broker-1", kill(run, "broker-1", run.broker))
+            run.fault("MQTT server down 4 s", server_down(server, 4.0))
+            run.fault("SIGSTOP agent edge-2 for 10 s", stop_agent(run, "edge-2", 10.0))
+            load.stop()
+            time.sleep((args.budget_ms + client.slack_ms) / 1000 + 2)  # every future ends
+        tap_bus.stop()
+        rows = tally(load, run.faults, replies, runs(logs))
+        (work / "sent.json").write_text(json.dumps([s.__dict__ for s in load.sent]))
+    write(args, rows, work)
+
+
+def write(args: argparse.Namespace, rows: list[dict], work: Path) -> None:
+    result = {"rate_per_s": args.rate, "budget_ms": args.budget_ms, "window_s": WINDOW_S,
+              "faults": rows, "logs": str(work / "logs")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = ["# Chaos run", "",
+          f"`digits` at {args.rate:g} requests/s, budget {args.budget_ms:g} ms; two brokers, "
+          f"three edge agents, one cloud agent; each fault then its recovery, "
+          f"{WINDOW_S:g} s windows. `bench/chaos.py`.", "",
+          "| fault | requests | never sent | no reply | 2+ replies | run twice | run late "
+          "| recovery s | outcomes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
+        md.append(f"| {r['fault']} | {r['requests']} | {r['never_sent']} | {r['no_reply']} | "
+                  f"{r['two_or_more_replies']} | {r['run_twice']} | {r['run_late']} | "
+                  f"{r['recovery_s']} | {codes} |")
+    (args.out / "chaos.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

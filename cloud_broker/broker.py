@@ -20,7 +20,7 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,11 @@ SCRAPE_CACHE_MS = 500.0  # one scrape reads the fleet once, not once per gauge
 
 
 ASK_BIRTH_EVERY_MS = 5_000.0
+ANSWERED_KEPT = 10_000  # recent replies kept to answer a request sent again
+# A request is stale (DEADLINE_EXCEEDED, never placed) once it waited its whole budget
+# and at least this long on its way: held in a queue, not merely a busy machine's jitter.
+STALE_MIN_MS = 250.0
+MIN_BUDGET_MS = 0.001  # what is left to place by, at least
 
 
 def _now_ms() -> float:
@@ -126,6 +131,7 @@ class Broker:
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
         self.ages = Ages()  # how long each client's requests waited before reaching us
         self._asked_birth: dict[str, float] = {}  # node -> when we last asked (_ask_birth)
+        self._answered: OrderedDict[str, bytes] = OrderedDict()  # id -> its reply, recent
         self.clock = uuid.uuid4().hex[:12]  # names _now_ms()'s clock to the agents
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
@@ -294,9 +300,14 @@ class Broker:
             return
         reply_topic = msg.response_topic or header.reply
         if self.dispatcher.holds(header.id) or self.replay.seen(header.id):
-            # A QoS 1 redelivery, or a client sending again after a broker died (ADR
-            # 0010): the first copy answers, or has answered, here.
+            # A QoS 1 redelivery, or a client sending again after a broker died or its
+            # connection dropped (ADR 0010): the first copy answers here, or did; its
+            # reply may have been lost with a restarted MQTT server, so send it again.
             self.metrics.inc("duplicates_total")
+            answered = self._answered.get(header.id)
+            if answered is not None and reply_topic:
+                self.metrics.inc("replies_resent_total")
+                self.bus.publish(reply_topic, answered, qos=1, correlation=msg.correlation)
             return
         try:
             if self.topics.model_of(msg.topic) != header.model:
@@ -316,13 +327,15 @@ class Broker:
         # Time it sat in the client library's or the MQTT server's queue counts: a
         # request whose budget ran out on the way is never run (skyhop.protocol.age).
         waited = self.ages.age_ms(reply_topic or "", header.sent_at_ms, now)
-        budget = self._budget(header) - waited
-        if budget <= 0:
+        budget = self._budget(header)
+        if waited >= max(budget, STALE_MIN_MS):
             self.metrics.inc("stale_total", stage="broker")
             self._refuse(reply_topic, msg.correlation, header.id, ErrorCode.DEADLINE_EXCEEDED,
                          f"it waited {waited:.0f} ms before reaching the broker (a client's "
                          "or the MQTT server's queue), past its budget; never run")
             return
+        # A shorter wait past a tiny budget is left to placement: INFEASIBLE says more.
+        budget = max(budget - waited, MIN_BUDGET_MS)
         route = Route(msg.payload, reply_topic, msg.correlation)
         # One client's requests are one stream (placement's hysteresis): origin = its topic.
         request = Request(header.id, header.model, header.size, budget,
@@ -409,6 +422,9 @@ class Broker:
                                              code=a.code))
             payload = error_reply(ReplyHeader(id=request.id, status=a.code, message=a.message))
         self.bus.publish(route.reply_topic, payload, qos=1, correlation=route.correlation)
+        self._answered[request.id] = payload  # for the client that asks again (ADR 0010)
+        if len(self._answered) > ANSWERED_KEPT:
+            self._answered.popitem(last=False)
         self._count(a)
 
     def _count(self, a: Answer) -> None:

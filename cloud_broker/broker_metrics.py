@@ -22,7 +22,10 @@ CATALOG: dict[str, Spec] = {
     "requests_received_total": counter("Request messages read from the request topics."),
     "requests_accepted_total": counter("Requests accepted (to be answered exactly once), "
                                        "by model.", "model"),
-    "duplicates_total": counter("Redelivered copies of requests already held."),
+    "duplicates_total": counter("Copies of requests already held or answered here "
+                                "(a redelivery, or a client sending again)."),
+    "replies_resent_total": counter("Replies sent again to a client that asked again for a "
+                                    "request answered here (ADR 0010)."),
     "replies_total": counter("Terminal replies to accepted requests, by code and by where "
                              "they ran (edge, cloud, or none for the broker's own errors).",
                              "code", "where"),

@@ -45,6 +45,8 @@ RETRY_BACKOFF_S = 0.05  # the first retry waits up to this long, each next twice
 MIN_RETRY_BUDGET_S = 0.01  # no retry with less budget than this left
 MIN_SEND_MS = 1.0  # a held request with less budget left is not sent
 EARLY_MAX = 1024  # PUBACKs kept for packet ids publish() has not returned yet
+UNROUTED_RETRY_S = 2.5  # a request no broker heard is sent again this long at most
+UNROUTED_EVERY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class _Waiting:
     sent: float
     timer: threading.Timer
     sealed: tuple[RequestHeader, bytes] | None = None  # as last published: to re-send
+    unrouted_since: float | None = None  # when the server first said no broker heard it
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Client:
         self._by_mid: dict[int, bytes] = {}
         self._early: dict[int, int] = {}
         self._held: dict[bytes, _Held] = {}  # submitted while disconnected (send_sealed)
-        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._send_held,
+        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._on_connect,
                        on_puback=self._on_puback)
         self.reply_topic = self.topics.reply(self.client_id)
 
@@ -226,8 +229,21 @@ class Client:
             if code == NO_SUBSCRIBERS:
                 self._unrouted(correlation)
 
+    def _on_connect(self) -> None:
+        """On (re)connect, each request sent before goes out again as it was: a server
+        restarted without persistence lost those still in it, and their replies.
+        Brokers drop a copy they hold and answer one they answered from their reply
+        cache; agents run none twice (ADR 0010). Then the held ones go out."""
+        with self._lock:
+            again = [w.sealed for c, w in self._waiting.items()
+                     if w.sealed is not None and c not in self._held]
+        self.counters["resent_after_reconnect"] += len(again)
+        for header, envelope in again:
+            self._publish(header, envelope)
+        self._send_held()
+
     def _send_held(self) -> None:
-        """On (re)connect: each held request goes out with what is left of its budget."""
+        """Each held request goes out with what is left of its budget."""
         with self._lock:
             held, self._held = self._held, {}
         for correlation, h in held.items():
@@ -255,6 +271,12 @@ class Client:
         for header, envelope in again:
             self._publish(header, envelope)
 
+    def _send_again(self, correlation: bytes) -> None:
+        with self._lock:
+            w = self._waiting.get(correlation)
+        if w is not None and w.sealed is not None:
+            self._publish(*w.sealed)
+
     def _on_puback(self, mid: int, code: int) -> None:
         with self._lock:
             correlation = self._by_mid.pop(mid, None)
@@ -267,8 +289,25 @@ class Client:
             self._unrouted(correlation)
 
     def _unrouted(self, correlation: bytes) -> None:
-        """The MQTT server had no broker to give the request to, and dropped it: say so
-        now rather than at the deadline (``infer`` retries, as after a broker restart)."""
+        """The MQTT server had no broker to give the request to, and dropped it. Brokers
+        reconnect within ``UNROUTED_RETRY_S`` of a restarted server (their backoff), so
+        send it again every ``UNROUTED_EVERY_S`` until then, within its budget: nobody
+        took it, so nothing can run twice. Then say so, not silence until the deadline
+        (``infer`` retries, as after a broker restart)."""
+        now = time.monotonic()
+        with self._lock:
+            w = self._waiting.get(correlation)
+            if w is not None and w.unrouted_since is None:
+                w.unrouted_since = now
+        if w is not None and w.sealed is not None and w.unrouted_since is not None:
+            left_s = w.sealed[0].budget_ms / 1000 - (now - w.sent)
+            if (now - w.unrouted_since < UNROUTED_RETRY_S
+                    and left_s > UNROUTED_EVERY_S):
+                self.counters["unrouted_retries"] += 1
+                timer = threading.Timer(UNROUTED_EVERY_S, self._send_again, (correlation,))
+                timer.daemon = True
+                timer.start()
+                return
         self.counters["unrouted_requests"] += 1
         self._fail(correlation, ErrorCode.UNAVAILABLE, "no broker is subscribed to requests "
                    "on this MQTT server (is `skyhop broker` running and connected?); the "
@@ -338,8 +377,11 @@ class Client:
         w.future.set_result(Result(outputs, header, latency))
 
     def _expire(self, correlation: bytes) -> None:
+        with self._lock:
+            held = self._held.pop(correlation, None) is not None
         self._fail(correlation, ErrorCode.DEADLINE_EXCEEDED,
-                   "no reply from the fleet within the budget")
+                   "the MQTT server was unreachable for the whole budget; never sent" if held
+                   else "no reply from the fleet within the budget")
 
     def _on_sla(self, msg: Message) -> None:
         try:

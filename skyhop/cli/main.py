@@ -446,7 +446,8 @@ def infer(
     ] = None,
     budget_ms: Annotated[
         float | None,
-        typer.Option(help="Latency budget. Default: the model's SLA, else the catalog's default."),
+        typer.Option(help="Latency budget. Default: the model's SLA, else the catalog's "
+                     "default. One above the model's SLA is capped at it by the broker."),
     ] = None,
     priority: Annotated[
         int | None,

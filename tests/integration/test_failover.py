@@ -140,6 +140,38 @@ def test_fleet_recovers_after_the_mqtt_server_restarts(tmp_path) -> None:
         assert births and births[-1].online
 
 
+def test_requests_in_flight_through_a_server_restart_each_end_once(tmp_path) -> None:
+    """The MQTT server restarts (no persistence) while 30 slow requests are in flight:
+    what it held is gone, requests and replies. The client sends again what it waits
+    for on reconnecting; the broker answers those it answered from its reply cache and
+    drops those it holds; the agent runs none twice (ADR 0010). Each ends with a reply
+    from the fleet, never the client's own timer: OK, or UNAVAILABLE where the broker
+    re-placed the work of an agent whose Will the server's shutdown sent. A reply may
+    reach the client twice here (the broker's queued first one, then its cached copy):
+    the client keeps the first (``unmatched_replies``). What the re-send saves when the
+    server held requests or replies as it stopped, bench/chaos.py counts under load."""
+    from skyhop.dev.mosquitto import MosquittoProcess
+    from tests.integration.test_e2e import metric
+
+    home = make_home(tmp_path)
+    port = free_port()
+    with MosquittoProcess.start() as server, LocalStack(home, server.url, tmp_path / "logs") as st:
+        st.broker()
+        st.agent("edge-1", ["slow"], "--metrics-port", str(port))
+        st.wait_live(["edge-1"])
+        with Client(server.url, home.fleet_public(), topics=Topics(home.config().prefix)
+                    ) as client:
+            futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(30)]
+            time.sleep(0.5)  # the agent is working through them
+            server.restart(down_s=1.0)
+            outcomes = _outcomes(futures)
+            assert set(outcomes) <= {"OK", "UNAVAILABLE"}, _errors(futures)
+            assert all("no live node" in e for e in _errors(futures))  # the broker's answer
+            assert outcomes["OK"] >= 1 and client.counters["resent_after_reconnect"] > 0
+        ran = metric(st, 'skyhop_agent_replies_total{code="OK"}', port)
+        assert ran <= 30 and ran >= outcomes["OK"]  # none twice; a run's reply may be lost
+
+
 def _terminate_broker(stack: LocalStack) -> str:
     """SIGTERM, as a rolling restart sends; the broker's log once it has exited."""
     proc = stack.procs.pop("broker")
@@ -346,7 +378,8 @@ def test_a_drained_agent_answers_what_it_holds_then_leaves(fleet, transport: str
 def test_a_request_no_broker_hears_is_answered_at_once(mosquitto, tmp_path) -> None:
     """With no broker subscribed (none started yet, or between a restart's stop and
     start) the MQTT server drops a request, and says so in its PUBACK (0x10): the client
-    answers UNAVAILABLE then, not silence until the budget runs out."""
+    sends it again while brokers could be reconnecting (2.5 s), then answers
+    UNAVAILABLE, not silence until the budget runs out."""
     home = make_home(tmp_path)  # a prefix of its own: no other test's broker listens
     topics = Topics(home.config().prefix)
     with Client(mosquitto.url, home.fleet_public(), topics=topics) as client:
@@ -358,7 +391,8 @@ def test_a_request_no_broker_hears_is_answered_at_once(mosquitto, tmp_path) -> N
         assert refused.value.code == ErrorCode.UNAVAILABLE
         assert "no broker is subscribed" in refused.value.message
         assert client.counters["unrouted_requests"] == 1
-        assert client.bus.counters["publish_unrouted"] == 1
+        assert client.counters["unrouted_retries"] >= 5  # every 0.2 s for 2.5 s
+        assert client.bus.counters["publish_unrouted"] == client.counters["unrouted_retries"] + 1
         print(f"answered after {time.monotonic() - started:.3f} s")
 
 

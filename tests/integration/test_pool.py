@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cloud_broker.autoscaler import ModelDemand, ScaleConfig, workers_needed
+from skyhop import audit
 from skyhop.client import Client, Result
 from skyhop.dev.localstack import LocalStack
 from skyhop.errors import RemoteError
@@ -218,6 +219,10 @@ def test_pool_grows_under_load_and_shrinks_back(fleet) -> None:
     log = (stack.log_dir / "broker.log").read_text()
     assert "scale target=" in log and "reason=up" in log and "reason=down" in log
     assert re.search(r"reason=down,\S*,hold=\d+s", log)  # how long idle workers are kept
+    scaled = [e for e in audit.entries(audit.read_lines(stack.home.audit_path))
+              if e.action == "pool.scale"]  # the trail has each decision, and is intact
+    assert scaled and {"from", "to", "why"} <= set(scaled[0].changed)
+    assert any(e.changed["to"] > e.changed["from"] for e in scaled)
     assert "ready after a" in log  # the cold start, measured from spawn to birth
     assert f"node {victim} stopped" in log  # a SIGTERM: a clean stop, its work re-placed
 

@@ -79,6 +79,9 @@ SCRAPE_CACHE_MS = 500.0  # one scrape reads the fleet once, not once per gauge
 
 ASK_BIRTH_EVERY_MS = 5_000.0
 ANSWERED_KEPT = 10_000  # recent replies kept to answer a request sent again
+# A reply younger than this is taken to be still on its way to a client that asks
+# again (it asked on hearing a broker die): not sent twice. One older was lost.
+REPLY_IN_FLIGHT_MS = 500.0
 # A request is stale (DEADLINE_EXCEEDED, never placed) once it waited its whole budget
 # and at least this long on its way: held in a queue, not merely a busy machine's jitter.
 STALE_MIN_MS = 250.0
@@ -131,7 +134,8 @@ class Broker:
         self.replay = ReplayGuard(self.config.replay_window_s * 1000)
         self.ages = Ages()  # how long each client's requests waited before reaching us
         self._asked_birth: dict[str, float] = {}  # node -> when we last asked (_ask_birth)
-        self._answered: OrderedDict[str, bytes] = OrderedDict()  # id -> its reply, recent
+        # id -> (when, its reply): the last ANSWERED_KEPT, for a client that asks again
+        self._answered: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self.clock = uuid.uuid4().hex[:12]  # names _now_ms()'s clock to the agents
         self._log_throttle = LogThrottle()
         self.limiter = (RateLimiter(self.config.client_rate, self.config.client_burst)
@@ -304,8 +308,8 @@ class Broker:
             # connection dropped (ADR 0010): the first copy answers here, or did; its
             # reply may have been lost with a restarted MQTT server, so send it again.
             self.metrics.inc("duplicates_total")
-            answered = self._answered.get(header.id)
-            if answered is not None and reply_topic:
+            at, answered = self._answered.get(header.id, (now, b""))
+            if answered and reply_topic and now - at >= REPLY_IN_FLIGHT_MS:
                 self.metrics.inc("replies_resent_total")
                 self.bus.publish(reply_topic, answered, qos=1, correlation=msg.correlation)
             return
@@ -422,7 +426,7 @@ class Broker:
                                              code=a.code))
             payload = error_reply(ReplyHeader(id=request.id, status=a.code, message=a.message))
         self.bus.publish(route.reply_topic, payload, qos=1, correlation=route.correlation)
-        self._answered[request.id] = payload  # for the client that asks again (ADR 0010)
+        self._answered[request.id] = (_now_ms(), payload)  # for one asking again (ADR 0010)
         if len(self._answered) > ANSWERED_KEPT:
             self._answered.popitem(last=False)
         self._count(a)

@@ -234,13 +234,17 @@ class Client:
         restarted without persistence lost those still in it, and their replies.
         Brokers drop a copy they hold and answer one they answered from their reply
         cache; agents run none twice (ADR 0010). Then the held ones go out."""
+        self.counters["resent_after_reconnect"] += self._send_waiting_again()
+        self._send_held()
+
+    def _send_waiting_again(self) -> int:
+        """Publish again, as it was, each request still waiting that was published (a
+        held one never was); how many."""
         with self._lock:
-            again = [w.sealed for c, w in self._waiting.items()
-                     if w.sealed is not None and c not in self._held]
-        self.counters["resent_after_reconnect"] += len(again)
+            again = [w.sealed for w in self._waiting.values() if w.sealed is not None]
         for header, envelope in again:
             self._publish(header, envelope)
-        self._send_held()
+        return len(again)
 
     def _send_held(self) -> None:
         """Each held request goes out with what is left of its budget."""
@@ -263,13 +267,10 @@ class Client:
         lacks and drops those it holds; an agent that ran one answers from its result
         cache, and one running it answers both brokers (ADR 0010). Time already spent
         counts: the survivor reads it from the send stamp (skyhop.protocol.age)."""
-        with self._lock:
-            again = [w.sealed for w in self._waiting.values() if w.sealed is not None]
-        broker = self.topics.level(msg.topic, 1)
-        log.info("broker %s lost: sending %d waiting request(s) again", broker, len(again))
-        self.counters["resent_after_broker_lost"] += len(again)
-        for header, envelope in again:
-            self._publish(header, envelope)
+        sent = self._send_waiting_again()
+        self.counters["resent_after_broker_lost"] += sent
+        log.info("broker %s lost: sent %d waiting request(s) again",
+                 self.topics.level(msg.topic, 1), sent)
 
     def _send_again(self, correlation: bytes) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ Counted per fault, for the requests sent in its window:
 - **recovery s**: from the fault's end to the first OK for a request sent after it.
 
     .venv/bin/python bench/chaos.py [--rate 60] [--budget-ms 1000] [--out bench/results]
+    .venv/bin/python bench/chaos.py --soak-minutes 10   # soak.{json,md}: RSS too
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Run:
     server: MosquittoProcess
     logs: Path
     log_level: str = "warning"
+    window_s: float = WINDOW_S
     faults: list[Fault] = field(default_factory=list)
 
     def agent(self, name: str) -> None:
@@ -99,7 +101,7 @@ class Run:
         ended = act()
         f.end_ms = ended if ended is not None else _now_ms()
         self.faults.append(f)
-        time.sleep(max(0.0, WINDOW_S - (_now_ms() - f.start_ms) / 1000))
+        time.sleep(max(0.0, self.window_s - (_now_ms() - f.start_ms) / 1000))
 
 
 def _now_ms() -> float:
@@ -179,6 +181,60 @@ class Load:
         self._thread.join()
 
 
+class Rss:
+    """Every process's resident memory every ``every_s``: (name, pid) -> [(t s, kB)]."""
+
+    def __init__(self, run: Run, every_s: float = 5.0) -> None:
+        self.run, self.every_s = run, every_s
+        self.samples: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = time.monotonic()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            procs = {n: p.pid for n, p in self.run.stack.procs.items()}
+            procs["mosquitto"] = self.run.server.pid or 0
+            for name, pid in procs.items():
+                kb = _rss_kb(pid)
+                if kb is not None:
+                    self.samples.setdefault((name, pid), []).append(
+                        (time.monotonic() - self._t0, kb))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def growth(self, warmup_s: float, span_s: float) -> list[dict]:
+        """For each process that lived through the run: its mean RSS over the first
+        ``span_s`` after ``warmup_s`` and over the last ``span_s``, and the growth."""
+        end = max((t for series in self.samples.values() for t, _ in series), default=0.0)
+        rows = []
+        for (name, pid), series in sorted(self.samples.items()):
+            first = [kb for t, kb in series if warmup_s <= t < warmup_s + span_s]
+            last = [kb for t, kb in series if t >= end - span_s]
+            if not first or not last or series[0][0] > warmup_s:
+                continue  # started (restarted) after the warm-up: not comparable
+            a, b = sum(first) / len(first), sum(last) / len(last)
+            rows.append({"process": name, "pid": pid, "rss_mb_first": round(a / 1024, 1),
+                         "rss_mb_last": round(b / 1024, 1),
+                         "growth_pct": round((b - a) / a * 100, 2)})
+        return rows
+
+
+def _rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def tap(url: str, topic: str) -> tuple[Bus, Counter[str]]:
     """Count the replies that reach ``topic``, by correlation (the request id)."""
     replies: Counter[str] = Counter()
@@ -227,6 +283,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", metavar="WORD",
                         help="run only the faults whose name holds one of these words")
     parser.add_argument("--log-level", default="warning", help="of the brokers and agents")
+    parser.add_argument("--soak-minutes", type=float, default=0,
+                        help="soak instead: this long, a fault a minute, RSS sampled; "
+                        "writes soak.{json,md}")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="skyhop-chaos-"))
     home = Home(work / "home")
@@ -251,16 +310,52 @@ def main() -> None:
                 "MQTT server down 4 s": server_down(server, 4.0),
                 "SIGSTOP agent edge-2 for 10 s": stop_agent(run, "edge-2", 10.0),
             }
-            for name, act in faults.items():
-                if not args.only or any(word in name for word in args.only):
-                    run.fault(name, act)
+            chosen = [n for n in faults if not args.only or any(w in n for w in args.only)]
+            rss = Rss(run)
+            rss.start()
+            if args.soak_minutes:  # one fault a minute, round the list, after a quiet one
+                run.window_s = 60.0
+                cycle = [n for n in chosen if n != "none (baseline)"] or chosen
+                chosen = ["none (baseline)"] + [cycle[i % len(cycle)]
+                                                for i in range(int(args.soak_minutes) - 1)]
+            for name in chosen:
+                run.fault(name, faults[name])
             load.stop()
+            rss.stop()
             (work / "client.json").write_text(json.dumps(dict(client.counters)))
             time.sleep((args.budget_ms + client.slack_ms) / 1000 + 2)  # every future ends
         tap_bus.stop()
         rows = tally(load, run.faults, replies, runs(logs))
         (work / "sent.json").write_text(json.dumps([s.__dict__ for s in load.sent]))
-    write(args, rows, work)
+    if args.soak_minutes:
+        write_soak(args, rows, rss.growth(warmup_s=60.0, span_s=60.0), work)
+    else:
+        write(args, rows, work)
+
+
+def write_soak(args: argparse.Namespace, rows: list[dict], memory: list[dict],
+               work: Path) -> None:
+    keys = ("requests", "never_taken", "no_reply", "two_or_more_replies", "run_twice",
+            "run_late")
+    totals = {k: sum(r[k] for r in rows) for k in keys}
+    result = {"minutes": args.soak_minutes, "rate_per_s": args.rate,
+              "budget_ms": args.budget_ms, "totals": totals, "faults": rows,
+              "memory": memory, "logs": "(a temp dir of the run)"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = ["# Soak", "",
+          f"{args.soak_minutes:g} minutes of `digits` at {args.rate:g} requests/s, budget "
+          f"{args.budget_ms:g} ms, a fault every minute after the first "
+          "(`bench/chaos.py --soak-minutes`).", "",
+          "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys),
+          "| " + " | ".join(str(totals[k]) for k in keys) + " |", "",
+          "Resident memory of each process that lived through the run, the minute after "
+          "the first against the last:", "",
+          "| process | first MB | last MB | growth |", "| --- | --- | --- | --- |"]
+    md += [f"| {m['process']} | {m['rss_mb_first']} | {m['rss_mb_last']} | "
+           f"{m['growth_pct']} % |" for m in memory]
+    (args.out / "soak.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def write(args: argparse.Namespace, rows: list[dict], work: Path) -> None:

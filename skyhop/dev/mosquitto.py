@@ -201,6 +201,10 @@ class MosquittoProcess:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def restart(self, timeout: float = 10.0, down_s: float = 0.0) -> Self:
         """Stop, stay down ``down_s``, and start again on the same port with the same
         config (keeps the workdir)."""

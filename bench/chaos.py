@@ -341,8 +341,6 @@ def write_soak(args: argparse.Namespace, rows: list[dict], memory: list[dict],
     result = {"minutes": args.soak_minutes, "rate_per_s": args.rate,
               "budget_ms": args.budget_ms, "totals": totals, "faults": rows,
               "memory": memory, "logs": "(a temp dir of the run)"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Soak", "",
           f"{args.soak_minutes:g} minutes of `digits` at {args.rate:g} requests/s, budget "
           f"{args.budget_ms:g} ms, a fault every minute after the first "
@@ -354,15 +352,12 @@ def write_soak(args: argparse.Namespace, rows: list[dict], memory: list[dict],
           "| process | first MB | last MB | growth |", "| --- | --- | --- | --- |"]
     md += [f"| {m['process']} | {m['rss_mb_first']} | {m['rss_mb_last']} | "
            f"{m['growth_pct']} % |" for m in memory]
-    (args.out / "soak.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(args.out, "soak", result, md)
 
 
 def write(args: argparse.Namespace, rows: list[dict], work: Path) -> None:
     result = {"rate_per_s": args.rate, "budget_ms": args.budget_ms, "window_s": WINDOW_S,
               "faults": rows, "logs": str(work / "logs")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Chaos run", "",
           f"`digits` at {args.rate:g} requests/s, budget {args.budget_ms:g} ms; two brokers, "
           f"three edge agents, one cloud agent; each fault then its recovery, "
@@ -374,7 +369,14 @@ def write(args: argparse.Namespace, rows: list[dict], work: Path) -> None:
         md.append(f"| {r['fault']} | {r['requests']} | {r['never_taken']} | {r['no_reply']} | "
                   f"{r['two_or_more_replies']} | {r['run_twice']} | {r['run_late']} | "
                   f"{r['recovery_s']} | {codes} |")
-    (args.out / "chaos.md").write_text("\n".join(md) + "\n")
+    publish(args.out, "chaos", result, md)
+
+
+def publish(out: Path, stem: str, result: dict, md: list[str]) -> None:
+    """bench/results/STEM.json and STEM.md, and the Markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from cloud_broker.config import AutoscaleConfig, BrokerConfig
     from cloud_broker.pool import PoolBackend
     from edge_agent.check import NodeCheck
+    from skyhop.mqtt.bus import Bus
     from skyhop.mqtt.message import Message
     from skyhop.protocol.messages import SlaConfig
 
@@ -604,9 +605,9 @@ def _sla_rows(h: Home, mqtt: str | None, identity: str | None) -> list[dict[str,
     from skyhop.security.sla import Rejected
 
     topics = Topics(h.config().prefix)
+    book = h.sla_book()  # one retained message per model: no two compete in it
     rows = []
     for msg in _retained(h, mqtt, _who(h, identity, "operator"), topics.sla_all):
-        book = h.sla_book()
         try:
             sla = SlaConfig.decode(msg.payload)
             change = book.offer(topics.model_of(msg.topic), msg.payload,
@@ -676,12 +677,8 @@ def _retained(h: Home, mqtt: str | None, identity: str, topic: str,
               quiet_s: float = 0.3) -> list[Message]:
     """The retained messages on ``topic`` (a filter): those that come at once on
     subscribing, until none has for ``quiet_s``."""
-    from skyhop.mqtt.bus import Bus
-
-    url = _mqtt(h, mqtt)
-    tls = h.tls(url, identity)
     got: list[Message] = []
-    bus = Bus(url, identity if tls else f"skyhop-operator-{time.time_ns()}", tls=tls)
+    bus = _operator_bus(h, mqtt, identity)
     bus.subscribe(topic, got.append, qos=1)
     with bus:
         seen = -1
@@ -691,12 +688,18 @@ def _retained(h: Home, mqtt: str | None, identity: str, topic: str,
     return got
 
 
-def _publish_retained(h: Home, mqtt: str | None, identity: str, topic: str, data: bytes) -> None:
+def _operator_bus(h: Home, mqtt: str | None, identity: str) -> Bus:
+    """A bus (not started) to the home's server, as ``identity`` over mqtts, else as a
+    name of its own."""
     from skyhop.mqtt.bus import Bus
 
     url = _mqtt(h, mqtt)
     tls = h.tls(url, identity)
-    with Bus(url, identity if tls else f"skyhop-operator-{time.time_ns()}", tls=tls) as bus:
+    return Bus(url, identity if tls else f"skyhop-operator-{time.time_ns()}", tls=tls)
+
+
+def _publish_retained(h: Home, mqtt: str | None, identity: str, topic: str, data: bytes) -> None:
+    with _operator_bus(h, mqtt, identity) as bus:
         bus.publish(topic, data, qos=1, retain=True)
         time.sleep(0.2)  # let the QoS 1 PUBACK arrive before the clean disconnect
 

@@ -126,7 +126,7 @@ def certs_issue(
         f"valid until {item.not_after:%Y-%m-%d}"
     )
     typer.echo(f"  copy to {name}'s machine: {creds.ca} {creds.cert} {creds.key}")
-    audit.record(pki.home / "audit.jsonl", audit.local_actor(), "certs.issue",
+    audit.record(Home(pki.home).audit_path, audit.local_actor(), "certs.issue",
                  {"name": name, "role": role, "serial": f"{item.serial:x}"})
     if role == "server":
         typer.echo(f"next: `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
@@ -142,7 +142,7 @@ def certs_revoke(name: str, home: HomeOpt = None) -> None:
     done = pki.revoke(name)
     serials = ", ".join(f"{e.serial:x}" for e in done)
     typer.echo(f"revoked {name} (serial {serials}); CRL {pki.crl_path} updated")
-    audit.record(pki.home / "audit.jsonl", audit.local_actor(), "certs.revoke",
+    audit.record(Home(pki.home).audit_path, audit.local_actor(), "certs.revoke",
                  {"name": name, "serials": serials})
     _err(f"Mosquitto still accepts {name} until you {_APPLY.format(home=pki.home)}")
 

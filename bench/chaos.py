@@ -52,6 +52,7 @@ from skyhop.dev.mosquitto import MosquittoProcess, free_port
 from skyhop.errors import RemoteError
 from skyhop.home import Home
 from skyhop.mqtt.bus import Bus
+from skyhop.process import pause
 from skyhop.protocol.topics import Topics
 
 AGENTS = {"edge-1": "edge", "edge-2": "edge", "edge-3": "edge", "cloud-1": "cloud"}
@@ -129,7 +130,7 @@ def server_down(server: MosquittoProcess, seconds: float) -> Callable[[], None]:
 def stop_agent(run: Run, name: str, seconds: float) -> Callable[[], None]:
     def act() -> None:
         proc = run.stack.procs[name]
-        proc.send_signal(signal.SIGSTOP)
+        pause(proc.pid)
         time.sleep(seconds)
         proc.send_signal(signal.SIGCONT)
     return act

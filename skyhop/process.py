@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +41,34 @@ def spawn(args: list[str], log_path: Path, **popen: Any) -> subprocess.Popen[byt
             env=env,
             **popen,
         )
+
+
+def pause(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped (Linux).
+
+    ``kill`` returns before the stop takes hold: the kernel wakes one thread to take the
+    signal, and the others run on until it is scheduled and stops them all. On a busy
+    machine that is long enough for an agent to read and run a request sent after the
+    SIGSTOP, so a test or fault that needs the process held waits for /proc to say so.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while not all(state in "Tt" for state in _thread_states(pid)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The state letter of each thread of ``pid`` (R, S, D, T, …), from /proc."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # the thread exited meanwhile
+            continue
+        states.append(stat.rpartition(")")[2].split()[0])  # the name may hold spaces
+    return states
 
 
 def terminate(procs: Iterable[ProcessLike], grace_s: float) -> None:

@@ -21,7 +21,7 @@ from skyhop.dev.mosquitto import free_port
 from skyhop.dev.netem import DelayProxy
 from skyhop.errors import ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
-from skyhop.process import agent_args, spawn, terminate
+from skyhop.process import agent_args, pause, spawn, terminate
 from skyhop.protocol.envelope import peek_request
 from skyhop.protocol.messages import ANNOUNCE, DRAIN, LoadReport, NodeStatus
 from skyhop.protocol.topics import Topics
@@ -188,7 +188,7 @@ def _stop_broker_mid_flight(stack: LocalStack, client: Client, *, resume: bool
     well under ``node_timeout_s``, so the broker never thinks the agent dead."""
     agent = stack.agent("solo", ["slow"])
     stack.wait_live(["solo"])
-    agent.send_signal(signal.SIGSTOP)
+    pause(agent.pid)
     try:
         futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(60)]
         deadline = time.monotonic() + 3
@@ -465,7 +465,7 @@ def test_work_that_waited_in_a_stopped_agent_is_never_run(fleet) -> None:
     ran = metric(stack, 'skyhop_agent_replies_total{code="OK"}', port)
     budget_ms = 1_500
     proc = stack.procs["solo"]
-    proc.send_signal(signal.SIGSTOP)
+    pause(proc.pid)
     try:
         futures = [client.submit("digits", image, budget_ms=budget_ms) for _ in range(20)]
         outcomes = _outcomes(futures)
@@ -493,7 +493,7 @@ def test_requests_that_waited_out_their_budget_before_the_broker_are_never_run(
     port, image = _warm_solo(stack, client)
     took = metric(stack, "skyhop_agent_accepted_total", port)
     broker = stack.procs["broker"]
-    broker.send_signal(signal.SIGSTOP)
+    pause(broker.pid)
     try:
         futures = [client.submit("digits", image, budget_ms=1_000) for _ in range(20)]
         time.sleep(2.5)  # past every budget, well within the broker's MQTT keep-alive

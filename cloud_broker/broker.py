@@ -58,6 +58,7 @@ from skyhop.protocol.age import Ages
 from skyhop.protocol.envelope import error_reply, peek_reply, peek_request
 from skyhop.protocol.messages import (
     ANNOUNCE,
+    CLOCK,
     DRAIN,
     LoadReport,
     NodeStatus,
@@ -393,8 +394,17 @@ class Broker:
                 case NodeUp(status=status):
                     log.info("node %s online: role=%s models=%s", status.node, status.role,
                              ",".join(status.models), extra=fields(node=status.node))
+                    self._send_clock(status.node)
                     if self.pool is not None:
                         self._pool_born(status.node)
+
+    def _send_clock(self, node: str) -> None:
+        """Our clock's stamp, before any work: the node learns how quickly our messages
+        arrive, so even the first work that waited on its way is seen stale."""
+        meta = WorkMeta(0.0, sent_ms=_now_ms(), clock=self.clock)
+        self.bus.publish(self.topics.work(node), b"", qos=1,
+                         response_topic=self.topics.broker_replies(self.broker_id),
+                         user_properties=(CLOCK, *meta.properties()))
 
     def _send(self, a: Send) -> None:
         p, route = a.pending, a.pending.request.ref
@@ -451,8 +461,10 @@ class Broker:
 
     def _node_down(self, a: NodeDown) -> None:
         if a.session is None:
-            log.warning("node %s silent for %.1f s: offline", a.node, self.config.node_timeout_s,
-                        extra=fields(node=a.node))
+            held = len(self.dispatcher.tracker.on_node(a.node))
+            log.warning("node %s silent for %.1f s: offline, no new work; the %d request(s) "
+                        "it holds end by its reply or at their deadline", a.node,
+                        self.config.node_timeout_s, held, extra=fields(node=a.node))
             return
         stopped = self.pool is not None and a.node in self.pool.stopping()
         if self.pool is not None and stopped:

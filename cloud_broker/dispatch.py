@@ -17,8 +17,8 @@ A request's life (docs/adr/0006-one-request-lifecycle.md)::
 
     accept ──place──▶ held by node N ──reply OK──────────────▶ answered (the node's reply)
       │                 │  │  └──reply OVERLOADED, budget left──▶ placed again, N excluded
-      │                 │  └──N lost (death, silence), budget left──▶ placed again
-      │                 └──deadline + grace, or N lost past the deadline──▶ DEADLINE_EXCEEDED
+      │                 │  └──N dead (its will), budget left──▶ placed again (N silent: kept)
+      │                 └──deadline + grace, or N dead past the deadline──▶ DEADLINE_EXCEEDED
       └──nothing fits──▶ answered at once (INFEASIBLE, UNAVAILABLE, OVERLOADED, …)
 
 A request leaves the tracker exactly once, with exactly one ``Answer``. A reply for a
@@ -169,6 +169,9 @@ class Dispatcher:
         if self.fleet.on_status(status, now):
             return [NodeDown(status.node, status.session, status.stopped),
                     *self._rescue(status.node, now)]
+        view = self.fleet.nodes.get(status.node)
+        if not status.online and view is not None and view.status.session == status.session:
+            return self._rescue(status.node, now)  # silent first, known dead now: move its work
         return [NodeUp(status)] if status.online else []
 
     def node_lost(self, node: str, now: float) -> list[Action]:
@@ -182,10 +185,15 @@ class Dispatcher:
         self.fleet.on_load(report, now)
 
     def tick(self, now: float) -> list[Action]:
-        """Nodes silent too long are lost; requests past deadline + grace are answered."""
+        """Nodes silent too long are lost; requests past deadline + grace are answered.
+
+        A silent node takes no new work, but what it holds is not placed again: silence
+        is not death (a cut link, a paused process), and it may yet run that work and
+        answer, which a second node running it too would make twice. Each ends by its
+        reply or at its deadline, or moves if the node's death is heard (its will)."""
         actions: list[Action] = []
         for node in self.fleet.expire(now):
-            actions += [NodeDown(node, None), *self._rescue(node, now)]
+            actions.append(NodeDown(node, None))
         for p in self.tracker.overdue(now - self.config.reply_grace_ms):
             held = f" from node {p.node}" if p.node else ""
             message = f"no reply within {p.request.budget_ms:.0f} ms{held}"

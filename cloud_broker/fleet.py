@@ -30,6 +30,11 @@ from skyhop.protocol.messages import LoadReport, NodeStatus
 
 DEFAULT_MS_PER_BYTE = 8 / 50_000  # 50 Mbit/s until a link is measured
 RTT_ALPHA = 0.2
+# A node silent for more than this many of its report gaps is *quiet*: a cut link, a
+# paused process or a dead one, until it reports again. The gap is learned per node,
+# from this default (agents report every 0.5 s, the simulator's nodes every 1 s).
+QUIET_GAPS = 3
+DEFAULT_REPORT_GAP_MS = 1_000.0
 PRIOR_ALPHA = 0.1  # class priors move slowly: one odd node must not reprice its class
 MIN_SAMPLES = 20  # a node's own p95 is trusted from this many runs on; before, its class's
 WARMUP_P95 = 1.5  # p95 ÷ mean assumed from a warm-up run alone (a cv ≈ 0.3 lognormal's)
@@ -241,6 +246,7 @@ class NodeView:
     status: NodeStatus
     load: LoadReport | None = None
     last_seen_ms: float = 0.0
+    report_gap_ms: float = DEFAULT_REPORT_GAP_MS  # learned: time between its load reports
     outstanding: int = 0  # dispatched by us, not yet answered
     dispatched_since_load: int = 0  # placed since the node's last report
     answered_since_load: int = 0  # of ours answered since then
@@ -307,6 +313,16 @@ class NodeView:
             return 0.0
         work += unknown * fallback
         return (n - slots + 1) / slots * (work / n)
+
+    def quiet_ms(self, now_ms: float) -> float:
+        """How long the node has been silent past ``QUIET_GAPS`` report gaps (0 if not).
+
+        Placement adds it to a prediction: an outage that has lasted Q ms is likely to
+        last about as long again (nothing better is known of a cut link), so a quiet
+        node takes only work whose budget would outlast that, and loses the rest to
+        nodes that report, well before ``node_timeout_s`` counts it offline.
+        """
+        return max(0.0, now_ms - self.last_seen_ms - QUIET_GAPS * self.report_gap_ms)
 
     def has_credit(self) -> bool:
         return self.outstanding < self.capacity
@@ -399,6 +415,9 @@ class Fleet:
             return  # reordered or retained duplicate
         if view.load is not None and view.dispatched_since_load == 0:
             view.link.relax()
+        if view.load is not None:  # a gap after an outage counts for at most 2 gaps
+            gap = min(now_ms - view.last_seen_ms, 2 * view.report_gap_ms)
+            view.report_gap_ms += RTT_ALPHA * (gap - view.report_gap_ms)
         view.apply(load)
         self._seen(view, now_ms)
         self._learn(view, load)

@@ -136,13 +136,15 @@ def predict_ms(view: NodeView, ask: Ask, now_ms: float | None = None,
     earliest-deadline-first); without it, everything ahead.
     """
     deadline = None if now_ms is None else now_ms + ask.remaining_ms
-    return _predict(view, ask.model, ask.size, deadline, tuning.tail)
+    return _predict(view, ask.model, ask.size, deadline, tuning.tail, now_ms)
 
 
 def _predict(view: NodeView, model: str, size: int, deadline: float | None,
-             tail: float) -> float:
-    # The one formula: wait for a slot + high-quantile service + round trip + transfer.
-    return view.wait_ms(model, deadline) + _alone(view, model, size, tail)
+             tail: float, now_ms: float | None = None) -> float:
+    # The one formula: wait for a slot + high-quantile service + round trip + transfer,
+    # and, for a node gone quiet, as long again as it has been (NodeView.quiet_ms).
+    quiet = view.quiet_ms(now_ms) if now_ms is not None else 0.0
+    return view.wait_ms(model, deadline) + _alone(view, model, size, tail) + quiet
 
 
 def _alone(view: NodeView, model: str, size: int, tail: float) -> float:
@@ -186,7 +188,7 @@ def fits_anywhere(fleet: Fleet, ask: Ask, now_ms: float, margin: float = 0.9,
     limit, deadline = margin * ask.remaining_ms, now_ms + ask.remaining_ms
     return any(view.node not in ask.exclude and fleet.is_live(view, now_ms)
                and view.has_credit()
-               and _predict(view, ask.model, ask.size, deadline, tuning.tail) <= limit
+               and _predict(view, ask.model, ask.size, deadline, tuning.tail, now_ms) <= limit
                for view in idx.all)
 
 
@@ -205,6 +207,7 @@ class _Seen:
     live: int = 0
     credit: int = 0
     reserved: int = 0  # passed over: idle capacity kept for higher priorities
+    quiet: int = 0  # silent past their report gaps (NodeView.quiet_ms)
     fastest_ms: float = float("inf")
     # The best any candidate or group could do idle: within the budget, a refusal is
     # load (OVERLOADED), not a budget nothing can meet (INFEASIBLE).
@@ -234,6 +237,7 @@ def _refusal(ask: Ask, seen: _Seen, limit: float | None = None,
                         reason=f"all {seen.live} nodes tried for {ask.model!r} are full")
     fastest = seen.fastest_ms
     kept = f"; {seen.reserved} idle kept for higher priorities" if seen.reserved else ""
+    kept += f"; {seen.quiet} gone quiet (no report for 3 intervals)" if seen.quiet else ""
     return Decision(None, fastest, ErrorCode.OVERLOADED,
                     f"best predicted {fastest:.1f} ms > {limit:.1f} ms (of "
                     f"{ask.remaining_ms:.1f} ms left) under the current load; "
@@ -362,7 +366,9 @@ class _Scan:
             seen.reserved += 1  # the last idle nodes are kept for higher priorities
             return None
         seen.credit += 1
-        predicted = view.wait_ms(ask.model, self.deadline) + alone
+        quiet = view.quiet_ms(self.now)
+        seen.quiet += quiet > 0
+        predicted = view.wait_ms(ask.model, self.deadline) + alone + quiet
         if predicted < seen.fastest_ms:
             seen.fastest_ms = predicted
         return predicted

@@ -14,6 +14,7 @@ error (``DEADLINE_EXCEEDED`` for one that expired while queued, ``BAD_ENVELOPE``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from skyhop.protocol.envelope import (
 )
 from skyhop.protocol.messages import (
     ANNOUNCE,
+    CLOCK,
     DRAIN,
     OK,
     LoadReport,
@@ -273,6 +275,11 @@ class Agent:
                                  qos=1, retain=True)
             return
         reply_topic = msg.response_topic
+        if CLOCK in msg.user_properties and reply_topic:
+            with contextlib.suppress(ProtocolError):  # a sample, nothing to answer
+                self._waited_ms(reply_topic, WorkMeta.from_properties(
+                    list(msg.user_properties)), now)
+            return
         if not reply_topic:
             self.metrics.inc("no_reply_topic_total")
             log.warning("work without a response topic dropped: nobody could be answered")

@@ -314,6 +314,10 @@ DRAIN = ("skyhop-control", "drain")
 # A broker's ask on a node's work topic: publish your birth again. Sent when load comes
 # from a node whose status this broker never read (garbage or nothing retained there).
 ANNOUNCE = ("skyhop-control", "announce")
+# A broker's first word to a node it sees born: its clock's stamp (WorkMeta sent_ms and
+# clock), so the node knows how quickly this broker's messages arrive before any work
+# does, and can tell the first work that waited on its way (skyhop.protocol.age).
+CLOCK = ("skyhop-control", "clock")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from cloud_broker.tracker import Request
 from edge_agent.workqueue import WorkQueue
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.protocol.messages import OK, NodeStatus
-from tests.unit.test_placement import NOW, add
+from tests.unit.test_placement import NOW, add, report
 
 GRACE = 250.0
 
@@ -160,14 +160,32 @@ def test_no_reply_is_answered_after_the_grace_and_the_late_result_dropped() -> N
     assert isinstance(pair.actions[-1], LateReply) and pair.answers() == {"r1": 1}
 
 
-def test_a_silent_node_is_lost_at_the_timeout() -> None:
+def test_a_silent_node_is_lost_at_the_timeout_but_keeps_what_it_holds() -> None:
+    """Silence is not death: the work stays with the node (moved, it could run twice
+    once a cut link comes back); its reply still ends it, else its deadline does."""
     pair = Pair({"e1": 1.0, "e2": 1.0}, timeout_ms=1_000)
-    pair.request("r1")
+    (send,) = pair.request("r1", budget=5_000)
+    pair.request("r2", budget=5_000)
     actions = pair.act(pair.d.tick(NOW + 1_001))
-    downs = {a.node for a in actions if isinstance(a, NodeDown)}
-    assert downs == {"e1", "e2"} and all(a.session is None for a in actions
-                                         if isinstance(a, NodeDown))
-    assert pair.answer("r1").code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
+    assert {a.node for a in actions if isinstance(a, NodeDown)} == {"e1", "e2"}
+    assert all(a.session is None for a in actions if isinstance(a, NodeDown))
+    assert not [a for a in actions if isinstance(a, Send | Answer)]  # neither moved nor ended
+    assert pair.run(send.node, now=NOW + 1_500) == "r1"  # the link came back: its result
+    assert pair.answer("r1").code == OK
+    pair.act(pair.d.tick(NOW + 5_000 + GRACE))
+    assert pair.answer("r2").code == ErrorCode.DEADLINE_EXCEEDED
+    assert pair.answers() == {"r1": 1, "r2": 1}
+
+
+def test_the_will_of_a_node_already_silent_moves_its_work() -> None:
+    pair = Pair({"e1": 1.0, "e2": 50.0}, timeout_ms=1_000)
+    (send,) = pair.request("r1", budget=60_000)
+    assert send.node == "e1"
+    report(pair.d.fleet, "e2", rtt=50.0, capacity=8, at=NOW + 900, seq=9)  # e1 is silent
+    pair.act(pair.d.tick(NOW + 1_001))
+    (redispatch, again) = pair.die("e1", now=NOW + 1_200)
+    assert isinstance(redispatch, Redispatch) and redispatch.reason == NODE_LOST
+    assert isinstance(again, Send) and again.node == "e2"
 
 
 def test_a_result_from_the_node_it_left_ends_it_and_an_error_from_there_is_dropped() -> None:

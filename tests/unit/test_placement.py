@@ -524,3 +524,35 @@ def test_a_sampled_fleet_says_infeasible_only_when_no_node_fits(sites_fleet: Fle
         assert not fits_anywhere(sites_fleet, ask, NOW), d.reason
     else:
         assert fits_anywhere(sites_fleet, ask, NOW) and d.code == ErrorCode.OVERLOADED
+
+
+# -- quiet nodes: silent past three report gaps (a cut link, a paused process) ---------
+
+
+def test_a_quiet_node_loses_tight_work_to_one_that_reports() -> None:
+    fleet = Fleet(5_000)
+    add(fleet, "site-cam", rtt=2.0)
+    add(fleet, "cloud-1", role="cloud", rtt=40.0)
+    later = NOW + 3_000 + 1_500  # 1.5 s past three gaps of 1 s (the default)
+    report(fleet, "cloud-1", rtt=40.0, at=later - 100, seq=3)
+    assert fleet.nodes["site-cam"].quiet_ms(later) == 1_500
+    assert decide(fleet, budget=1_000, now=later).node == "cloud-1"
+    assert decide(fleet, budget=60_000, now=later).node == "site-cam"  # outlasts it
+    assert decide(fleet, budget=1_000, now=NOW + 2_900).node == "site-cam"  # not yet quiet
+
+
+def test_a_quiet_node_alone_is_refused_for_load_not_as_infeasible() -> None:
+    fleet = Fleet(60_000)
+    add(fleet, "cam", rtt=2.0)
+    d = decide(fleet, budget=1_000, now=NOW + 10_000)
+    assert d.node is None and d.code == ErrorCode.OVERLOADED and "1 gone quiet" in d.reason
+
+
+def test_the_report_gap_is_learned_and_an_outage_does_not_inflate_it() -> None:
+    fleet = Fleet(60_000)
+    add(fleet, "cam")
+    for i in range(1, 30):
+        report(fleet, "cam", at=NOW + 500 * i, seq=2 + i)
+    assert 500 <= fleet.nodes["cam"].report_gap_ms < 520
+    report(fleet, "cam", at=NOW + 500 * 29 + 30_000, seq=40)  # back after a long cut
+    assert fleet.nodes["cam"].report_gap_ms < 700

@@ -12,10 +12,12 @@ lets it re-dispatch the work of a dead node and still answer each request exactl
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import math
+import queue
 import random
 import threading
 import time
@@ -47,7 +49,7 @@ from cloud_broker.ratelimit import RateLimiter
 from cloud_broker.scaling import reason, scale_context
 from cloud_broker.tracker import Request
 from skyhop import audit
-from skyhop.errors import ErrorCode, ProtocolError
+from skyhop.errors import ErrorCode, ProtocolError, TransportError
 from skyhop.logs import fields
 from skyhop.logthrottle import LogThrottle
 from skyhop.metrics import Metrics
@@ -165,11 +167,13 @@ class Broker:
         self._stopping = threading.Event()
         self._closed = False  # drained: a request now is refused, not taken
         self._ticker: threading.Thread | None = None
+        # (request id, node) of work the MQTT server had nobody to give to (PUBACK 0x10)
+        self._undelivered: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         # Sent by the MQTT server only if this process dies: clients then send again
         # what they still wait for (ADR 0010). Not retained: only the living care.
         self.bus = Bus(mqtt_url, self.broker_id, tls=tls,
                        will=Will(self.topics.broker_lost(self.broker_id), b"", qos=1,
-                                 retain=False))
+                                 retain=False), on_connect=self._on_connect)
         # The cloud pool, when this broker sizes one (docs/architecture.md).
         self.pool = pool
         self.scaling = scale_config(self.config.autoscale, self.config.margin)
@@ -398,13 +402,19 @@ class Broker:
                     if self.pool is not None:
                         self._pool_born(status.node)
 
+    def _on_connect(self) -> None:
+        """After every (re)connect: the nodes' silence while we were away is ours."""
+        with self._lock:
+            self.dispatcher.fleet.listening(_now_ms())
+
     def _send_clock(self, node: str) -> None:
         """Our clock's stamp, before any work: the node learns how quickly our messages
         arrive, so even the first work that waited on its way is seen stale."""
         meta = WorkMeta(0.0, sent_ms=_now_ms(), clock=self.clock)
-        self.bus.publish(self.topics.work(node), b"", qos=1,
-                         response_topic=self.topics.broker_replies(self.broker_id),
-                         user_properties=(CLOCK, *meta.properties()))
+        with contextlib.suppress(TransportError):  # a sample only: work stamps carry on
+            self.bus.publish(self.topics.work(node), b"", qos=1,
+                             response_topic=self.topics.broker_replies(self.broker_id),
+                             user_properties=(CLOCK, *meta.properties()))
 
     def _send(self, a: Send) -> None:
         p, route = a.pending, a.pending.request.ref
@@ -417,6 +427,8 @@ class Broker:
             user_properties=tuple(WorkMeta(a.remaining_ms, a.attempt, sent_ms=_now_ms(),
                                            clock=self.clock).properties()),
             expiry_s=max(1, math.ceil(a.remaining_ms / 1000)),
+            # On the network thread, or this one under the lock: the ticker takes it.
+            on_unheard=functools.partial(self._undelivered.put, (p.request.id, a.node)),
         )
         log.debug(
             "request %s -> %s (attempt %d, predicted %.1f ms, %.1f ms left)",
@@ -582,6 +594,12 @@ class Broker:
 
     def _tick(self, next_status: float) -> float:
         now = _now_ms()
+        while not self._undelivered.empty():
+            request_id, node = self._undelivered.get()
+            self.metrics.inc("work_undelivered_total")
+            self._warn(f"undelivered-{node}", "node %s is not connected to the MQTT server "
+                       "(nobody on its work topic): its work moves elsewhere", node)
+            self._act(self.dispatcher.undelivered(request_id, node, now))
         self._act(self.dispatcher.tick(now))
         if self.pool is not None:
             self._pool_tick(now)

@@ -35,8 +35,10 @@ CATALOG: dict[str, Spec] = {
                              "model"),
     "slo_missed_total": counter("Accepted requests answered late or with an error, by model.",
                                 "model"),
-    "redispatched_total": counter("Requests placed again, by why (the holder's refusal or "
-                                  "NODE_LOST).", "reason"),
+    "redispatched_total": counter("Requests placed again, by why (the holder's refusal, "
+                                  "node_lost, undelivered).", "reason"),
+    "work_undelivered_total": counter("Work the MQTT server had nobody to give to (its "
+                                      "node not connected): placed again at once."),
     "late_replies_total": counter("Node replies that came after the request was answered."),
     "stale_total": counter("Requests that waited past their budget before reaching this "
                            "broker (a client's or the MQTT server's queue): answered "

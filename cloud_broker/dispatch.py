@@ -40,7 +40,8 @@ from skyhop.errors import ErrorCode
 from skyhop.protocol.messages import OK, LoadReport, NodeStatus
 
 RETRYABLE = frozenset({ErrorCode.OVERLOADED})  # a refusal another node may not give
-NODE_LOST = "node_lost"  # ``Redispatch.reason`` when the holder died or went silent
+NODE_LOST = "node_lost"  # ``Redispatch.reason`` when the holder died
+UNDELIVERED = "undelivered"  # ... when the MQTT server had nobody on its work topic
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,16 @@ class Dispatcher:
     def node_load(self, report: LoadReport, now: float) -> None:
         self.fleet.on_load(report, now)
 
+    def undelivered(self, request_id: str, node: str, now: float) -> list[Action]:
+        """The MQTT server had nobody on ``node``'s work topic and dropped the work (a
+        restarted server, a site's bridge down): the node is not connected. Nothing ran,
+        so the request moves at once, and the node takes no new work until it reports."""
+        self.fleet.unreachable(node)
+        p = self.tracker.get(request_id)
+        if p is None or p.node != node:
+            return []
+        return self._move(p, UNDELIVERED, f"node {node} was not connected", now)
+
     def tick(self, now: float) -> list[Action]:
         """Nodes silent too long are lost; requests past deadline + grace are answered.
 
@@ -228,14 +239,15 @@ class Dispatcher:
         """Re-place the work of a lost node while its budget allows."""
         actions: list[Action] = []
         for p in self.tracker.on_node(node):
-            self._release(p)
-            actions.append(Redispatch(p, NODE_LOST))
-            if p.remaining_ms(now) <= 0:
-                message = f"node {node} was lost"
-                actions.append(self._answer(p, ErrorCode.DEADLINE_EXCEEDED, message, now))
-            else:
-                actions.append(self._place(p, now))
+            actions += self._move(p, NODE_LOST, f"node {node} was lost", now)
         return actions
+
+    def _move(self, p: Pending, reason: str, why: str, now: float) -> list[Action]:
+        """Take ``p`` from its node and place it again, or end it if its time is up."""
+        self._release(p)
+        if p.remaining_ms(now) <= 0:
+            return [Redispatch(p, reason), self._answer(p, ErrorCode.DEADLINE_EXCEEDED, why, now)]
+        return [Redispatch(p, reason), self._place(p, now)]
 
     def _answer(self, p: Pending, code: ErrorCode, message: str, now: float,
                 decision: Decision | None = None) -> Answer:

@@ -21,6 +21,7 @@ Indexes, so that one placement costs the same at 100 nodes as at 100,000:
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -314,16 +315,6 @@ class NodeView:
         work += unknown * fallback
         return (n - slots + 1) / slots * (work / n)
 
-    def quiet_ms(self, now_ms: float) -> float:
-        """How long the node has been silent past ``QUIET_GAPS`` report gaps (0 if not).
-
-        Placement adds it to a prediction: an outage that has lasted Q ms is likely to
-        last about as long again (nothing better is known of a cut link), so a quiet
-        node takes only work whose budget would outlast that, and loses the rest to
-        nodes that report, well before ``node_timeout_s`` counts it offline.
-        """
-        return max(0.0, now_ms - self.last_seen_ms - QUIET_GAPS * self.report_gap_ms)
-
     def has_credit(self) -> bool:
         return self.outstanding < self.capacity
 
@@ -383,6 +374,7 @@ class Fleet:
         self.known_models: set[str] = set()
         self.priors = ClassPriors()
         self._expiry: list[tuple[float, str]] = []  # lazy heap of (due, node)
+        self.listening_since_ms = -math.inf  # since our last (re)connect: ``listening``
 
     # -- updates ------------------------------------------------------------------------
 
@@ -524,6 +516,23 @@ class Fleet:
 
     # -- queries ------------------------------------------------------------------------
 
+    def listening(self, now_ms: float) -> None:
+        """We were away (our connection to the MQTT server dropped): silence until now
+        says nothing of the nodes."""
+        self.listening_since_ms = now_ms
+
+    def quiet_ms(self, view: NodeView, now_ms: float) -> float:
+        """How long ``view`` has been silent past ``QUIET_GAPS`` report gaps (0 if not),
+        counted while we listened.
+
+        Placement adds it to a prediction: an outage that has lasted Q ms is likely to
+        last about as long again (nothing better is known of a cut link), so a quiet
+        node takes only work whose budget would outlast that, and loses the rest to
+        nodes that report, well before ``node_timeout_s`` counts it offline.
+        """
+        heard = max(view.last_seen_ms, self.listening_since_ms)
+        return max(0.0, now_ms - heard - QUIET_GAPS * view.report_gap_ms)
+
     def is_live(self, view: NodeView, now_ms: float) -> bool:
         return view.status.online and now_ms - view.last_seen_ms <= self.node_timeout_ms
 
@@ -563,6 +572,14 @@ class Fleet:
         for entry in declined:
             heapq.heappush(heap, entry)
         return found
+
+    def unreachable(self, node: str) -> None:
+        """``node`` is not connected (the MQTT server had nobody on its work topic):
+        offline until its next load report or birth says otherwise."""
+        view = self.nodes.get(node)
+        if view is not None and view.status.online:
+            self._unindex(view)
+            view.status = replace(view.status, online=False)
 
     def expire(self, now_ms: float) -> list[str]:
         """Mark nodes silent for longer than the timeout offline; return their ids."""

@@ -136,15 +136,14 @@ def predict_ms(view: NodeView, ask: Ask, now_ms: float | None = None,
     earliest-deadline-first); without it, everything ahead.
     """
     deadline = None if now_ms is None else now_ms + ask.remaining_ms
-    return _predict(view, ask.model, ask.size, deadline, tuning.tail, now_ms)
+    return _predict(view, ask.model, ask.size, deadline, tuning.tail)
 
 
 def _predict(view: NodeView, model: str, size: int, deadline: float | None,
-             tail: float, now_ms: float | None = None) -> float:
+             tail: float, quiet_ms: float = 0.0) -> float:
     # The one formula: wait for a slot + high-quantile service + round trip + transfer,
-    # and, for a node gone quiet, as long again as it has been (NodeView.quiet_ms).
-    quiet = view.quiet_ms(now_ms) if now_ms is not None else 0.0
-    return view.wait_ms(model, deadline) + _alone(view, model, size, tail) + quiet
+    # and, for a node gone quiet, as long again as it has been (Fleet.quiet_ms).
+    return view.wait_ms(model, deadline) + _alone(view, model, size, tail) + quiet_ms
 
 
 def _alone(view: NodeView, model: str, size: int, tail: float) -> float:
@@ -188,7 +187,8 @@ def fits_anywhere(fleet: Fleet, ask: Ask, now_ms: float, margin: float = 0.9,
     limit, deadline = margin * ask.remaining_ms, now_ms + ask.remaining_ms
     return any(view.node not in ask.exclude and fleet.is_live(view, now_ms)
                and view.has_credit()
-               and _predict(view, ask.model, ask.size, deadline, tuning.tail, now_ms) <= limit
+               and _predict(view, ask.model, ask.size, deadline, tuning.tail,
+                            fleet.quiet_ms(view, now_ms)) <= limit
                for view in idx.all)
 
 
@@ -366,7 +366,7 @@ class _Scan:
             seen.reserved += 1  # the last idle nodes are kept for higher priorities
             return None
         seen.credit += 1
-        quiet = view.quiet_ms(self.now)
+        quiet = self.fleet.quiet_ms(view, self.now)
         seen.quiet += quiet > 0
         predicted = view.wait_ms(ask.model, self.deadline) + alone + quiet
         if predicted < seen.fastest_ms:

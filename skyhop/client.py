@@ -12,6 +12,7 @@ locally with ``RemoteError(DEADLINE_EXCEEDED)``, so a caller never waits forever
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
-from skyhop.mqtt.bus import NO_SUBSCRIBERS, Bus
+from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message
 from skyhop.mqtt.url import TlsFiles
 from skyhop.protocol.announcement import verify as announcement_verify
@@ -44,7 +45,6 @@ RETRIED = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED})
 RETRY_BACKOFF_S = 0.05  # the first retry waits up to this long, each next twice as long
 MIN_RETRY_BUDGET_S = 0.01  # no retry with less budget than this left
 MIN_SEND_MS = 1.0  # a held request with less budget left is not sent
-EARLY_MAX = 1024  # PUBACKs kept for packet ids publish() has not returned yet
 UNROUTED_RETRY_S = 2.5  # a request no broker heard is sent again this long at most
 UNROUTED_EVERY_S = 0.2
 
@@ -98,13 +98,8 @@ class Client:
         self._key_issued_at = -1
         self._waiting: dict[bytes, _Waiting] = {}
         self._lock = threading.Lock()
-        # Requests by MQTT packet id until their PUBACK, and PUBACKs that came back
-        # before publish() returned the id (the network thread can be that quick).
-        self._by_mid: dict[int, bytes] = {}
-        self._early: dict[int, int] = {}
         self._held: dict[bytes, _Held] = {}  # submitted while disconnected (send_sealed)
-        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._on_connect,
-                       on_puback=self._on_puback)
+        self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._on_connect)
         self.reply_topic = self.topics.reply(self.client_id)
 
     def start(self, timeout: float = 10.0) -> Client:
@@ -120,8 +115,6 @@ class Client:
         self.bus.stop()
         with self._lock:
             waiting, self._waiting = self._waiting, {}
-            self._by_mid.clear()
-            self._early.clear()
             self._held.clear()
         for w in waiting.values():
             w.timer.cancel()
@@ -213,21 +206,15 @@ class Client:
         with self._lock:
             if (w := self._waiting.get(correlation)) is not None:
                 w.sealed = (header, envelope)
-        mid = self.bus.publish(
+        self.bus.publish(
             self.topics.req(header.model),
             envelope,
             qos=1,
             response_topic=self.reply_topic,
             correlation=correlation,
             expiry_s=max(1, int(header.budget_ms / 1000) + 1),
+            on_unheard=functools.partial(self._unrouted, correlation),
         )
-        if mid is not None:
-            with self._lock:
-                code = self._early.pop(mid, None)
-                if code is None:
-                    self._by_mid[mid] = correlation
-            if code == NO_SUBSCRIBERS:
-                self._unrouted(correlation)
 
     def _on_connect(self) -> None:
         """On (re)connect, each request sent before goes out again as it was: a server
@@ -277,17 +264,6 @@ class Client:
             w = self._waiting.get(correlation)
         if w is not None and w.sealed is not None:
             self._publish(*w.sealed)
-
-    def _on_puback(self, mid: int, code: int) -> None:
-        with self._lock:
-            correlation = self._by_mid.pop(mid, None)
-            if correlation is None:
-                self._early[mid] = code
-                if len(self._early) > EARLY_MAX:  # ids of other publishes: keep it bounded
-                    del self._early[next(iter(self._early))]
-                return
-        if code == NO_SUBSCRIBERS:
-            self._unrouted(correlation)
 
     def _unrouted(self, correlation: bytes) -> None:
         """The MQTT server had no broker to give the request to, and dropped it. Brokers

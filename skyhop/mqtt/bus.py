@@ -106,6 +106,7 @@ SESSION_TAKEN_OVER = 0x8E
 # PUBACK "No matching subscribers" (MQTT 5 §3.4.2.1): Mosquitto 2 sends it and drops the
 # message; for a request it means no broker is listening.
 NO_SUBSCRIBERS = 0x10
+EARLY_ACKS = 1024  # PUBACKs kept for packet ids publish() has not filed a hook for yet
 
 # How long the first TLS 1.3 connect waits for the server's verdict on our certificate
 # (one round trip in practice; see Bus._await_tls_verdict).
@@ -202,7 +203,6 @@ class Bus:
         will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
         on_taken_over: Callable[[], None] | None = None,
-        on_puback: Callable[[int, int], None] | None = None,
         tls: TlsFiles | None = None,
         keepalive: int = 15,
         clean_start: bool = True,
@@ -214,11 +214,7 @@ class Bus:
         When another client connects with this ``client_id`` the server disconnects this
         one (0x8E, session taken over). Reconnecting would take the session back, and
         the two would evict each other forever: so the bus stays down, logs why, and
-        calls ``on_taken_over`` (on a thread of its own, free to call ``stop()``).
-
-        ``on_puback(mid, reason)`` hears each QoS 1 acknowledgement (on the network
-        thread, where it must not block): ``reason`` 0x10 (NO_SUBSCRIBERS) means the
-        server had nobody to give the message to, and dropped it."""
+        calls ``on_taken_over`` (on a thread of its own, free to call ``stop()``)."""
         self.url = MqttUrl.parse(url)
         if not client_id or not isinstance(client_id, str):
             raise ConfigError(f"bad MQTT client id {client_id!r}: must be a non-empty string")
@@ -227,7 +223,11 @@ class Bus:
         self.client_id = client_id
         self._hook = on_connect
         self._on_taken_over = on_taken_over
-        self._on_puback = on_puback
+        # publish(on_unheard=) hooks by packet id until the PUBACK, and the PUBACK codes
+        # that came before publish() could file the hook (the network thread can be that
+        # quick). Packet ids are 16 bits: a reused id replaces what it held.
+        self._unheard: dict[int, Callable[[], None]] = {}
+        self._early_acks: dict[int, int] = {}
         self.taken_over = False
         self._keepalive = keepalive
         self._clean_start = clean_start
@@ -411,9 +411,15 @@ class Bus:
         correlation: bytes | None = None,
         user_properties: Iterable[tuple[str, str]] = (),
         expiry_s: int | None = None,
+        on_unheard: Callable[[], None] | None = None,
     ) -> int | None:
-        """Queue a message; never waits for the network. Returns its MQTT packet id
-        (what ``on_puback`` names), or None for a QoS 0 message dropped while disconnected.
+        """Queue a message; never waits for the network. Returns its MQTT packet id, or
+        None for a QoS 0 message dropped while disconnected.
+
+        ``on_unheard()`` runs if the server acknowledges this QoS 1 message with 0x10
+        (NO_SUBSCRIBERS): it had nobody to give it to, and dropped it. It runs on the
+        network thread, or on this one if the acknowledgement came first; it must not
+        block.
 
         QoS 1/2 messages published while disconnected are sent after the reconnect; QoS 0
         ones are dropped (counted as ``dropped``). Raises TransportError if the bus is not
@@ -452,6 +458,13 @@ class Bus:
             log.debug("%s: disconnected, dropped QoS 0 message to %s", self.client_id, topic)
             return None
         self._count("messages_out")
+        if on_unheard is not None and qos > 0:
+            with self._counts_lock:
+                code = self._early_acks.pop(info.mid, None)
+                if code is None:
+                    self._unheard[info.mid] = on_unheard
+            if code == NO_SUBSCRIBERS:
+                on_unheard()
         return int(info.mid)
 
     def flush(self, timeout_s: float) -> bool:
@@ -803,8 +816,14 @@ class Bus:
         code = int(getattr(reason, "value", 0))
         if code == NO_SUBSCRIBERS:
             self._count("publish_unrouted")
-        if self._on_puback is not None:
-            self._on_puback(mid, code)
+        with self._counts_lock:
+            hook = self._unheard.pop(mid, None)
+            if hook is None:
+                self._early_acks[mid] = code
+                if len(self._early_acks) > EARLY_ACKS:  # ids with no hook: keep it bounded
+                    del self._early_acks[next(iter(self._early_acks))]
+        if hook is not None and code == NO_SUBSCRIBERS:
+            hook()
 
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from cloud_broker.dispatch import (
     NODE_LOST,
+    UNDELIVERED,
     Answer,
     DispatchConfig,
     Dispatcher,
@@ -175,6 +176,22 @@ def test_a_silent_node_is_lost_at_the_timeout_but_keeps_what_it_holds() -> None:
     pair.act(pair.d.tick(NOW + 5_000 + GRACE))
     assert pair.answer("r2").code == ErrorCode.DEADLINE_EXCEEDED
     assert pair.answers() == {"r1": 1, "r2": 1}
+
+
+def test_work_nobody_received_moves_at_once_and_its_node_takes_no_more() -> None:
+    """PUBACK 0x10 on a work message: its node is not connected, nothing ran."""
+    pair = Pair({"e1": 1.0, "e2": 50.0})
+    (send,) = pair.request("r1", budget=1_000)
+    assert send.node == "e1"
+    pair.queues["e1"] = WorkQueue(8)  # the server dropped it: e1 never had it
+    (moved, again) = pair.act(pair.d.undelivered("r1", "e1", NOW + 5))
+    assert isinstance(moved, Redispatch) and moved.reason == UNDELIVERED
+    assert isinstance(again, Send) and again.node == "e2"
+    (other,) = pair.request("r2", budget=1_000, now=NOW + 6)
+    assert isinstance(other, Send) and other.node == "e2"  # e1 waits for its next report
+    assert pair.act(pair.d.undelivered("r2", "e1", NOW + 7)) == []  # not e1's: untouched
+    report(pair.d.fleet, "e1", at=NOW + 500, seq=9)  # it reports: back in the fleet
+    assert pair.d.fleet.is_live(pair.d.fleet.nodes["e1"], NOW + 500)
 
 
 def test_the_will_of_a_node_already_silent_moves_its_work() -> None:

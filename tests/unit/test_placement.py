@@ -535,10 +535,12 @@ def test_a_quiet_node_loses_tight_work_to_one_that_reports() -> None:
     add(fleet, "cloud-1", role="cloud", rtt=40.0)
     later = NOW + 3_000 + 1_500  # 1.5 s past three gaps of 1 s (the default)
     report(fleet, "cloud-1", rtt=40.0, at=later - 100, seq=3)
-    assert fleet.nodes["site-cam"].quiet_ms(later) == 1_500
+    assert fleet.quiet_ms(fleet.nodes["site-cam"], later) == 1_500
     assert decide(fleet, budget=1_000, now=later).node == "cloud-1"
     assert decide(fleet, budget=60_000, now=later).node == "site-cam"  # outlasts it
     assert decide(fleet, budget=1_000, now=NOW + 2_900).node == "site-cam"  # not yet quiet
+    fleet.listening(later - 1_000)  # we were away until then: the silence was ours
+    assert decide(fleet, budget=1_000, now=later).node == "site-cam"
 
 
 def test_a_quiet_node_alone_is_refused_for_load_not_as_infeasible() -> None:

@@ -579,6 +579,30 @@ def test_delay_proxy_preserves_order_and_paces_bandwidth() -> None:
     assert elapsed >= len(payload) * 8 / (mbps * 1e6) + 2 * 0.005
 
 
+def test_a_cut_link_holds_bytes_both_ways_until_restored() -> None:
+    """A cut holds what is sent on an open connection, and a new connection's bytes,
+    and delivers them in order on restore: TCP's view of a short outage."""
+    server, _ = _echo_server()
+    with (
+        DelayProxy("127.0.0.1", server.getsockname()[1], delay_ms=0) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port)) as sock,
+    ):
+        assert _round_trip(sock, b"before") >= 0
+        proxy.cut()
+        assert proxy.is_cut
+        sock.sendall(b"during")
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)  # nothing crosses
+        proxy.restore()
+        sock.settimeout(10)
+        got = b""
+        while len(got) < len(b"during"):
+            got += sock.recv(100)
+        assert got == b"during"
+    server.close()
+
+
 def test_bus_through_delay_proxy(mosquitto: MosquittoProcess, topics: Topics) -> None:
     delay_ms = 40
     with (
@@ -610,3 +634,23 @@ def test_dev_conf_runs_as_the_readme_says() -> None:
     if "Operation not permitted" in proc.stderr:
         pytest.skip("unshare -n needs root (CI runs as root)")
     assert "Opening ipv4 listen socket on port 1883" in proc.stderr, proc.stderr
+
+
+def test_on_unheard_runs_only_for_a_message_nobody_received(
+    bus_factory: BusFactory, topics: Topics
+) -> None:
+    """PUBACK 0x10 (no matching subscribers) calls the publish's hook; a message that
+    someone subscribed to does not, whichever thread wins the race with publish()."""
+    bus = bus_factory("unheard-pub")
+    listener = bus_factory("unheard-sub")
+    got, put = inbox()
+    listener.subscribe(topics.ping("heard"), put)
+    unheard: queue.Queue[str] = queue.Queue()
+    for i in range(20):
+        bus.publish(topics.ping("heard"), b"x", on_unheard=lambda: unheard.put("heard"))
+        bus.publish(topics.ping(f"nobody-{i}"), b"x", on_unheard=lambda: unheard.put("nobody"))
+    assert bus.flush(10)
+    wait_until(lambda: got.qsize() == 20, what="the heard messages")
+    time.sleep(0.2)
+    assert [unheard.get_nowait() for _ in range(unheard.qsize())] == ["nobody"] * 20
+    assert bus.counters["publish_unrouted"] == 20

@@ -1,15 +1,18 @@
 """A reproducible chaos run: steady open-loop load on a real local fleet while faults
 are injected one after another, counted from what the client and the agents saw.
 
-Fleet: one Mosquitto (plain MQTT, on a fixed port so it can restart), two brokers on
-the shared subscription, three edge agents and one cloud agent, all serving `digits`;
-one client sending Poisson arrivals at ``--rate`` with a ``--budget-ms`` budget.
-Faults, each followed by a recovery window: kill -9 an agent (restarted 5 s later),
-kill -9 a broker (restarted 5 s later), the MQTT server down for 4 s, an agent
-SIGSTOPped for 10 s. A cut WAN link between bridged sites is not here yet: the harness
-has no bridged topology (issue 19, item 5).
+Fleet: one cloud Mosquitto (plain MQTT, on a fixed port so it can restart), two brokers
+on the shared subscription, three edge agents and one cloud agent, all serving `digits`;
+edge-3 is at an edge site: its own Mosquitto, bridged to the cloud one
+(skyhop.security.bridge) through a 20 ms user-space WAN proxy (skyhop.dev.netem; no
+kernel netem here). One client sends Poisson arrivals at ``--rate`` with a
+``--budget-ms`` budget. Faults, each followed by a recovery window: kill -9 an agent
+(restarted 5 s later), kill -9 a broker (restarted 5 s later), the MQTT server down for
+4 s, an agent SIGSTOPped for 10 s, the site's WAN link cut for 5 s (bytes held, as TCP
+holds them over a short outage).
 
-Counted per fault, for the requests sent in its window:
+Counted per fault, for the requests whose deadline (send + budget) fell in its window (one
+sent just before a fault, in flight as it struck, is that fault's):
 
 - **never taken**: no part of the fleet took it, and the client said so: it expired
   in the client's hands while no MQTT server was up ("never sent"), or the server
@@ -49,13 +52,18 @@ import numpy as np
 from skyhop.client import Client, Result
 from skyhop.dev.localstack import LocalStack
 from skyhop.dev.mosquitto import MosquittoProcess, free_port
+from skyhop.dev.netem import DelayProxy
 from skyhop.errors import RemoteError
 from skyhop.home import Home
 from skyhop.mqtt.bus import Bus
 from skyhop.process import pause
 from skyhop.protocol.topics import Topics
+from skyhop.security.bridge import Bridge
 
 AGENTS = {"edge-1": "edge", "edge-2": "edge", "edge-3": "edge", "cloud-1": "cloud"}
+# The edges are at a site: its own Mosquitto, bridged to the cloud one over the WAN.
+SITE, SITE_AGENTS = "site-a", ("edge-1", "edge-2", "edge-3")
+WAN_MS = 20.0  # one way, site to cloud (skyhop.dev.netem)
 WINDOW_S = 20.0  # each fault and the recovery after it
 CLIENT = "chaos-client"
 
@@ -83,13 +91,15 @@ class Run:
     stack: LocalStack
     server: MosquittoProcess
     logs: Path
+    site_url: str
     log_level: str = "warning"
     window_s: float = WINDOW_S
     faults: list[Fault] = field(default_factory=list)
 
     def agent(self, name: str) -> None:
         self.stack.agent(name, ["digits"], "--log-level", self.log_level, "--run-log",
-                         str(self.logs / f"runs-{name}.jsonl"), role=AGENTS[name])
+                         str(self.logs / f"runs-{name}.jsonl"), role=AGENTS[name],
+                         mqtt_url=self.site_url if name in SITE_AGENTS else None)
 
     def broker(self, name: str) -> None:
         self.stack.broker("--log-level", self.log_level, name=name)
@@ -124,6 +134,14 @@ def kill(run: Run, name: str, restart: Callable[[str], None]) -> Callable[[], fl
 def server_down(server: MosquittoProcess, seconds: float) -> Callable[[], None]:
     def act() -> None:
         server.restart(down_s=seconds)  # the fault ends once it accepts connections
+    return act
+
+
+def cut_link(wan: DelayProxy, seconds: float) -> Callable[[], None]:
+    def act() -> None:
+        wan.cut()
+        time.sleep(seconds)
+        wan.restore()
     return act
 
 
@@ -257,7 +275,9 @@ def tally(load: Load, faults: list[Fault], replies: Counter[str], ran: list[dict
     rows = []
     for i, f in enumerate(faults):
         until = faults[i + 1].start_ms if i + 1 < len(faults) else math.inf
-        mine = [s for s in load.sent if f.start_ms <= s.sent_ms < until]
+        # By deadline, not by send: one sent just before a fault, still in flight as it
+        # struck, is that fault's.
+        mine = [s for s in load.sent if f.start_ms <= s.sent_ms + s.budget_ms < until]
         after = sorted(s.done_ms for s in mine if s.sent_ms >= f.end_ms and s.code == "OK")
         rows.append({
             "fault": f.name,
@@ -293,8 +313,11 @@ def main() -> None:
     home.init()
     logs = work / "logs"
     with MosquittoProcess.start(port=free_port(), workdir=work / "mqtt") as server, \
+            DelayProxy("127.0.0.1", server.port, delay_ms=WAN_MS) as wan, \
+            MosquittoProcess.start_site(Bridge(SITE, "127.0.0.1", wan.port, SITE_AGENTS,
+                                               Topics()), work / "site") as site, \
             LocalStack(home, server.url, logs) as stack:
-        run = Run(stack, server, logs, args.log_level)
+        run = Run(stack, server, logs, site.url, args.log_level)
         for name in ("broker-1", "broker-2"):
             run.broker(name)
         for name in AGENTS:
@@ -310,6 +333,7 @@ def main() -> None:
                 "kill -9 broker broker-1": kill(run, "broker-1", run.broker),
                 "MQTT server down 4 s": server_down(server, 4.0),
                 "SIGSTOP agent edge-2 for 10 s": stop_agent(run, "edge-2", 10.0),
+                f"WAN link to {SITE} cut for 5 s": cut_link(wan, 5.0),
             }
             chosen = [n for n in faults if not args.only or any(w in n for w in args.only)]
             rss = Rss(run)
@@ -361,7 +385,8 @@ def write(args: argparse.Namespace, rows: list[dict], work: Path) -> None:
               "faults": rows, "logs": str(work / "logs")}
     md = ["# Chaos run", "",
           f"`digits` at {args.rate:g} requests/s, budget {args.budget_ms:g} ms; two brokers, "
-          f"three edge agents, one cloud agent; each fault then its recovery, "
+          f"one cloud agent; three edge agents at a site bridged over a {WAN_MS:g} ms WAN "
+          f"link; each fault then its recovery, "
           f"{WINDOW_S:g} s windows. `bench/chaos.py`.", "",
           "| fault | requests | never taken | no reply | 2+ replies | run twice | run late "
           "| recovery s | outcomes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -16,6 +16,8 @@ import typer
 from skyhop import audit
 from skyhop.errors import ConfigError
 from skyhop.home import Home, default_home
+from skyhop.mqtt.url import MqttUrl
+from skyhop.protocol.topics import Topics
 from skyhop.security.pki import CA_DAYS, CRL_DAYS, LEAF_DAYS, ROLES, Pki
 
 certs_app = typer.Typer(
@@ -115,11 +117,16 @@ def certs_issue(
     renew: Annotated[
         bool, typer.Option(help="Issue another certificate for a name that has one (same role).")
     ] = False,
+    site: Annotated[
+        str | None,
+        typer.Option(help="An agent behind this edge site's bridged Mosquitto (see "
+                     "`mosquitto-config --bridge-to`).")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Issue NAME's certificate and key: HOME/pki/NAME.crt and NAME.key (0600)."""
     pki = Pki(_home(home).path)
-    item = pki.issue(name, role, sans=san or (), days=days, renew=renew)
+    item = pki.issue(name, role, sans=san or (), days=days, renew=renew, site=site)
     creds = pki.credentials(name)
     typer.echo(
         f"issued {item.name} ({item.role}), serial {item.serial:x}, "
@@ -127,9 +134,13 @@ def certs_issue(
     )
     typer.echo(f"  copy to {name}'s machine: {creds.ca} {creds.cert} {creds.key}")
     audit.record(Home(pki.home).audit_path, audit.local_actor(), "certs.issue",
-                 {"name": name, "role": role, "serial": f"{item.serial:x}"})
+                 {"name": name, "role": role, "serial": f"{item.serial:x}",
+                  **({"site": site} if site else {})})
     if role == "server":
         typer.echo(f"next: `skyhop mosquitto-config --server {name} --home {pki.home} ...`")
+    elif site:
+        typer.echo(f"next: render site {site}'s Mosquitto config again (`skyhop "
+                   f"mosquitto-config --site {site} --bridge-to ...`) and restart it")
     else:
         typer.echo(f"next: once Mosquitto runs, {_APPLY.format(home=pki.home)} (a first "
                    "setup does this when it starts Mosquitto)")
@@ -169,7 +180,7 @@ def certs_list(
         bool, typer.Option("--active", help="Only certificates neither revoked nor expired.")
     ] = False,
 ) -> None:
-    """List the certificates issued: name, role, serial, expiry, revoked."""
+    """List the certificates issued: name, role, serial, expiry, revoked, site."""
     from rich.console import Console
     from rich.table import Table
 
@@ -177,7 +188,8 @@ def certs_list(
     pki.ca_certificate()  # a clear error before `certs init`
     now = dt.datetime.now(dt.timezone.utc)
     table = Table(
-        "name", "role", "serial", "expires", "revoked", title=f"certificates in {pki.dir}"
+        "name", "role", "serial", "expires", "revoked", "site",
+        title=f"certificates in {pki.dir}"
     )
     for e in pki.entries():
         if active and not e.active(now):
@@ -188,7 +200,7 @@ def certs_list(
             if e.revoked and e.revoked_at
             else ("yes" if e.revoked else "no")
         )
-        table.add_row(e.name, e.role, f"{e.serial:x}", expires, revoked)
+        table.add_row(e.name, e.role, f"{e.serial:x}", expires, revoked, e.site or "")
     Console().print(table)
 
 
@@ -326,17 +338,30 @@ def mosquitto_config(
     ] = None,
     prefix: PrefixOpt = None,
     agents_reply_to_clients: AgentRepliesOpt = False,
+    bridge_to: Annotated[
+        str | None,
+        typer.Option(help="This is an edge site's Mosquitto: bridge its agents' topics to "
+                     "the cloud one at this mqtts://HOST:PORT (needs --site).")
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(help="The site's identity (`certs issue SITE --role site`); the agents "
+                     "issued with --site SITE are the ones bridged.")
+    ] = None,
 ) -> None:
     """Print a complete Mosquitto config for the fleet: mutual TLS 1.3, CRL, per-identity
-    rights (the dynamic-security plugin).
+    rights (the dynamic-security plugin); with --bridge-to, an edge site's, bridged to
+    the cloud Mosquitto over mutual TLS.
 
-    Also writes the files it names (server certificate and key, CA, CRL, rights) to
-    --files-dir. Run `mosquitto -c` on the result; after every certs issue or revoke,
-    rerun this, send Mosquitto SIGHUP, and run `skyhop acl apply`.
+    Also writes the files it names (server certificate and key, CA, CRL, rights, the
+    site's certificate) to --files-dir. Run `mosquitto -c` on the result; after every
+    certs issue or revoke, rerun this, send Mosquitto SIGHUP, and run `skyhop acl apply`
+    (a site's Mosquitto: restart it, to bridge a new agent).
     """
     from skyhop.security.mosquitto_conf import prepare, render
 
     h = _home(home)
+    bridge_url = _bridge_url(bridge_to, site)
     persistence = persistence.absolute() if persistence else None
     files = prepare(
         h.path,
@@ -347,8 +372,11 @@ def mosquitto_config(
         user=user,
         persistence=persistence,
         agents_reply_to_clients=agents_reply_to_clients,
+        site=site,
     )
     text = render(files.dir, port, bind=bind, user=user, persistence=persistence)
+    if bridge_url is not None and site is not None:
+        text += "\n" + _bridge_section(h, site, bridge_url, files.dir, _prefix(h, prefix))
     if out is None:
         typer.echo(text, nl=False)
     else:
@@ -358,6 +386,36 @@ def mosquitto_config(
     if bind in ("127.0.0.1", "::1", "localhost"):
         _err(f"listening on {bind}:{port} only, for this host: pass --bind 0.0.0.0 (or the "
              "address devices reach) to open it to the fleet")
+
+
+def _bridge_url(url: str | None, site: str | None) -> MqttUrl | None:
+    if url is None:
+        if site is not None:
+            raise ConfigError("--site names the site of a bridged Mosquitto: give --bridge-to "
+                              "mqtts://CLOUD:8883 as well")
+        return None
+    parsed = MqttUrl.parse(url)
+    if not parsed.tls:
+        raise ConfigError(f"--bridge-to {url}: the bridge crosses the WAN, so it is mutual "
+                          "TLS only: use mqtts://HOST:PORT")
+    if site is None:
+        raise ConfigError("--bridge-to needs --site SITE: the identity the bridge logs in "
+                          "as (`skyhop certs issue SITE --role site`)")
+    return parsed
+
+
+def _bridge_section(h: Home, site: str, url: MqttUrl, files: Path, prefix: str) -> str:
+    from skyhop.security.bridge import Bridge, render, site_nodes
+
+    now = dt.datetime.now(dt.timezone.utc)
+    nodes = site_nodes(Pki(h.path).entries(), site, now)
+    if not nodes:
+        _err(f"no agent is issued to site {site} yet: `skyhop certs issue NODE --role edge "
+             f"--site {site}`, then run this again")
+    else:
+        _err(f"bridging {len(nodes)} agent(s) of site {site} to {url.host}:{url.port}: "
+             + ", ".join(nodes))
+    return render(Bridge(site, url.host, url.port, nodes, Topics(prefix), tls=files))
 
 
 # -- audit ----------------------------------------------------------------------------

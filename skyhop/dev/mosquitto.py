@@ -25,10 +25,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from typing_extensions import Self  # typing.Self is 3.11+
 
 from skyhop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from skyhop.security.bridge import Bridge
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DEV_CONF = DEPLOY / "mosquitto" / "dev.conf"
@@ -150,6 +154,21 @@ class MosquittoProcess:
                 continue
             return broker
         raise AssertionError("unreachable")
+
+    @classmethod
+    def start_site(cls, bridge: Bridge, workdir: Path | str | None = None) -> MosquittoProcess:
+        """An edge site's Mosquitto: dev.conf (plain, loopback) with ``bridge``'s section
+        (skyhop.security.bridge), so its agents' topics reach the cloud Mosquitto."""
+        from skyhop.security.bridge import render
+
+        wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="skyhop-site-"))
+        wd.mkdir(parents=True, exist_ok=True)
+        template = wd / "site.conf.in"
+        template.write_text(DEV_CONF.read_text() + "\n" + render(bridge).replace("{", "{{")
+                            .replace("}", "}}"))
+        site = cls.start(template, workdir=wd)
+        site._owns_workdir = workdir is None
+        return site
 
     def _launch(self, timeout: float) -> None:
         binary = find_mosquitto()

@@ -45,7 +45,8 @@ class DelayProxy:
     what an application above TCP sees.
 
     ``start()`` returns the listening port (``listen_port=0`` picks a free one); ``url``
-    is ``mqtt://listen_host:port`` for a Bus; ``stop()`` closes every connection.
+    is ``mqtt://listen_host:port`` for a Bus; ``cut()`` and ``restore()`` take the link
+    down and back up (a WAN outage); ``stop()`` closes every connection.
     """
 
     def __init__(
@@ -71,6 +72,8 @@ class DelayProxy:
         self._port: int | None = None
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._up = threading.Event()  # cleared while the link is cut
+        self._up.set()
         self._threads: list[threading.Thread] = []
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -104,6 +107,21 @@ class DelayProxy:
     def url(self) -> str:
         """``mqtt://host:port`` of the proxy (TLS passes through: use mqtts:// yourself)."""
         return f"mqtt://{self.listen_host}:{self.port}"
+
+    def cut(self) -> None:
+        """Cut the link: nothing crosses it, either way, on any connection (new ones too)
+        until ``restore()``. What is sent meanwhile waits and then arrives late, as TCP
+        holds and resends it over a real cut; connections stay up unless an end gives up
+        (an MQTT keep-alive) and closes, and that close waits for the restore too."""
+        self._up.clear()
+
+    def restore(self) -> None:
+        """End a ``cut()``: what waited is delivered, in order."""
+        self._up.set()
+
+    @property
+    def is_cut(self) -> bool:
+        return not self._up.is_set()
 
     def stop(self) -> None:
         """Stop listening and drop every connection (both sides see a reset/EOF)."""
@@ -213,6 +231,10 @@ class DelayProxy:
                 continue
             wait = due - time.monotonic()
             if wait > 0 and self._stop.wait(wait):
+                break
+            while not (self._up.wait(0.05) or self._stop.is_set() or pair.dead.is_set()):
+                pass  # the link is cut: hold the chunk
+            if self._stop.is_set() or pair.dead.is_set():
                 break
             if not data:
                 # Pass the half-close on, as a real link would deliver the FIN.

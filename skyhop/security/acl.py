@@ -81,6 +81,7 @@ GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("read", "nodes/+/status"),
         ("read", "nodes/+/load"),
     ),
+    "site": (),  # the union of its agents' grants: ``site_entries``
     "server": (),  # the MQTT server's own certificate logs in as nobody
 }
 # Off by default: protocol.md §9.5 relies on only brokers publishing to reply topics,
@@ -141,16 +142,40 @@ def desired(
     """name -> ACL entries, for every name with an active certificate at ``now``.
 
     Revoked and expired certificates grant nothing; a name renewed under the same role
-    appears once; a server certificate logs in as nobody.
+    appears once; a server certificate logs in as nobody; a site may do what its active
+    agents may (``site_entries``).
     """
     _check_prefix(topics.prefix)
     roles: dict[str, str] = {}
+    members: dict[str, dict[str, str]] = {}  # site -> {agent: role}
     for item in entries:
         if item.active(now):
             roles[item.name] = item.role
+            if item.site is not None:
+                members.setdefault(item.site, {})[item.name] = item.role
     order = sorted(roles.items(), key=lambda kv: (ROLES.index(kv[1]), kv[0]))
-    return {name: acl_entries(name, role, topics, agents_reply_to_clients=agents_reply_to_clients)
-            for name, role in order if GRANTS[role]}
+    rights: dict[str, list[dict[str, object]]] = {}
+    for name, role in order:
+        if role == "site":
+            rights[name] = site_entries(members.get(name, {}), topics,
+                                        agents_reply_to_clients=agents_reply_to_clients)
+        elif GRANTS[role]:
+            rights[name] = acl_entries(name, role, topics,
+                                       agents_reply_to_clients=agents_reply_to_clients)
+    return rights
+
+
+def site_entries(
+    agents: dict[str, str], topics: Topics, *, agents_reply_to_clients: bool = False
+) -> list[dict[str, object]]:
+    """A site's bridge may do at the cloud what each of its agents may: the union of
+    their entries, no more (a site cannot pose as another site's node)."""
+    union = {
+        (str(e["acltype"]), str(e["topic"]))
+        for agent, role in agents.items()
+        for e in acl_entries(agent, role, topics, agents_reply_to_clients=agents_reply_to_clients)
+    }
+    return [{"acltype": a, "topic": t, "allow": True} for a, t in sorted(union)]
 
 
 def config(rights: dict[str, list[dict[str, object]]]) -> dict[str, object]:

@@ -34,7 +34,9 @@ from pathlib import Path
 from skyhop.errors import ConfigError
 from skyhop.protocol.topics import DEFAULT_PREFIX, Topics
 from skyhop.security.acl import render as render_acl
-from skyhop.security.pki import CRL_DAYS, Pki, check_cert_name
+from skyhop.security.bridge import CERT as BRIDGE_CERT
+from skyhop.security.bridge import KEY as BRIDGE_KEY
+from skyhop.security.pki import CRL_DAYS, Credentials, Pki, check_cert_name
 
 DEFAULT_SERVER = "mqtt-server"
 MOSQUITTO_USER = "mosquitto"
@@ -215,6 +217,7 @@ def prepare(
     user: str = MOSQUITTO_USER,
     agents_reply_to_clients: bool = False,
     persistence: Path | str | None = None,
+    site: str | None = None,
     now: dt.datetime | None = None,
 ) -> BrokerFiles:
     """Write what Mosquitto reads into ``files_dir`` (default ``HOME/mosquitto``).
@@ -223,11 +226,14 @@ def prepare(
     ``mqtt-server`` with ``sans``), re-signs the CRL if it is within a third of its life
     of expiring, renders the rights for ``prefix``. When run as root the files are given to
     root:``user``'s group so that Mosquitto can read them after dropping to ``user``, and
-    the rights file to ``user`` (Mosquitto rewrites it).
+    the rights file to ``user`` (Mosquitto rewrites it). With ``site``, the Mosquitto is
+    that edge site's, and the site's certificate and key go in too, as bridge.crt and
+    bridge.key (skyhop.security.bridge).
     Raises ConfigError if there is no CA, or if ``user`` could not reach the files.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     pki = Pki(home)
+    site_creds = _site_credentials(pki, site, now) if site is not None else None
     name = _server_certificate(pki, server, sans, now)
     crl = pki.crl()
     if crl.next_update_utc is None or crl.next_update_utc - now < CRL_REFRESH_LEFT:
@@ -244,6 +250,9 @@ def prepare(
     for src, dst in ((creds.ca, files.ca), (creds.cert, files.cert), (pki.crl_path, files.crl)):
         _install(dst, src.read_bytes(), owner)
     _install(files.key, creds.key.read_bytes(), owner)
+    if site_creds is not None:
+        _install(files.dir / BRIDGE_CERT, site_creds.cert.read_bytes(), owner)
+        _install(files.dir / BRIDGE_KEY, site_creds.key.read_bytes(), owner)
     # Mosquitto owns the rights file: the plugin rewrites it when its rights change.
     _make_dir(files.rights.parent, owner, 0o700, owner)
     _install(files.rights, rights.encode(), owner, mosquitto_owns=True)
@@ -267,6 +276,13 @@ def _server_certificate(pki: Pki, server: str | None, sans: Sequence[str], now: 
         return active[-1].name
     pki.issue(DEFAULT_SERVER, "server", sans=sans, now=now)
     return DEFAULT_SERVER
+
+
+def _site_credentials(pki: Pki, site: str, now: dt.datetime) -> Credentials:
+    if not any(e.name == site and e.role == "site" for e in pki.active(now)):
+        raise ConfigError(f"no active site certificate {site!r}: issue it with `skyhop certs "
+                          f"issue {site} --role site`, and its agents with --site {site}")
+    return pki.credentials(site)
 
 
 def _reader(user: str) -> tuple[int, int] | None:

@@ -45,7 +45,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from skyhop.errors import ConfigError
 from skyhop.protocol.topics import check_name
 
-ROLES = ("edge", "cloud", "broker", "client", "operator", "server")
+# A ``site`` is an edge site's Mosquitto bridged to the cloud one: it logs in as the
+# site and may do, for each agent issued to that site (``issue(..., site=)``), what
+# that agent may (skyhop.security.acl, skyhop.security.bridge).
+ROLES = ("edge", "cloud", "broker", "client", "operator", "site", "server")
 AGENT_ROLES = frozenset({"edge", "cloud"})
 CA_DAYS = 3650
 LEAF_DAYS = 397  # the CA/Browser Forum ceiling: short enough that forgotten certs die
@@ -83,6 +86,7 @@ class Issued:
     not_after: dt.datetime
     revoked: bool = False
     revoked_at: dt.datetime | None = None
+    site: str | None = None  # an agent behind that site's bridge, if any
 
     def active(self, now: dt.datetime) -> bool:
         """Neither revoked nor expired at ``now``."""
@@ -93,6 +97,8 @@ class Issued:
         doc["serial"] = f"{self.serial:x}"  # 159-bit serials: hex, as openssl prints them
         doc["not_after"] = self.not_after.isoformat()
         doc["revoked_at"] = self.revoked_at.isoformat() if self.revoked_at else None
+        if self.site is None:
+            del doc["site"]  # most identities: their index.json lines stay as they were
         return doc
 
     @classmethod
@@ -105,6 +111,7 @@ class Issued:
             not_after=dt.datetime.fromisoformat(str(doc["not_after"])),
             revoked=bool(doc.get("revoked", False)),
             revoked_at=dt.datetime.fromisoformat(str(revoked_at)) if revoked_at else None,
+            site=str(doc["site"]) if doc.get("site") else None,
         )
 
 
@@ -395,8 +402,12 @@ class Pki:
         days: int = LEAF_DAYS,
         now: dt.datetime | None = None,
         renew: bool = False,
+        site: str | None = None,
     ) -> Issued:
         """Issue ``name``'s certificate and key (NAME.crt, NAME.key, 0600) and record it.
+
+        ``site`` puts an agent behind that edge site's bridge: the site's Mosquitto may
+        then carry this agent's topics to the cloud one (skyhop.security.bridge).
 
         A name holds one role: while it has an active certificate, issuing again needs
         ``renew`` (same role; the older certificate stays valid until it expires or is
@@ -405,6 +416,10 @@ class Pki:
         now = now or _utcnow()
         check_cert_name(name)
         check_role(role)
+        if site is not None:
+            check_cert_name(site)
+            if role not in AGENT_ROLES:
+                raise ConfigError(f"--site is for agents (edge, cloud), not a {role}")
         ca_cert, ca_key = self._ca()
         entries = self.entries()
         live = [e for e in entries if e.name == name and e.active(now)]
@@ -432,7 +447,7 @@ class Pki:
         cert, key = make_leaf(ca_cert, ca_key, name, role, now=now, days=days, sans=sans)
         write_private(self.key_path(name), key_pem(key))
         write_public(self.cert_path(name), pem(cert))
-        item = Issued(name, role, cert.serial_number, cert.not_valid_after_utc)
+        item = Issued(name, role, cert.serial_number, cert.not_valid_after_utc, site=site)
         self._save([*entries, item])
         return item
 

@@ -15,12 +15,14 @@ import sys
 import tarfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from skyhop.errors import RemoteError
 from skyhop.home import Home
 from skyhop.models import MODELS_DIR, sha256_file
 from skyhop.mqtt.bus import Bus
@@ -194,3 +196,15 @@ def install_bundle(tar: Path | str, prefix: Path | str, python: str | None = Non
     subprocess.run([*wrap, str(script), "--prefix", str(prefix), "--no-systemd", "--python",
                     python or base_python()], check=True, timeout=600)
     return time.monotonic() - started
+
+
+def ends(futures: list) -> Counter[str]:
+    """How each request ended: "OK" or its error code, counted (30 s each at most)."""
+    out: Counter[str] = Counter()
+    for f in futures:
+        try:
+            f.result(timeout=30)
+            out["OK"] += 1
+        except RemoteError as exc:
+            out[str(exc.code)] += 1
+    return out

@@ -25,7 +25,7 @@ from skyhop.process import agent_args, pause, spawn, terminate
 from skyhop.protocol.envelope import peek_request
 from skyhop.protocol.messages import ANNOUNCE, DRAIN, LoadReport, NodeStatus
 from skyhop.protocol.topics import Topics
-from tests.integration.fleet import SLOW_SIDE, make_home
+from tests.integration.fleet import SLOW_SIDE, ends, make_home
 
 pytestmark = pytest.mark.integration
 X = {"x": np.ones((SLOW_SIDE, SLOW_SIDE), np.float32) / SLOW_SIDE}
@@ -60,17 +60,6 @@ def fleet(fleet_server, tmp_path, request) -> Iterator[tuple[LocalStack, Client]
             yield st, client
 
 
-def _outcomes(futures: list) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for f in futures:
-        try:
-            f.result(timeout=30)
-            out["OK"] += 1
-        except RemoteError as exc:
-            out[str(exc.code)] += 1
-    return out
-
-
 def _errors(futures: list) -> list[str]:
     return [str(f.exception()) for f in futures if f.exception() is not None]
 
@@ -83,7 +72,7 @@ def test_work_of_a_killed_agent_is_redispatched(fleet) -> None:
     futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(60)]
     time.sleep(0.15)  # both agents are busy with a queue of ~0.5 s each
     stack.kill("edge-1")
-    outcomes = _outcomes(futures)
+    outcomes = ends(futures)
     assert outcomes == {"OK": 60}, _errors(futures)
     time.sleep(0.5)  # a second reply, if any, would arrive by now
     assert client.counters["unmatched_replies"] == 0  # exactly one reply each
@@ -102,7 +91,7 @@ def test_no_node_left_means_a_named_error_not_silence(fleet) -> None:
     time.sleep(0.15)
     started = time.monotonic()
     stack.kill("solo")
-    outcomes = _outcomes(futures)
+    outcomes = ends(futures)
     assert time.monotonic() - started < 10  # answered on the will, not at the 60 s budget
     assert outcomes["OK"] + outcomes[ErrorCode.UNAVAILABLE] == 60
     assert outcomes[ErrorCode.UNAVAILABLE] >= 1
@@ -164,7 +153,7 @@ def test_requests_in_flight_through_a_server_restart_each_end_once(tmp_path) -> 
             futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(30)]
             time.sleep(0.5)  # the agent is working through them
             server.restart(down_s=1.0)
-            outcomes = _outcomes(futures)
+            outcomes = ends(futures)
             assert set(outcomes) <= {"OK", "UNAVAILABLE"}, _errors(futures)
             assert all("no live node" in e for e in _errors(futures))  # the broker's answer
             assert outcomes["OK"] >= 1 and client.counters["resent_after_reconnect"] > 0
@@ -210,7 +199,7 @@ def _stop_broker_mid_flight(stack: LocalStack, client: Client, *, resume: bool
 def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
     stack, client = fleet
     futures, log = _stop_broker_mid_flight(stack, client, resume=True)
-    assert _outcomes(futures) == {"OK": 60}, _errors(futures)
+    assert ends(futures) == {"OK": 60}, _errors(futures)
     assert "draining" in log and "unanswered" not in log
     time.sleep(0.5)
     assert client.counters["unmatched_replies"] == 0
@@ -220,7 +209,7 @@ def test_a_broker_stopped_mid_flight_first_finishes_what_it_took(fleet) -> None:
 def test_a_broker_that_may_not_wait_answers_what_is_left_unavailable(fleet) -> None:
     stack, client = fleet
     futures, log = _stop_broker_mid_flight(stack, client, resume=False)
-    outcomes = _outcomes(futures)  # each within 30 s: nothing waits for its budget
+    outcomes = ends(futures)  # each within 30 s: nothing waits for its budget
     assert outcomes == {"UNAVAILABLE": 60}, outcomes  # none had finished: all were left
     assert "answered UNAVAILABLE" in log
     time.sleep(0.5)  # the agent's late replies went to the stopped broker, not here
@@ -332,7 +321,7 @@ def test_a_flooding_client_is_refused_overloaded_and_others_are_not(fleet) -> No
     stack.agent("solo", ["digits"])
     stack.wait_live(["solo"])
     image = {"image": np.zeros((1, 64), np.float32)}
-    outcomes = _outcomes([client.submit("digits", image, budget_ms=5_000) for _ in range(30)])
+    outcomes = ends([client.submit("digits", image, budget_ms=5_000) for _ in range(30)])
     assert set(outcomes) == {"OK", "OVERLOADED"} and 5 <= outcomes["OK"] <= 10, outcomes
     # infer() retries OVERLOADED with backoff: 10 in a row over a 5/s limit all succeed.
     results = [client.infer("digits", image, budget_ms=10_000, retries=8) for _ in range(10)]
@@ -360,7 +349,7 @@ def test_a_drained_agent_answers_what_it_holds_then_leaves(fleet, transport: str
                        user_properties=(DRAIN,))
         time.sleep(0.2)  # the PUBACK, before the clean disconnect
     later = [client.submit("slow", X, budget_ms=60_000) for _ in range(10)]
-    assert _outcomes(futures + later) == {"OK": 50}, _errors(futures + later)
+    assert ends(futures + later) == {"OK": 50}, _errors(futures + later)
     time.sleep(0.5)
     assert client.counters["unmatched_replies"] == 0
     log = (stack.log_dir / "edge-1.log").read_text()
@@ -468,7 +457,7 @@ def test_work_that_waited_in_a_stopped_agent_is_never_run(fleet) -> None:
     pause(proc.pid)
     try:
         futures = [client.submit("digits", image, budget_ms=budget_ms) for _ in range(20)]
-        outcomes = _outcomes(futures)
+        outcomes = ends(futures)
         time.sleep(1.0)  # the work now waited budget + 1 s in the stopped agent's socket
     finally:
         proc.send_signal(signal.SIGCONT)
@@ -499,7 +488,7 @@ def test_requests_that_waited_out_their_budget_before_the_broker_are_never_run(
         time.sleep(2.5)  # past every budget, well within the broker's MQTT keep-alive
     finally:
         broker.send_signal(signal.SIGCONT)
-    assert _outcomes(futures) == {"DEADLINE_EXCEEDED": 20}  # the client's own timer, or ours
+    assert ends(futures) == {"DEADLINE_EXCEEDED": 20}  # the client's own timer, or ours
     # Those the server had written to the broker's socket reach it stale; those it still
     # queued (beyond the broker's receive window) expire there: either way, none runs.
     deadline = time.monotonic() + 15
@@ -530,7 +519,7 @@ def test_a_broker_killed_mid_flight_loses_nothing(fleet) -> None:
     futures = [client.submit("slow", X, budget_ms=60_000) for _ in range(40)]
     time.sleep(1.0)  # both brokers hold their share; the agent works through them
     stack.kill("broker")
-    outcomes = _outcomes(futures)
+    outcomes = ends(futures)
     assert outcomes == {"OK": 40}, _errors(futures)
     time.sleep(0.5)  # a second reply, if any, would be here by now
     assert client.counters["unmatched_replies"] == 0

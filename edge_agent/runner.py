@@ -378,6 +378,11 @@ def _open_session(
     so.log_severity_level = 3  # errors only: we log the provider choice ourselves
     if threads is not None:
         so.intra_op_num_threads = threads
+    # ORT's pool threads spin after each run, waiting for the next: a core each, taken
+    # from the agent's own MQTT thread and whatever shares the board. On 2 cores that
+    # cost the routed path more than the spin saves (docs/performance.md §Where the
+    # time goes); a pool thread now sleeps until there is work.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for i, (name, _) in enumerate(providers):
         try:
             session = ort.InferenceSession(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from skyhop.alarms import Alarm, Alarms
 from skyhop.errors import ConfigError, ErrorCode, ProtocolError, RemoteError
 from skyhop.mqtt.bus import Bus
 from skyhop.mqtt.message import Message
@@ -62,7 +63,7 @@ class _Waiting:
     request_key: bytes
     request_id: str
     sent: float
-    timer: threading.Timer
+    timer: Alarm
     sealed: tuple[RequestHeader, bytes] | None = None  # as last published: to re-send
     unrouted_since: float | None = None  # when the server first said no broker heard it
 
@@ -99,6 +100,7 @@ class Client:
         self._waiting: dict[bytes, _Waiting] = {}
         self._lock = threading.Lock()
         self._held: dict[bytes, _Held] = {}  # submitted while disconnected (send_sealed)
+        self._alarms = Alarms(f"{self.client_id}-timers")  # local deadlines, re-sends
         self.bus = Bus(mqtt_url, self.client_id, tls=tls, on_connect=self._on_connect)
         self.reply_topic = self.topics.reply(self.client_id)
 
@@ -113,6 +115,7 @@ class Client:
 
     def stop(self) -> None:
         self.bus.stop()
+        self._alarms.stop()
         with self._lock:
             waiting, self._waiting = self._waiting, {}
             self._held.clear()
@@ -184,13 +187,11 @@ class Client:
         nobody (the client gave up on it at its deadline)."""
         future: Future[Result] = Future()
         correlation = header.id.encode()
-        timer = threading.Timer(
-            (header.budget_ms + self.slack_ms) / 1000, self._expire, args=(correlation,)
-        )
-        timer.daemon = True
-        with self._lock:
+        with self._lock:  # armed under the lock: an alarm due at once finds it waiting
+            timer = self._alarms.after(
+                (header.budget_ms + self.slack_ms) / 1000, self._expire, correlation
+            )
             self._waiting[correlation] = _Waiting(future, key, header.id, time.monotonic(), timer)
-        timer.start()
         if body is not None and not self.bus.connected:
             with self._lock:
                 self._held[correlation] = _Held(header, body, key, time.monotonic())
@@ -281,9 +282,7 @@ class Client:
             if (now - w.unrouted_since < UNROUTED_RETRY_S
                     and left_s > UNROUTED_EVERY_S):
                 self.counters["unrouted_retries"] += 1
-                timer = threading.Timer(UNROUTED_EVERY_S, self._send_again, (correlation,))
-                timer.daemon = True
-                timer.start()
+                self._alarms.after(UNROUTED_EVERY_S, self._send_again, correlation)
                 return
         self.counters["unrouted_requests"] += 1
         self._fail(correlation, ErrorCode.UNAVAILABLE, "no broker is subscribed to requests "

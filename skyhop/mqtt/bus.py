@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 from typing_extensions import Self  # typing.Self is 3.11+
@@ -56,10 +55,12 @@ from typing_extensions import Self  # typing.Self is 3.11+
 from skyhop.errors import ConfigError, TransportError
 from skyhop.logthrottle import LogThrottle
 from skyhop.mqtt.message import Handler, Message, Will, check_topic, match_filter
+from skyhop.mqtt.properties import FastProperties, install
 from skyhop.mqtt.url import MqttUrl, TlsFiles
 
 log = logging.getLogger("skyhop.mqtt")
 _paho_log = logging.getLogger("skyhop.mqtt.paho")
+install()  # paho reads every packet's properties with skyhop.mqtt.properties' tables
 
 
 def _not_paho_noise(record: logging.LogRecord) -> bool:
@@ -155,8 +156,8 @@ def _system_tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def _properties(packet: int) -> Properties:
-    return Properties(packet)  # type: ignore[no-untyped-call]  # paho's constructor is untyped
+def _properties(packet: int) -> FastProperties:
+    return FastProperties(packet)
 
 
 def _reason_name(reason: Any) -> str:
@@ -274,7 +275,7 @@ class Bus:
             c.tls_set_context(tls.context() if tls else _system_tls_context())
         if will is not None:
             c.will_set(check_topic(will.topic), bytes(will.payload), will.qos, will.retain)
-        self._connect_props: Properties | None = None
+        self._connect_props: FastProperties | None = None
         if session_expiry_s:
             self._connect_props = _properties(PacketTypes.CONNECT)
             self._connect_props.SessionExpiryInterval = int(session_expiry_s)
@@ -432,7 +433,7 @@ class Bus:
         check_topic(topic)
         if isinstance(payload, str):
             raise TypeError("payload must be bytes; encode the str first")
-        props: Properties | None = None
+        props: FastProperties | None = None
         user_properties = tuple(user_properties)
         if response_topic or correlation is not None or user_properties or expiry_s is not None:
             props = _properties(PacketTypes.PUBLISH)

@@ -54,6 +54,11 @@ def runner(linear) -> OnnxRunner:
     return OnnxRunner.load("linear", linear, providers=["cpu"], intra_op_threads=1, warmup=2)
 
 
+def test_pool_threads_sleep_between_runs_rather_than_spin(runner):
+    options = runner._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_load_reads_specs_provider_and_warmup(runner, linear):
     assert runner.name == "linear" and runner.path == linear
     assert runner.provider == CPU

@@ -256,7 +256,8 @@ class FakeOrt:
     missing): records each InferenceSession attempt, prints from preload_dlls."""
 
     class SessionOptions:
-        pass
+        def add_session_config_entry(self, key: str, value: str) -> None:
+            pass
 
     def __init__(self, broken: set[str]) -> None:
         self.broken = broken

@@ -519,7 +519,7 @@ class Broker:
             load = LoadReport.decode(msg.payload)
             if self._from_its_node(msg, load.node):
                 now = _now_ms()
-                self.dispatcher.node_load(load, now)
+                self.dispatcher.node_load(load, now, retained=msg.retain)
                 view = self.fleet.nodes.get(load.node)
                 if view is None or view.status.session < load.session:
                     self._ask_birth(load.node, now)

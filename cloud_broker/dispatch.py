@@ -182,8 +182,8 @@ class Dispatcher:
             return []
         return self.node_status(replace(view.status, online=False), now)
 
-    def node_load(self, report: LoadReport, now: float) -> None:
-        self.fleet.on_load(report, now)
+    def node_load(self, report: LoadReport, now: float, retained: bool = False) -> None:
+        self.fleet.on_load(report, now, retained)
 
     def undelivered(self, request_id: str, node: str, now: float) -> list[Action]:
         """The MQTT server had nobody on ``node``'s work topic and dropped the work (a

@@ -399,10 +399,15 @@ class Fleet:
         self._index(view)
         return was_live and not status.online
 
-    def on_load(self, load: LoadReport, now_ms: float) -> None:
+    def on_load(self, load: LoadReport, now_ms: float, retained: bool = False) -> None:
+        """Apply a load report. A ``retained`` one is the MQTT server's copy of the last
+        report, handed over at subscribe: it outlives its agent, so it fills in what a
+        live node last said but is no evidence that the node lives."""
         view = self.nodes.get(load.node)
         if view is None or load.session != view.status.session:
             return  # load before its birth, or from an older run: wait for the birth
+        if retained and not view.status.online:
+            return  # a stopped or dead node's last report: it stays offline
         if view.load is not None and load.seq <= view.load.seq:
             return  # reordered or retained duplicate
         if view.load is not None and view.dispatched_since_load == 0:
@@ -411,7 +416,8 @@ class Fleet:
             gap = min(now_ms - view.last_seen_ms, 2 * view.report_gap_ms)
             view.report_gap_ms += RTT_ALPHA * (gap - view.report_gap_ms)
         view.apply(load)
-        self._seen(view, now_ms)
+        if not retained:
+            self._seen(view, now_ms)
         self._learn(view, load)
         if not view.status.online:  # a load report proves the session is alive
             view.status = replace(view.status, online=True)

@@ -33,6 +33,7 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._watcher: StatusWatcher | None = None
+        self._first_broker_at: float | None = None  # wall clock, Unix s
 
     def __enter__(self) -> LocalStack:
         return self
@@ -60,6 +61,8 @@ class LocalStack:
                name: str = "broker") -> subprocess.Popen[bytes]:
         """A broker called ``name`` (its certificate over mqtts; its log, NAME.log)."""
         self.credentials(name, "broker")
+        if self._first_broker_at is None:
+            self._first_broker_at = time.time()
         return self._spawn(
             name,
             ["broker", "--mqtt", mqtt_url or self.mqtt_url, "--home", str(self.home.path),
@@ -86,12 +89,16 @@ class LocalStack:
         return self._watcher
 
     def wait_live(self, nodes: list[str], timeout: float = 60.0) -> None:
-        """Block until the broker reports every node in ``nodes`` live with telemetry."""
+        """Block until a broker of this stack reports every node in ``nodes`` live with
+        telemetry. A status retained by a broker of an earlier stack on the same server
+        is older than this stack's first broker: it says nothing about this one."""
         deadline = time.monotonic() + timeout
         watcher = self.watcher()
         while time.monotonic() < deadline:
             self._check_alive()
             status = watcher.latest or {}
+            if self._first_broker_at and status.get("time", 0) < self._first_broker_at:
+                status = {}
             live = {n["node"] for n in status.get("nodes", []) if n["live"] and n["service_ms"]}
             if set(nodes) <= live:
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
@@ -231,6 +232,17 @@ def test_expire_marks_silent_nodes_dead() -> None:
     assert decide(fleet, now=NOW + 1600).code == ErrorCode.UNAVAILABLE
     report(fleet, "a", at=NOW + 1700, seq=3)  # a report proves the session alive again
     assert decide(fleet, now=NOW + 1700).node == "a"
+
+
+def test_a_retained_load_report_does_not_bring_a_stopped_node_back() -> None:
+    fleet = Fleet(node_timeout_ms=5000)
+    fleet.on_status(NodeStatus(node="gone", online=False, session=1, models=("m",)), NOW)
+    retained = LoadReport(node="gone", session=1, seq=9, queue=0, in_flight=0, capacity=8,
+                          rtt_ms=1.0, models={"m": ModelLoad(1.0, 1.0, MIN_SAMPLES)})
+    fleet.on_load(retained, NOW, retained=True)  # the server's copy of its last report
+    assert decide(fleet).code == ErrorCode.UNAVAILABLE
+    fleet.on_load(replace(retained, seq=10), NOW + 100)  # a fresh one is evidence
+    assert decide(fleet, now=NOW + 100).node == "gone"
 
 
 def test_exclude_tried_nodes() -> None:

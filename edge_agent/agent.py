@@ -125,6 +125,7 @@ class Agent:
         self._keys = key_source()
         self.probe = probe
         self.config = config or AgentConfig()
+        self.concurrency = self.config.concurrency or 1  # the builder sets it from the device
         self.topics = topics or Topics()
         # bdSeq: grows with each start so a stale death cannot kill a newer birth.
         self.session = time.time_ns() // 1_000_000
@@ -172,15 +173,16 @@ class Agent:
         self.bus.subscribe(self.topics.work(self.node_id), self._on_work, qos=1)
         self.bus.subscribe(self.topics.ping(self.node_id), self._on_ping, qos=0)
         self.bus.start(timeout=timeout)
-        for i in range(self.config.concurrency):
+        for i in range(self.concurrency):
             self._spawn(self._work_loop, f"skyhop-worker-{i}")
         self._spawn(self._report_loop, "skyhop-reporter")
         log.info(
-            "agent %s up: role=%s models=%s probe=%s session=%d",
+            "agent %s up: role=%s models=%s probe=%s concurrency=%d session=%d",
             self.node_id,
             self.role,
             ",".join(self.runners),
             self.probe.kind,
+            self.concurrency,
             self.session,
         )
 
@@ -225,7 +227,7 @@ class Agent:
             role=self.role,
             models=tuple(self.runners),
             gpu=self.probe.device,
-            concurrency=self.config.concurrency,
+            concurrency=self.concurrency,
             draining=online and self.draining.is_set(),
             stopped=stopped,
         ).encode()
@@ -488,7 +490,7 @@ class Agent:
             seq=self._seq,
             queue=queued,
             in_flight=running,
-            capacity=self.config.queue_capacity + self.config.concurrency,
+            capacity=self.config.queue_capacity + self.concurrency,
             rtt_ms=self._rtt_ms,
             gpu_util=min(1.0, max(0.0, sample.util)),
             mem_used_mb=sample.mem_used_mb,

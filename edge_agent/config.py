@@ -20,7 +20,10 @@ class AgentConfig(Strict):
     role: Literal["edge", "cloud"] = "edge"
     models: list[str] = Field(default_factory=list, description="models to serve")
     queue_capacity: int = Field(64, ge=1, le=100_000)
-    concurrency: int = Field(1, ge=1, le=64)
+    concurrency: int | None = Field(
+        None, ge=1, le=64,
+        description="requests run at once; default from the device: 1 on a CPU, 4 on a GPU",
+    )
     load_interval_s: float = Field(0.5, gt=0)
     replay_window_s: float = Field(60.0, gt=0)
     result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")

@@ -314,7 +314,8 @@ def agent(
     providers: ProvidersOpt = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(help="Requests run at once (on a GPU, 2-4 pay for single images)."),
+        typer.Option(help="Requests run at once. Default: \\[agent] concurrency, else 4 "
+                     "when a model runs on a GPU and 1 on a CPU."),
     ] = None,
     gpu: GpuOpt = None,
     metrics_port: Annotated[

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def raw_echo(url: str, seconds: float) -> float:
 def _load_client(url: str, home: str, rate: float, seconds: float, budget_ms: float,
                  seed: int, out: multiprocessing.Queue) -> None:
     """Poisson arrivals at ``rate``; each request's (latency ms from its scheduled send,
-    code)."""
+    code, message)."""
     rng, x = random.Random(seed), {"image": np.zeros((1, 64), np.float32)}
     fates: list[tuple[float, str, str]] = []
     lock = threading.Lock()
@@ -114,7 +115,8 @@ def _load_client(url: str, home: str, rate: float, seconds: float, budget_ms: fl
     out.put(fates)
 
 
-def _record(at: float, fates: list[tuple[float, str, str]], lock: threading.Lock):  # type: ignore[no-untyped-def]
+def _record(at: float, fates: list[tuple[float, str, str]],
+            lock: threading.Lock) -> Callable[[Future[Result]], None]:
     def record(f: Future[Result]) -> None:
         exc = f.exception()
         code = "OK" if exc is None else (str(exc.code) if isinstance(exc, RemoteError)

@@ -146,11 +146,20 @@ def _predict(view: NodeView, model: str, size: int, deadline: float | None,
     return view.wait_ms(model, deadline) + _alone(view, model, size, tail) + quiet_ms
 
 
-def _alone(view: NodeView, model: str, size: int, tail: float) -> float:
-    """The prediction on ``view`` were it idle: service + round trip + transfer."""
+def _alone(view: NodeView, model: str, size: int, tail: float,
+           idle_link: bool = False) -> float:
+    """The prediction on ``view`` with no work waiting: service + round trip + transfer.
+
+    With ``idle_link``, over the best link seen rather than the current one: the round
+    trip learnt under load holds queueing in the MQTT server and the broker, which an
+    idle fleet would not have. That is the bound a refusal's code is judged by.
+    """
     mean, p95 = view.service_ms(model)
     link = view.link
-    return mean + tail * (p95 - mean) + link.rtt_ms + size * link.ms_per_byte
+    rtt, per_byte = link.rtt_ms, link.ms_per_byte
+    if idle_link:
+        rtt, per_byte = min(rtt, link.best_rtt_ms), min(per_byte, link.best_ms_per_byte)
+    return mean + tail * (p95 - mean) + rtt + size * per_byte
 
 
 def place(fleet: Fleet, ask: Ask, now_ms: float, rng: random.Random, *,
@@ -359,7 +368,8 @@ class _Scan:
         seen, ask = self.seen, self.ask
         seen.live += 1
         alone = _alone(view, ask.model, ask.size, self.tuning.tail)
-        seen.alone_ms = min(seen.alone_ms, alone)
+        seen.alone_ms = min(seen.alone_ms,
+                            _alone(view, ask.model, ask.size, self.tuning.tail, idle_link=True))
         if view.outstanding >= view.capacity:
             return None
         if self.low and view.idle and self.reserved(g):

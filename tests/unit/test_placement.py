@@ -245,6 +245,19 @@ def test_a_retained_load_report_does_not_bring_a_stopped_node_back() -> None:
     assert decide(fleet, now=NOW + 100).node == "gone"
 
 
+def test_a_budget_an_idle_link_meets_is_refused_for_load_not_as_infeasible() -> None:
+    fleet = Fleet()
+    add(fleet, "a", mean=1, p95=1, rtt=2)
+    link = fleet.nodes["a"].link
+    link.observe(2.0, 100)  # its best: 2 ms
+    for _ in range(12):  # then replies came back slowly: queueing on the way, under load
+        link.observe(80.0, 100)
+    assert link.rtt_ms > 60 and link.best_rtt_ms < 15
+    d = decide(fleet, budget=30)
+    assert d.code == ErrorCode.OVERLOADED, d.reason  # an idle fleet would make 30 ms
+    assert decide(fleet, budget=2).code == ErrorCode.INFEASIBLE  # nothing makes 2 ms
+
+
 def test_exclude_tried_nodes() -> None:
     fleet = Fleet()
     add(fleet, "a")
@@ -286,7 +299,8 @@ def test_a_node_priced_out_by_a_slow_spell_is_tried_again() -> None:
     for network in (10.0, 10.0, 90.0, 90.0, 90.0, 90.0):  # a spell of slow replies
         fleet.dispatched("a")
         fleet.answered("a", network_ms=network, size=500)
-    assert decide(fleet, budget=60).code == ErrorCode.INFEASIBLE  # priced out
+    priced_out = decide(fleet, budget=60)  # by the spell: its best link would make it
+    assert priced_out.node is None and priced_out.code == ErrorCode.OVERLOADED
     for seq in range(3, 20):  # idle report intervals: nothing placed, nothing measured
         report(fleet, "a", mean=1, p95=1, rtt=0, seq=seq)
     assert decide(fleet, budget=60).node == "a"

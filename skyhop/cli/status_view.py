@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,12 +43,29 @@ def status_table(status: dict[str, Any], title: str = "skyhop fleet") -> Table:
     return table
 
 
+# A broker republishes its retained status every status_interval_s (1 s by default); the
+# document stays retained after the last broker stops, so an old one means nobody writes.
+STALE_S = 10.0
+
+
+def staleness(status: dict[str, Any], now: float | None = None) -> str | None:
+    """A warning when the status is older than ``STALE_S`` by this machine's clock."""
+    at = status.get("time")
+    age = (time.time() if now is None else now) - at if at else 0.0
+    if age <= STALE_S:
+        return None
+    return (f"STALE: this status is {age:.0f} s old; no broker has published since "
+            "(is `skyhop broker` running on this MQTT server?)")
+
+
 def caption(status: dict[str, Any]) -> str:
     lat = status.get("latency_ms", {})
     placed = " ".join(f"{k} {v}" for k, v in sorted(status.get("placements", {}).items()))
     lines = [f"policy {status.get('policy')}  pending {status.get('pending', 0)}  "
              f"p50 {lat.get('p50', 0):.1f} ms  p99 {lat.get('p99', 0):.1f} ms",
              f"placed {placed or 'none yet'}", "rtt and svc in ms"]
+    if (stale := staleness(status)) is not None:
+        lines.insert(0, stale)
     pool = status.get("pool")
     if pool:
         lines.append(f"pool ({pool.get('backend', '?')}) {pool['ready']} ready + "

@@ -130,6 +130,19 @@ def test_status_table_shows_the_pool_backend_and_each_worker_state() -> None:
     assert "workers pool-1 ready, pool-2 starting, pool-3 draining" in text
 
 
+def test_a_status_no_broker_has_refreshed_says_it_is_stale() -> None:
+    import time
+
+    from skyhop.cli.status_view import STALE_S, caption, staleness
+
+    now = time.time()
+    assert staleness({"time": now - 1}, now) is None
+    assert staleness({}, now) is None  # an older broker without a time: nothing to judge
+    old = {"time": now - STALE_S - 50, "nodes": []}
+    assert "STALE: this status is 60 s old" in (staleness(old, now) or "")
+    assert caption(old).startswith("STALE")
+
+
 def test_rate_limiter_allows_a_burst_then_the_rate_per_client() -> None:
     from cloud_broker.ratelimit import RateLimiter
 

@@ -77,6 +77,12 @@ class Link:
     def predict_ms(self, size: int) -> float:
         return self.rtt_ms + size * self.ms_per_byte
 
+    def idle_ms(self, size: int) -> float:
+        """``predict_ms`` over the best values seen: a round trip learnt under load holds
+        queueing in the MQTT server and the broker that an idle fleet would not have."""
+        return (min(self.rtt_ms, self.best_rtt_ms)
+                + size * min(self.ms_per_byte, self.best_ms_per_byte))
+
     def observe(self, network_ms: float, size: int) -> None:
         network_ms = max(0.0, network_ms)
         self.samples += 1

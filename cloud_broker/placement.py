@@ -146,20 +146,14 @@ def _predict(view: NodeView, model: str, size: int, deadline: float | None,
     return view.wait_ms(model, deadline) + _alone(view, model, size, tail) + quiet_ms
 
 
-def _alone(view: NodeView, model: str, size: int, tail: float,
-           idle_link: bool = False) -> float:
-    """The prediction on ``view`` with no work waiting: service + round trip + transfer.
+def _alone(view: NodeView, model: str, size: int, tail: float) -> float:
+    """The prediction on ``view`` were it idle: service + round trip + transfer."""
+    return _service(view, model, tail) + view.link.predict_ms(size)
 
-    With ``idle_link``, over the best link seen rather than the current one: the round
-    trip learnt under load holds queueing in the MQTT server and the broker, which an
-    idle fleet would not have. That is the bound a refusal's code is judged by.
-    """
+
+def _service(view: NodeView, model: str, tail: float) -> float:
     mean, p95 = view.service_ms(model)
-    link = view.link
-    rtt, per_byte = link.rtt_ms, link.ms_per_byte
-    if idle_link:
-        rtt, per_byte = min(rtt, link.best_rtt_ms), min(per_byte, link.best_ms_per_byte)
-    return mean + tail * (p95 - mean) + rtt + size * per_byte
+    return mean + tail * (p95 - mean)
 
 
 def place(fleet: Fleet, ask: Ask, now_ms: float, rng: random.Random, *,
@@ -367,9 +361,11 @@ class _Scan:
             return None
         seen, ask = self.seen, self.ask
         seen.live += 1
-        alone = _alone(view, ask.model, ask.size, self.tuning.tail)
-        seen.alone_ms = min(seen.alone_ms,
-                            _alone(view, ask.model, ask.size, self.tuning.tail, idle_link=True))
+        service = _service(view, ask.model, self.tuning.tail)
+        alone = service + view.link.predict_ms(ask.size)
+        # A refusal's code is judged over the best link seen (Link.idle_ms): INFEASIBLE
+        # only when even an idle fleet would miss the budget.
+        seen.alone_ms = min(seen.alone_ms, service + view.link.idle_ms(ask.size))
         if view.outstanding >= view.capacity:
             return None
         if self.low and view.idle and self.reserved(g):

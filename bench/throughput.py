@@ -36,8 +36,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
-
 from skyhop.client import Client, Result
 from skyhop.dev.localstack import LocalStack
 from skyhop.dev.mosquitto import MosquittoProcess
@@ -93,11 +91,12 @@ def raw_echo(url: str, seconds: float) -> float:
 # -- the fleet --------------------------------------------------------------------------
 
 
-def _load_client(url: str, home: str, rate: float, seconds: float, budget_ms: float,
-                 seed: int, out: multiprocessing.Queue) -> None:
-    """Poisson arrivals at ``rate``; each request's (latency ms from its scheduled send,
-    code, message)."""
-    rng, x = random.Random(seed), {"image": np.zeros((1, 64), np.float32)}
+def _load_client(url: str, home: str, model: str, rate: float, seconds: float,
+                 budget_ms: float, seed: int, out: multiprocessing.Queue) -> None:
+    """Poisson arrivals at ``rate`` of ``model``'s catalog example; each request's
+    (latency ms from its scheduled send, code, message)."""
+    rng, x = random.Random(seed), Home(Path(home)).catalog().get(model).example()
+    assert x is not None, f"{model} has no example input in the catalog"
     fates: list[tuple[float, str, str]] = []
     lock = threading.Lock()
     with Client(url, Home(Path(home)).fleet_public()) as client:
@@ -106,7 +105,7 @@ def _load_client(url: str, home: str, rate: float, seconds: float, budget_ms: fl
         at = t0
         while at < t0 + seconds:
             time.sleep(max(0.0, at - time.monotonic()))
-            f = client.submit("digits", x, budget_ms=budget_ms)
+            f = client.submit(model, x, budget_ms=budget_ms)
             f.add_done_callback(_record(at, fates, lock))
             futures.append(f)
             at += rng.expovariate(rate)
@@ -136,10 +135,12 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 def step(url: str, home: Home, rate: float, seconds: float, budget_ms: float,
-         brokers: list[int]) -> dict[str, float | int | bool]:
+         brokers: list[int], model: str = "digits") -> dict[str, float | int | bool]:
+    """Open-loop load at ``rate`` for ``seconds``: what came back, and the brokers' CPU."""
     out: multiprocessing.Queue = MP.Queue()
     procs = [MP.Process(target=_load_client, args=(
-        url, str(home.path), rate / CLIENTS, seconds, budget_ms, i, out)) for i in range(CLIENTS)]
+        url, str(home.path), model, rate / CLIENTS, seconds, budget_ms, i, out))
+        for i in range(CLIENTS)]
     cpu0 = _cpu_s(brokers)
     for p in procs:
         p.start()
@@ -152,7 +153,9 @@ def step(url: str, home: Home, rate: float, seconds: float, budget_ms: float,
     codes = Counter(code for _, code, _ in fates if code != "OK")
     why = {code: message for _, code, message in fates if code != "OK"}  # one of each
     p99 = percentile(ok, 99) if ok else float("inf")
+    met = sum(1 for ms in ok if ms <= budget_ms)
     return {"rate": round(rate, 1), "requests": len(fates), "errors": errors,
+            "slo_attainment": round(met / max(1, len(fates)), 4),
             "error_codes": dict(codes), "error_example": why,
             "p50_ms": round(percentile(ok, 50), 2) if ok else None, "p99_ms": round(p99, 2),
             "achieved_per_s": round(len(fates) / seconds, 1),

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
+from skyhop.batching import BatchPoint, amortised, batch_ms
 from skyhop.protocol.messages import LoadReport, NodeStatus
 
 DEFAULT_MS_PER_BYTE = 8 / 50_000  # 50 Mbit/s until a link is measured
@@ -269,6 +270,7 @@ class NodeView:
     capacity: int = 1  # most requests it accepts (queued + running)
     measured: dict[str, tuple[float, float]] = field(default_factory=dict)  # (mean, p95)
     warmup: dict[str, tuple[float, float]] = field(default_factory=dict)  # too few runs yet
+    batches: dict[str, tuple[BatchPoint, ...]] = field(default_factory=dict)  # batching models
 
     def __post_init__(self) -> None:
         self.capacity = self.status.concurrency
@@ -292,6 +294,7 @@ class NodeView:
                          if s.count >= MIN_SAMPLES}
         self.warmup = {m: (s.mean_ms, s.mean_ms * WARMUP_P95) for m, s in models.items()
                        if s.count < MIN_SAMPLES and s.mean_ms > 0}
+        self.batches = {m: s.batches for m, s in models.items() if len(s.batches) > 1}
 
     def ahead(self) -> int:
         """Requests at the node: its last report, plus what we placed there since, less
@@ -319,7 +322,15 @@ class NodeView:
         if n < slots:
             return 0.0
         work += unknown * fallback
-        return (n - slots + 1) / slots * (work / n)
+        wait = (n - slots + 1) / slots * (work / n)
+        curve = self.batches.get(model)
+        if curve is None:
+            return wait
+        # A batching node drains its queue in batches as deep as the queue per slot,
+        # up to the largest it has run (skyhop.batching): each request ahead costs its
+        # share of a batch, and ours runs in one, for a batch's time.
+        k = min(n / slots, curve[-1].size)
+        return wait * amortised(curve, k) + batch_ms(curve, k) - batch_ms(curve, 1)
 
     def has_credit(self) -> bool:
         return self.outstanding < self.capacity

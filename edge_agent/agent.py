@@ -22,12 +22,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
+
+import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.probe import MIB, Probe, ProbeError, ProbeSample
-from edge_agent.runner import ModelRunner
+from edge_agent.runner import ModelRunner, TensorSpec, validate_inputs
 from edge_agent.workqueue import Job, ResultCache, WorkQueue
+from skyhop.batching import BatchPoint, BatchPolicy, BatchTimes, admit, batch_ms, curve
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.home import WorkerKeys
 from skyhop.logs import fields
@@ -78,7 +82,8 @@ METRICS = {
     "key_refresh_errors_total": counter("Failed re-reads of the worker keys."),
     "queue_wait_seconds": histogram("Time from a request's arrival here to its run.",
                                     "model"),
-    "service_seconds": histogram("Time the model ran for one request.", "model"),
+    "service_seconds": histogram("Time one model run took (a batch runs once).", "model"),
+    "runs_total": counter("Model runs; requests ÷ runs is the mean batch size.", "model"),
     "queue_depth": gauge("Requests waiting in this node's queue."),
     "in_flight": gauge("Requests running now."),
     "device_utilization_ratio": gauge("Accelerator (or CPU) utilisation, 0 to 1, as the "
@@ -88,12 +93,48 @@ METRICS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Work:
+    """A queued request, and what the worker that first took it learnt of it."""
+
     envelope: bytes
     reply_topic: str
     correlation: bytes | None
     priority: int
+    model: str  # from the clear header: batches form before anything is opened
+    opened: OpenedRequest | None = None  # opened and checked once, kept if put back
+    inputs: dict[str, np.ndarray] | None = None
+    back: bool = False  # put back in the queue by a batch it did not join
+    recorded: bool = False  # its start is in the run log
+    answered: bool = False
+
+
+def _rows(inputs: Mapping[str, np.ndarray] | None) -> int:
+    return int(next(iter(inputs.values())).shape[0]) if inputs else 1
+
+
+def _shape_key(inputs: Mapping[str, np.ndarray] | None) -> tuple[object, ...] | None:
+    """Requests with equal keys concatenate along dim 0; None: this one cannot (its
+    inputs disagree on their number of rows)."""
+    if not inputs:
+        return None
+    rows = {a.shape[0] for a in inputs.values()}
+    if len(rows) != 1:
+        return None
+    return tuple((name, a.shape[1:]) for name, a in sorted(inputs.items()))
+
+
+def _split(outputs: Mapping[str, np.ndarray], rows: list[int],
+           model: str) -> list[dict[str, np.ndarray]]:
+    """A batch's outputs cut back into each member's rows."""
+    total = sum(rows)
+    for name, out in outputs.items():
+        if out.ndim == 0 or out.shape[0] != total:
+            raise ProtocolError(ErrorCode.INTERNAL, f"model {model} output {name!r} has "
+                                f"shape {out.shape}, not {total} rows: it does not batch")
+    cuts = np.cumsum(rows)[:-1]
+    parts = {name: np.split(out, cuts) for name, out in outputs.items()}
+    return [{name: parts[name][i] for name in outputs} for i in range(len(rows))]
 
 
 class Agent:
@@ -113,9 +154,12 @@ class Agent:
         bus_factory: type[Bus] = Bus,
         tls: TlsFiles | None = None,
         run_log: Path | None = None,
+        batching: Mapping[str, BatchPolicy] | None = None,
     ) -> None:
         """``run_log``: append one JSON line per job started (request id, wall-clock
-        ms), a record of what ran that chaos runs count from (bench/chaos.py)."""
+        ms), a record of what ran that chaos runs count from (bench/chaos.py).
+        ``batching``: per model, how its queued requests share a run; a model whose
+        tensors have no dynamic batch dimension (``batchable``) never batches."""
         self.node_id = node_id
         self._run_log = run_log.open("a", buffering=1) if run_log is not None else None
         self._run_log_lock = threading.Lock()
@@ -143,6 +187,9 @@ class Agent:
             m: ServiceTime(prior_ms=getattr(r, "warmup_ms", None) or None)
             for m, r in self.runners.items()
         }
+        self.batching = {m: p for m, p in (batching or {}).items()
+                         if p.enabled and m in self.runners and batchable(self.runners[m])}
+        self.batch_times = {m: BatchTimes() for m in self.batching}
         self._queue = WorkQueue(self.config.queue_capacity)
         self._cache = ResultCache(self.config.result_cache)
         self._ages = Ages()  # how long work waited on its way, per broker clock
@@ -312,7 +359,7 @@ class Agent:
                               f"it reached node {self.node_id} after its budget (this agent "
                               "was stopped, or the MQTT server held it); never run")
             return
-        work = _Work(msg.payload, reply_topic, msg.correlation, header.priority)
+        work = _Work(msg.payload, reply_topic, msg.correlation, header.priority, header.model)
         with self._cond:
             try:
                 self._queue.push(
@@ -322,7 +369,11 @@ class Agent:
                 self._reply_error(reply_topic, msg.correlation, header.id, exc.code, exc.message)
                 return
             self._cache.begin(header.id, (reply_topic, msg.correlation))
-            self._cond.notify()
+            # A worker holding a job for company (``_wait_for_company``) must hear of it.
+            if self.batching:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
         self.metrics.inc("accepted_total")
 
     def _waited_ms(self, reply_topic: str, meta: WorkMeta, now: float) -> float:
@@ -354,64 +405,160 @@ class Agent:
 
     def _work_loop(self) -> None:
         while not self._stopping.is_set():
-            job = self._next_job()
-            if job is None:
-                continue
+            popped = self._next_jobs()
             try:
-                self._run(job)
-            except Exception as exc:  # a bug must cost one request, never the worker
-                log.exception("worker failed on %s", job.request_id)
-                self._finish(job, None, ErrorCode.INTERNAL, f"worker error: {exc}")
+                run = self._batch([j for j in popped if self._prepare(j)])
+                if run:
+                    self._execute(run)
+            except Exception as exc:  # a bug must cost its requests, never the worker
+                log.exception("worker failed on %s", ",".join(j.request_id for j in popped))
+                for job in popped:
+                    if not job.payload.answered and not job.payload.back:
+                        self._finish(job, None, ErrorCode.INTERNAL, f"worker error: {exc}")
             finally:
-                with self._cond:
-                    self._in_flight -= 1
+                with self._cond:  # those put back left the count when they went back
+                    self._in_flight -= sum(1 for j in popped if not j.payload.back)
                 if self.draining.is_set():
                     self._check_drained()
 
-    def _next_job(self) -> Job | None:
+    def _next_jobs(self) -> list[Job]:
+        """The earliest-deadline job, and for a batching model the same model's jobs
+        queued right behind it (``WorkQueue.take``); [] when stopping."""
         with self._cond:
             while True:
                 job, expired = self._queue.pop(time.monotonic())
-                for late in expired:
-                    self.metrics.inc("expired_in_queue_total")
-                    self._finish(
-                        late,
-                        None,
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        "budget ran out while queued at the node",
-                    )
+                self._expire(expired)
                 if job is not None:
-                    self._in_flight += 1
-                    return job
+                    break
                 if self._stopping.is_set():
-                    return None
+                    return []
                 self._cond.wait(timeout=0.5)
+            jobs = [job]
+            policy = self.batching.get(job.payload.model)
+            if policy is not None:
+                self._wait_for_company(job, policy)
+                model = job.payload.model
+                more, expired = self._queue.take(
+                    time.monotonic(), lambda j: j.payload.model == model, policy.max_batch - 1)
+                self._expire(expired)
+                jobs += more
+            for j in jobs:
+                j.payload.back = False
+            self._in_flight += len(jobs)
+            return jobs
 
-    def _run(self, job: Job) -> None:
+    def _expire(self, expired: list[Job]) -> None:
+        for late in expired:
+            self.metrics.inc("expired_in_queue_total")
+            self._finish(late, None, ErrorCode.DEADLINE_EXCEEDED,
+                         "budget ran out while queued at the node")
+
+    def _wait_for_company(self, head: Job, policy: BatchPolicy) -> None:
+        """Hold ``head`` up to the policy's delay for a fuller batch, but never past the
+        moment a full batch could still meet its deadline. Called holding the lock."""
+        if policy.max_delay_ms <= 0:
+            return
+        model = head.payload.model
+        full = batch_ms(self._curve(model), policy.max_batch) / 1000
+        until = min(time.monotonic() + policy.max_delay_ms / 1000, head.deadline - full)
+        while (not self._stopping.is_set()
+               and self._queue.count(lambda j: j.payload.model == model) < policy.max_batch - 1):
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(timeout=left)
+
+    def _prepare(self, job: Job) -> bool:
+        """Open, check and decode a job's request once (a job put back keeps it);
+        False when it was answered with an error instead."""
         work: _Work = job.payload
-        started = time.monotonic()
+        if work.opened is not None:
+            return True
         try:
             opened = self._open(work.envelope)
             h = opened.header
             self._replay.check(h.id, h.sent_at_ms, time.time() * 1000, h.budget_ms)
-            runner = self.runners.get(opened.header.model)
+            runner = self.runners.get(h.model)
             if runner is None:
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"node {self.node_id} does not serve {opened.header.model}",
-                )
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                    f"node {self.node_id} does not serve {h.model}")
             inputs = decode_body("inputs", opened.body)
-            self._record_run(h.id)
-            t0 = time.monotonic()
-            outputs = runner.run(inputs)
-            service_ms = (time.monotonic() - t0) * 1000
+            policy = self.batching.get(h.model)
+            if policy is not None:  # each member alone, so a bad one fails alone
+                validate_inputs(runner.inputs, inputs, max_batch=policy.max_batch)
         except ProtocolError as exc:
             self._finish(job, None, exc.code, exc.message)
+            return False
+        work.opened, work.inputs = opened, inputs
+        return True
+
+    def _batch(self, ready: list[Job]) -> list[Job]:
+        """The jobs of ``ready`` that run together now (``skyhop.batching.admit``); the
+        rest go back to the queue."""
+        if len(ready) <= 1:
+            return ready
+        model = ready[0].payload.model
+        key = _shape_key(ready[0].payload.inputs)
+        same = ready[:1] if key is None else list(
+            takewhile(lambda j: _shape_key(j.payload.inputs) == key, ready))
+        curve = self._curve(model)
+        n = admit(time.monotonic(), [(j.deadline, _rows(j.payload.inputs)) for j in same],
+                  lambda k: batch_ms(curve, k) / 1000, self.batching[model].max_batch)
+        with self._cond:
+            for job in ready[n:]:
+                job.payload.back = True
+            self._queue.put_back(ready[n:])
+            self._in_flight -= len(ready) - n
+            self._cond.notify_all()
+        return ready[:n]
+
+    def _execute(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` (one model, one shape) as one batch and reply to each. Should
+        the batch fail, each runs alone: one member's trouble costs only that member."""
+        model = jobs[0].payload.model
+        started = time.monotonic()
+        for job in jobs:
+            self._record_run(job)
+        try:
+            outputs, service_ms = self._run_model(model, [j.payload.inputs for j in jobs])
+        except ProtocolError as exc:
+            if len(jobs) == 1:
+                self._finish(jobs[0], None, exc.code, exc.message)
+                return
+            log.warning("a batch of %d for %s failed (%s); running each alone",
+                        len(jobs), model, exc.message)
+            for job in jobs:
+                self._execute([job])
             return
-        self.service[opened.header.model].observe(service_ms)
+        if len(jobs) == 1:
+            self.service[model].observe(service_ms)
+        if model in self.batch_times:
+            self.batch_times[model].observe(len(jobs), service_ms)
+        self.metrics.inc("runs_total", model=model)
+        self.metrics.observe("service_seconds", service_ms / 1000, model=model)
+        for job, out in zip(jobs, outputs, strict=True):
+            self._reply_ok(job, out, started, service_ms)
+
+    def _run_model(self, model: str, feeds: list[dict[str, np.ndarray] | None]
+                   ) -> tuple[list[dict[str, np.ndarray]], float]:
+        """Each feed's outputs, from one run on them all; and the run's milliseconds."""
+        inputs = feeds[0] if len(feeds) == 1 else {
+            name: np.concatenate([f[name] for f in feeds if f is not None])
+            for name in feeds[0] or {}}
+        assert inputs is not None  # prepared jobs carry their inputs
+        t0 = time.monotonic()
+        outputs = self.runners[model].run(inputs)
+        service_ms = (time.monotonic() - t0) * 1000
+        if len(feeds) == 1:
+            return [outputs], service_ms
+        return _split(outputs, [_rows(f) for f in feeds], model), service_ms
+
+    def _reply_ok(self, job: Job, outputs: dict[str, np.ndarray], started: float,
+                  service_ms: float) -> None:
+        opened = job.payload.opened
+        assert opened is not None
         model = opened.header.model
         self.metrics.observe("queue_wait_seconds", started - job.received, model=model)
-        self.metrics.observe("service_seconds", service_ms / 1000, model=model)
         header = ReplyHeader(
             id=opened.header.id,
             status=OK,
@@ -422,6 +569,9 @@ class Agent:
         )
         body = encode_body("outputs", outputs)
         self._finish(job, seal_reply(header, body, opened.request_key), None, "")
+
+    def _curve(self, model: str) -> tuple[BatchPoint, ...]:
+        return curve(self.batch_times.get(model), self.service[model])
 
     def _open(self, envelope: bytes) -> OpenedRequest:
         keys = self._keys
@@ -437,8 +587,11 @@ class Agent:
                 ) from None
             raise
 
-    def _record_run(self, request_id: str) -> None:
-        line = json.dumps({"id": request_id, "node": self.node_id,
+    def _record_run(self, job: Job) -> None:
+        if job.payload.recorded:  # a failed batch's member, now run alone: one start
+            return
+        job.payload.recorded = True
+        line = json.dumps({"id": job.request_id, "node": self.node_id,
                            "start_ms": round(time.time() * 1000, 3)})
         with self._run_log_lock:
             if self._run_log is not None:  # closed at stop
@@ -446,6 +599,7 @@ class Agent:
 
     def _finish(self, job: Job, reply: bytes | None, code: ErrorCode | None, message: str) -> None:
         work: _Work = job.payload
+        work.answered = True
         if reply is None:
             assert code is not None
             reply = self._reply_error(
@@ -496,7 +650,9 @@ class Agent:
             mem_used_mb=sample.mem_used_mb,
             mem_total_mb=sample.mem_total_mb,
             probe=sample.kind,
-            models={m: ModelLoad(s.mean_ms, s.p95_ms, s.count) for m, s in self.service.items()},
+            models={m: ModelLoad(s.mean_ms, s.p95_ms, s.count,
+                                 self._curve(m) if m in self.batching else ())
+                    for m, s in self.service.items()},
         )
 
     def _report_loop(self) -> None:
@@ -542,6 +698,14 @@ class Agent:
         except ValueError:
             return
         self._rtt_ms = sample if self._rtt_ms == 0 else 0.8 * self._rtt_ms + 0.2 * sample
+
+
+def batchable(runner: ModelRunner) -> bool:
+    """Whether requests to ``runner`` can be stacked: every input and output has a
+    dynamic first dimension, the batch."""
+    def dynamic(spec: TensorSpec) -> bool:
+        return bool(spec.shape) and spec.shape[0] is None
+    return all(map(dynamic, runner.inputs)) and all(map(dynamic, runner.outputs))
 
 
 def default_node_id() -> str:

@@ -16,6 +16,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, load
 from edge_agent.probe import Probe, choose_probe, nvml_device
 from edge_agent.runner import CUDA, TRT, ModelRunner, OnnxRunner
+from skyhop.batching import NO_BATCHING, BatchPolicy
 from skyhop.errors import ConfigError
 from skyhop.home import Home
 from skyhop.models import ModelEntry, fetch
@@ -59,6 +60,9 @@ def build_agent(
     if agent_cfg.concurrency is None:
         agent_cfg = agent_cfg.model_copy(
             update={"concurrency": device_concurrency(runners.values())})
+    if agent_cfg.batching is None:
+        agent_cfg = agent_cfg.model_copy(update={"batching": on_gpu(runners.values())})
+    policies = {name: batch_policy(catalog.get(name), agent_cfg) for name in models}
     return Agent(
         node_id=node_id,
         mqtt_url=mqtt,
@@ -70,7 +74,18 @@ def build_agent(
         topics=Topics(config.prefix),
         role=role,
         run_log=run_log,
+        batching=policies,
     )
+
+
+def batch_policy(entry: ModelEntry, agent_cfg: AgentConfig) -> BatchPolicy:
+    """The catalog's batching for ``entry``, as the ``[agent]`` section adjusts it. Off
+    by default on a CPU: there one run already takes every core, and bench/batching.py
+    measured 0.82-1.00x the throughput with it (docs/performance.md §Dynamic batching)."""
+    if not agent_cfg.batching:
+        return NO_BATCHING
+    delay = agent_cfg.max_queue_delay_ms
+    return BatchPolicy(entry.max_batch, entry.max_queue_delay_ms if delay is None else delay)
 
 
 def default_threads(agent_cfg: AgentConfig) -> int:
@@ -88,7 +103,11 @@ def device_concurrency(runners: Iterable[ModelRunner]) -> int:
     """Requests run at once when the config does not say: on a GPU, several runs share
     the device and fill what one small batch leaves idle; on a CPU, ONNX Runtime already
     spreads one run over every core, so one at a time."""
-    return GPU_CONCURRENCY if any(r.provider in (CUDA, TRT) for r in runners) else 1
+    return GPU_CONCURRENCY if on_gpu(runners) else 1
+
+
+def on_gpu(runners: Iterable[ModelRunner]) -> bool:
+    return any(r.provider in (CUDA, TRT) for r in runners)
 
 
 def load_runner(home: Home, entry: ModelEntry, path: Path, providers: list[str] | None,

@@ -24,6 +24,15 @@ class AgentConfig(Strict):
         None, ge=1, le=64,
         description="requests run at once; default from the device: 1 on a CPU, 4 on a GPU",
     )
+    batching: bool | None = Field(
+        None, description="run queued requests of one model together, up to its max_batch; "
+                          "default from the device: on with a GPU, off on a CPU",
+    )
+    max_queue_delay_ms: float | None = Field(
+        None, ge=0, le=1000,
+        description="how long a request may wait for others to batch with; default: the "
+                    "catalog's (0 for every shipped model)",
+    )
     load_interval_s: float = Field(0.5, gt=0)
     replay_window_s: float = Field(60.0, gt=0)
     result_cache: int = Field(1024, ge=0, description="recent results kept to answer duplicates")

@@ -10,6 +10,7 @@ import heapq
 import itertools
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,9 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def count(self, which: Callable[[Job], bool]) -> int:
+        return sum(1 for job in self._heap if which(job))
+
     def push(
         self, request_id: str, deadline: float, now: float, payload: Any, priority: int = 0
     ) -> Job:
@@ -57,6 +61,30 @@ class WorkQueue:
             else:
                 return job, expired
         return None, expired
+
+    def take(self, now: float, same: Callable[[Job], bool],
+             limit: int) -> tuple[list[Job], list[Job]]:
+        """Up to ``limit`` more jobs in run order while ``same(job)`` holds (a batch for
+        the job just popped), and the jobs found expired on the way. It stops at the
+        first job that is not the same, so a batch never runs ahead of work due earlier.
+        """
+        taken: list[Job] = []
+        expired: list[Job] = []
+        while self._heap and len(taken) < limit:
+            job = self._heap[0]
+            if job.deadline <= now:
+                expired.append(heapq.heappop(self._heap))
+            elif same(job):
+                taken.append(heapq.heappop(self._heap))
+            else:
+                break
+        return taken, expired
+
+    def put_back(self, jobs: Iterable[Job]) -> None:
+        """Return taken jobs that did not join a batch, in their old places. They were
+        accepted once, so capacity does not refuse them."""
+        for job in jobs:
+            heapq.heappush(self._heap, job)
 
 
 Route = tuple[str, bytes | None]  # (reply topic, correlation data)

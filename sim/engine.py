@@ -53,6 +53,7 @@ from sim.planner import clairvoyant_targets, static_peak_size
 from sim.pool import Pool
 from sim.report import OK, Recorder
 from sim.scenario import Scenario
+from skyhop.batching import admit, batch_ms
 from skyhop.errors import ProtocolError
 from skyhop.protocol.messages import SlaConfig
 
@@ -129,11 +130,14 @@ class Simulation:
     def _priors(self, speed: float) -> dict[str, float]:
         return {m.name: m.service_ms / speed for m in self.s.models}
 
+    def _batching(self) -> dict[str, int]:
+        return {m.name: m.max_batch for m in self.s.models if m.max_batch > 1}
+
     def _cloud_node(self, name: str) -> SimNode:
         c = self.s.cloud
         return SimNode(name, "cloud", c.gpu, c.speed, c.concurrency, c.queue_capacity,
                        tuple(self.models), c.rtt_ms, c.bandwidth_mbps, -1,
-                       self._priors(c.speed))
+                       self._priors(c.speed), self._batching())
 
     def _build_edges(self) -> None:
         net, rng = self.s.network, self.rng["fleet"]
@@ -145,7 +149,7 @@ class Simulation:
                 site = i % net.sites
                 node = SimNode(f"edge-{i + 1}", "edge", e.gpu, e.speed, e.concurrency,
                                e.queue_capacity, self._serves(e.speed), sites[site][0],
-                               sites[site][1], site, self._priors(e.speed))
+                               sites[site][1], site, self._priors(e.speed), self._batching())
                 self.nodes[node.name] = node
                 i += 1
 
@@ -317,20 +321,51 @@ class Simulation:
                 self._send_reply(node, late.payload, DEADLINE, 0.0, 0.0)
             if job is None:
                 return
-            req: SimRequest = job.payload
+            jobs = self._batch(node, job)
+            reqs: list[SimRequest] = [j.payload for j in jobs]
             node.busy += 1
-            service = self.models[req.model].service_ms / node.speed * req.factor
-            queued = self.now - job.received
-            self._at(self.now + service, DONE, (node, node.session), (req, queued, service))
+            node.running += len(reqs)
+            m = self.models[reqs[0].model]
+            # A batch runs as its first request does, plus batch_cost of that for each
+            # other: the lognormal factor is the node's state, drawn per request.
+            alone = m.service_ms / node.speed * reqs[0].factor
+            service = alone * (1 + m.batch_cost * (len(reqs) - 1))
+            queued = [self.now - j.received for j in jobs]
+            self._at(self.now + service, DONE, (node, node.session), (reqs, queued, service))
 
-    def _done(self, where: tuple[SimNode, int], job: tuple[SimRequest, float, float]) -> None:
+    def _batch(self, node: SimNode, head: Any) -> list[Any]:
+        """``head`` and the queued requests that run with it: the agent's rule
+        (``WorkQueue.take``, ``skyhop.batching.admit``) over the node's learnt curve."""
+        model = head.payload.model
+        limit = node.batching.get(model, 1)
+        if limit <= 1:
+            return [head]
+        more, expired = node.queue.take(self.now, lambda j: j.payload.model == model,
+                                        limit - 1)
+        for late in expired:
+            self._send_reply(node, late.payload, DEADLINE, 0.0, 0.0)
+        jobs = [head, *more]
+        points = node.curve(model)
+        n = admit(self.now, [(j.deadline, 1) for j in jobs],
+                  lambda k: batch_ms(points, k), limit)
+        node.queue.put_back(jobs[n:])
+        return jobs[:n]
+
+    def _done(self, where: tuple[SimNode, int],
+              job: tuple[list[SimRequest], list[float], float]) -> None:
         node, session = where
         if node.session != session or not node.up:
             return  # the node crashed while running it
-        req, queued, service = job
+        reqs, queued, service = job
         node.busy -= 1
-        node.service[req.model].observe(service)
-        self._send_reply(node, req, OK, queued, service)
+        node.running -= len(reqs)
+        model = reqs[0].model
+        if len(reqs) == 1:
+            node.service[model].observe(service)
+        if model in node.batch_times:
+            node.batch_times[model].observe(len(reqs), service)
+        for req, waited in zip(reqs, queued, strict=True):
+            self._send_reply(node, req, OK, waited, service)
         if node.retiring:
             self._retire_step(node)
         else:

@@ -72,6 +72,11 @@ class Model(_Strict):
     reply_kb: float = Field(1.0, ge=0)
     min_speed: float = Field(0.0, ge=0, description="edge classes slower than this lack memory")
     streams: int = Field(64, ge=1, description="origins (clients, cameras) per model")
+    max_batch: int = Field(1, ge=1, description="most requests a node runs together")
+    batch_cost: float = Field(
+        1.0, ge=0, le=1,
+        description="what each request past the first adds to a batch's run, as a share "
+                    "of a lone run (1: batching gains nothing)")
 
 
 class Poisson(_Strict):

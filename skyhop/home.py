@@ -96,6 +96,8 @@ node_burst = 40.0          # (0: any); an agent sends 1 / load_interval_s, 2/s b
 [agent]
 queue_capacity = 64
 # concurrency = 1   # requests run at once; default: 1 on a CPU, 4 on a GPU
+# batching = true   # queued requests of one model share a run, up to its max_batch
+# max_queue_delay_ms = 0.0  # wait this long for company (default: the catalog's, 0)
 load_interval_s = 0.5
 replay_window_s = 60.0
 result_cache = 1024

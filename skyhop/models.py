@@ -214,6 +214,7 @@ class ModelEntry(BaseModel):
     outputs: tuple[TensorSpec, ...]
     budget_ms: float = Field(gt=0, le=3_600_000, allow_inf_nan=False, strict=True)
     max_batch: int = Field(ge=1, le=65_536, strict=True)
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, allow_inf_nan=False)
     # Folder that path sources are relative to; load_catalog sets it to the catalog's own.
     _root: Path = PrivateAttr(default=MODELS_DIR)
 

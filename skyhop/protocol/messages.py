@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from itertools import pairwise
 from typing import Any, ClassVar
 
 import msgpack
 from typing_extensions import Self  # typing.Self is 3.11+
 
+from skyhop.batching import BatchPoint
 from skyhop.errors import ErrorCode, ProtocolError
 from skyhop.protocol.topics import NAME_RE
 
@@ -221,6 +223,8 @@ class ModelLoad:
     mean_ms: float
     p95_ms: float
     count: int
+    # Where the node batches this model: run time by batch size (skyhop.batching).
+    batches: tuple[BatchPoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,18 @@ class LoadReport(_Message):
         object.__setattr__(self, "models", {k: _model_load(k, v) for k, v in self.models.items()})
         super().__post_init__()
 
+    def to_dict(self) -> dict[str, Any]:
+        # A batch curve goes as rows of numbers, and only where the node batches: the
+        # report of a node that does not is byte for byte what it was before batching.
+        out = super().to_dict()
+        for name, load in self.models.items():
+            entry = out["models"][name]
+            del entry["batches"]
+            if load.batches:
+                entry["batches"] = [[p.size, p.mean_ms, p.p95_ms, p.count]
+                                    for p in load.batches]
+        return out
+
     def validate(self) -> None:
         _name(self.node, "node")
         for what in ("session", "seq", "queue", "in_flight", "capacity"):
@@ -269,7 +285,30 @@ def _model_load(name: str, value: Any) -> ModelLoad:
         mean_ms=_float(value.get("mean_ms"), "mean_ms"),
         p95_ms=_float(value.get("p95_ms"), "p95_ms"),
         count=_int(value.get("count"), "count"),
+        batches=_batch_points(name, value.get("batches", ())),
     )
+
+
+MAX_BATCH_POINTS = 32  # buckets by power of two: 65,536 needs 19
+
+
+def _batch_points(model: str, value: Any) -> tuple[BatchPoint, ...]:
+    """``[[size, mean_ms, p95_ms, count], ...]`` by growing size."""
+    if not isinstance(value, list | tuple) or len(value) > MAX_BATCH_POINTS:
+        raise _bad(f"models[{model}].batches must be a list of at most "
+                    f"{MAX_BATCH_POINTS} [size, mean_ms, p95_ms, count]")
+    points = []
+    for item in value:
+        if isinstance(item, BatchPoint):
+            points.append(item)
+            continue
+        if not isinstance(item, list | tuple) or len(item) != 4:
+            raise _bad(f"models[{model}].batches: each is [size, mean_ms, p95_ms, count]")
+        points.append(BatchPoint(_float(item[0], "batch size", 1.0), _float(item[1], "mean_ms"),
+                                 _float(item[2], "p95_ms"), _int(item[3], "count")))
+    if any(b.size <= a.size for a, b in pairwise(points)):
+        raise _bad(f"models[{model}].batches must grow in size")
+    return tuple(points)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,34 @@ def add_busy_model(home: Home, side: int = SLOW_SIDE, layers: int = BUSY_LAYERS)
     catalog.write_text(catalog.read_text() + entry)
 
 
+WIDE_ENTRY = """
+[[models]]
+name = "wide"
+version = "1"
+sha256 = "{sha}"
+source = {{ path = "wide.onnx" }}
+inputs = [{{ name = "x", dtype = "float32", shape = ["N", {side}] }}]
+outputs = [{{ name = "y", dtype = "float32", shape = ["N", {side}] }}]
+budget_ms = 10000
+max_batch = 64
+"""
+
+
+def add_wide_model(home: Home, side: int = SLOW_SIDE, layers: int = SLOW_LAYERS) -> Path:
+    """Add ``wide`` to a test home's catalog: ``slow``'s chain of matrix products on
+    rows of ``side``, with a batch dimension, so requests to it batch. Returns its file."""
+    catalog = Path(home.config().catalog or "")
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(_weight(rng, side), f"w{i}") for i in range(layers)]
+    names = ["x", *(f"h{i}" for i in range(layers - 1)), "y"]
+    nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]])
+             for i in range(layers)]
+    path = catalog.parent / "wide.onnx"
+    _save(path, "wide", nodes, inits, ["N", side], ["N", side])
+    catalog.write_text(catalog.read_text() + WIDE_ENTRY.format(sha=sha256_file(path), side=side))
+    return path
+
+
 CATALOG = """\
 schema = 1
 

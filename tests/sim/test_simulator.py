@@ -245,3 +245,23 @@ def test_trace_replay() -> None:
     rows = (HERE / "small_trace.csv").read_text().splitlines()[1:]
     assert len(times) == sum(1 for r in rows if float(r.split(",")[0]) < 40)
     assert times == sorted(times)
+
+
+def _batching(scenario: Scenario, max_batch: int, cost: float, gpus: int) -> Scenario:
+    models = tuple(m.model_copy(update={"max_batch": max_batch, "batch_cost": cost})
+                   for m in scenario.models)
+    cloud = scenario.cloud.model_copy(update={"max_gpus": gpus})
+    return scenario.model_copy(update={"models": models, "cloud": cloud})
+
+
+def test_nodes_that_batch_serve_more_and_the_broker_sees_it() -> None:
+    # Each request past the first adds 30 % of a lone run: the agent's rule and the
+    # broker's curve (skyhop.batching) turn that into met deadlines and fewer GPUs.
+    base = load_scenario(SMALL)
+    alone = simulate(_batching(base, 1, 1.0, 1), seed=3)
+    batched = simulate(_batching(base, 8, 0.3, 1), seed=3)
+    assert batched["slo_missed"] < alone["slo_missed"]
+    pool_alone = simulate(_batching(base, 1, 1.0, 10), seed=3)
+    pool_batched = simulate(_batching(base, 8, 0.3, 10), seed=3)
+    assert pool_batched["slo_met_fraction"] >= pool_alone["slo_met_fraction"]
+    assert pool_batched["cloud_gpu_seconds"] < 0.9 * pool_alone["cloud_gpu_seconds"]

@@ -31,7 +31,7 @@ PURE = [
     "skyhop.protocol.tensors", "skyhop.protocol.replay", "skyhop.protocol.announcement",
     "skyhop.stats", "skyhop.mqtt.url", "skyhop.mqtt.message", "skyhop.mqtt.memory",
     "skyhop.security.sla", "cloud_broker.outcomes", "skyhop.protocol.age",
-    "skyhop.security.bridge",
+    "skyhop.security.bridge", "skyhop.batching",
 ]
 IO = ("paho", "pydantic", "onnxruntime", "pynvml", "subprocess", "socket")
 SHELLS = ("cloud_broker.broker", "cloud_broker.pool", "edge_agent.agent", "skyhop.mqtt.bus",

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +139,7 @@ def skyhop_round_trips(home: Home, url: str, n: int) -> list[float]:
         return [one() for _ in range(n)]
 
 
-def measure(home: Home, url: str, requests: int, hog: bool) -> dict[str, object]:
+def measure(home: Home, url: str, requests: int, hog: bool) -> dict[str, Any]:
     with ExitStack() as stack:
         client = stack.enter_context(Client(url, home.fleet_public()))
         paths = {"bare": stack.enter_context(relay_chain(url, 1, "bare")),
@@ -146,18 +147,16 @@ def measure(home: Home, url: str, requests: int, hog: bool) -> dict[str, object]
                  "skyhop": skyhop_path(client)}
         with cpu_hog(hog):
             times = interleaved(paths, requests)
-    result: dict[str, object] = {name: summary(t) for name, t in times.items()}
+    result: dict[str, Any] = {name: summary(t) for name, t in times.items()}
     base = result["bare"]
-    assert isinstance(base, dict)
     for name in ("relays", "skyhop"):
         s = result[name]
-        assert isinstance(s, dict)
         result[f"{name}_ratio_p50"] = round(s["p50_ms"] / base["p50_ms"], 2)
         result[f"{name}_ratio_p99"] = round(s["p99_ms"] / base["p99_ms"], 2)
     return result
 
 
-def markdown(result: dict[str, dict[str, object]], requests: int) -> str:
+def markdown(result: dict[str, dict[str, Any]], requests: int) -> str:
     md = ["# End-to-end latency (sequential, loopback)", "",
           "| case | path | p50 ms | p99 ms | p50 ÷ bare | p99 ÷ bare |",
           "| --- | --- | --- | --- | --- | --- |"]
@@ -167,7 +166,6 @@ def markdown(result: dict[str, dict[str, object]], requests: int) -> str:
     for case, r in result.items():
         for path, label in labels.items():
             s = r[path]
-            assert isinstance(s, dict)
             ratio = (f"{r[f'{path}_ratio_p50']}× | {r[f'{path}_ratio_p99']}×"
                      if path != "bare" else "1× | 1×")
             md.append(f"| {case} | {label} | {s['p50_ms']} | {s['p99_ms']} | {ratio} |")
@@ -175,7 +173,6 @@ def markdown(result: dict[str, dict[str, object]], requests: int) -> str:
            "in the same run."]
     if "busy" in result:
         q, b = result["quiet"]["skyhop_ratio_p50"], result["busy"]["skyhop_ratio_p50"]
-        assert isinstance(q, float) and isinstance(b, float)
         md.append(f"With one core busy the p50 ratio is {b / q:.2f}× its quiet value.")
     return "\n".join([*md, ""])
 

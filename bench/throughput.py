@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from skyhop.client import Client, Result
 from skyhop.dev.localstack import LocalStack
@@ -187,14 +188,14 @@ def fleet(server: MosquittoProcess, home: Home, logs: Path, replicas: int, agent
             "broker_cpu_ms_per_request": best["broker_cpu_ms_per_request"] if best else None}
 
 
-def markdown(result: dict[str, object]) -> str:
-    echo = float(result["raw_echo_per_s"])  # type: ignore[arg-type]
+def markdown(result: dict[str, Any]) -> str:
+    echo = float(result["raw_echo_per_s"])
     md = ["# Throughput (loopback, every process on this machine)", "",
           f"Raw pipelined echo through Mosquitto, QoS 1: **{echo:.0f} pairs/s** "
           f"({CLIENTS} client processes, {WINDOW} unanswered each).", "",
           "| brokers | agents | held requests/s | ÷ raw echo | p99 at that rate ms | "
           "broker CPU ms/request |", "| --- | --- | --- | --- | --- | --- |"]
-    for f in result["fleet"]:  # type: ignore[attr-defined]
+    for f in result["fleet"]:
         held = [s for s in f["steps"] if s["passed"]]
         p99 = held[-1]["p99_ms"] if held else "–"
         md.append(f"| {f['replicas']} | {f['agents']} | {f['held_per_s']:.0f} | "

@@ -36,7 +36,8 @@ _ORDER: tuple[tuple[str, int], ...] = tuple(
 _IDENT: dict[str, int] = dict(_ORDER)
 _SPACED: dict[int, str] = {ident: name for name, ident in _PAHO.names.items()}
 _MULTIPLE = frozenset({11, 38})  # Subscription Identifier, User Property
-_PRIVATE = frozenset({"packetType", "types", "names", "properties"})
+_SHARED = ("types", "names", "properties")  # paho's tables, the same for every instance
+_PRIVATE = frozenset({"packetType", *_SHARED})
 _RANGES = {  # paho's checks on a single value
     "ReceiveMaximum": (1, 65535), "TopicAlias": (1, 65535), "TopicAliasMaximum": (0, 65535),
     "MaximumPacketSize": (1, 268435455), "SubscriptionIdentifier": (1, 268435455),
@@ -111,7 +112,7 @@ class FastProperties(Properties):  # paho's class is untyped
     """paho's Properties; the same attributes, checks, errors and bytes."""
 
     def __init__(self, packetType: int) -> None:  # paho's names
-        for name in _PRIVATE:  # shared, read-only: paho never writes to them
+        for name in _SHARED:  # read-only: paho never writes to them
             object.__setattr__(self, name, getattr(_PAHO, name))
         object.__setattr__(self, "packetType", packetType)
 

@@ -32,6 +32,9 @@ from skyhop.protocol.messages import LoadReport, NodeStatus
 
 DEFAULT_MS_PER_BYTE = 8 / 50_000  # 50 Mbit/s until a link is measured
 RTT_ALPHA = 0.2
+LARGE_BYTES = 16_384  # a payload this big teaches the per-byte cost, a smaller the round trip
+TRUSTED_SAMPLES = 5  # fewer link samples than this may be one cold first request
+PRIOR_AFTER = 10  # report intervals without work before an untrusted link is retried
 # A node silent for more than this many of its report gaps is *quiet*: a cut link, a
 # paused process or a dead one, until it reports again. The gap is learned per node,
 # from this default (agents report every 0.5 s, the simulator's nodes every 1 s).
@@ -72,6 +75,8 @@ class Link:
     rtt_ms: float = 0.0
     ms_per_byte: float = DEFAULT_MS_PER_BYTE
     samples: int = 0
+    large: int = 0  # of the samples, payloads of LARGE_BYTES or more
+    idle: int = 0  # report intervals without work since the last sample
     best_rtt_ms: float = float("inf")
     best_ms_per_byte: float = float("inf")
 
@@ -87,26 +92,39 @@ class Link:
     def observe(self, network_ms: float, size: int) -> None:
         network_ms = max(0.0, network_ms)
         self.samples += 1
+        self.large += size >= LARGE_BYTES
+        self.idle = 0
         transfer = network_ms - self.rtt_ms
         if self.samples == 1:
             self.rtt_ms = network_ms
-        elif size < 16_384:
+        elif size < LARGE_BYTES:
             self.rtt_ms += RTT_ALPHA * (network_ms - self.rtt_ms)
         elif transfer > 0:
             self.ms_per_byte += RTT_ALPHA * (transfer / size - self.ms_per_byte)
         self.best_rtt_ms = _low(self.best_rtt_ms, self.rtt_ms)
         self.best_ms_per_byte = _low(self.best_ms_per_byte, self.ms_per_byte)
 
-    def relax(self) -> None:
+    def relax(self, ping_rtt_ms: float) -> None:
         """The node got no work for a report interval: move toward the best seen.
 
         Estimates are learnt only from work sent, so a slow spell that priced a node out
         of every budget would otherwise exclude it for good (it is never measured again).
+        Where the best seen rests on fewer than ``TRUSTED_SAMPLES`` (one cold first
+        request, say) and the node has had no work for ``PRIOR_AFTER`` intervals, the
+        drift goes on toward the priors: the agent's ping round trip and the default
+        bandwidth, so that the next request measures the link again.
         """
-        if self.best_rtt_ms < self.rtt_ms:
-            self.rtt_ms += RTT_ALPHA * (self.best_rtt_ms - self.rtt_ms)
-        if self.best_ms_per_byte < self.ms_per_byte:
-            self.ms_per_byte += RTT_ALPHA * (self.best_ms_per_byte - self.ms_per_byte)
+        self.idle += 1
+        rtt_goal, per_byte_goal = self.best_rtt_ms, self.best_ms_per_byte
+        if self.idle >= PRIOR_AFTER:
+            if self.samples - self.large < TRUSTED_SAMPLES:
+                rtt_goal = min(rtt_goal, ping_rtt_ms)
+            if self.large < TRUSTED_SAMPLES:
+                per_byte_goal = min(per_byte_goal, DEFAULT_MS_PER_BYTE)
+        if rtt_goal < self.rtt_ms:
+            self.rtt_ms += RTT_ALPHA * (rtt_goal - self.rtt_ms)
+        if per_byte_goal < self.ms_per_byte:
+            self.ms_per_byte += RTT_ALPHA * (per_byte_goal - self.ms_per_byte)
 
 
 def _low(best: float, value: float) -> float:
@@ -428,7 +446,7 @@ class Fleet:
         if view.load is not None and load.seq <= view.load.seq:
             return  # reordered or retained duplicate
         if view.load is not None and view.dispatched_since_load == 0:
-            view.link.relax()
+            view.link.relax(load.rtt_ms)
         if view.load is not None:  # a gap after an outage counts for at most 2 gaps
             gap = min(now_ms - view.last_seen_ms, 2 * view.report_gap_ms)
             view.report_gap_ms += RTT_ALPHA * (gap - view.report_gap_ms)

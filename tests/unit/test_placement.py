@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cloud_broker.placement as placement
-from cloud_broker.fleet import MIN_SAMPLES, WARMUP_P95, Fleet
+from cloud_broker.fleet import MIN_SAMPLES, PRIOR_AFTER, TRUSTED_SAMPLES, WARMUP_P95, Fleet
 from cloud_broker.placement import (
     CLOUD,
     DEFAULT_TUNING,
@@ -304,6 +304,34 @@ def test_a_node_priced_out_by_a_slow_spell_is_tried_again() -> None:
     for seq in range(3, 20):  # idle report intervals: nothing placed, nothing measured
         report(fleet, "a", mean=1, p95=1, rtt=0, seq=seq)
     assert decide(fleet, budget=60).node == "a"
+
+
+def test_a_node_priced_out_by_one_cold_request_is_tried_again() -> None:
+    # Its first 184 KB request took 110 ms on the way (a cold path); every later one was
+    # refused on that estimate, so nothing measured it again.
+    fleet = Fleet()
+    add(fleet, "a", mean=14, p95=14, rtt=1)
+    fleet.dispatched("a")
+    fleet.answered("a", network_ms=110.0, size=184_000)
+    assert decide(fleet, budget=100, size=184_000).node is None
+    seqs = iter(range(3, 1000))
+    for _ in range(PRIOR_AFTER - 1):  # idle intervals: it drifts to the best seen
+        report(fleet, "a", mean=14, p95=14, rtt=1, seq=next(seqs))
+    assert decide(fleet, budget=100, size=184_000).node is None  # the best seen is that
+    for _ in range(20):  # then toward the agent's ping and the prior
+        report(fleet, "a", mean=14, p95=14, rtt=1, seq=next(seqs))
+    assert decide(fleet, budget=100, size=184_000).node == "a"
+
+
+def test_a_link_measured_often_keeps_its_best_seen() -> None:
+    fleet = Fleet()
+    add(fleet, "a", mean=1, p95=1, rtt=1)
+    for _ in range(TRUSTED_SAMPLES):
+        fleet.dispatched("a")
+        fleet.answered("a", network_ms=200.0, size=500)  # a slow link, measured
+    for seq in range(3, 3 + 3 * PRIOR_AFTER):
+        report(fleet, "a", mean=1, p95=1, rtt=1, seq=seq)
+    assert fleet.nodes["a"].link.rtt_ms > 150  # the ping says 1 ms; five requests say not
 
 
 # -- pull-back, hysteresis, priorities --------------------------------------------------

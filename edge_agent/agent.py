@@ -433,19 +433,20 @@ class Agent:
                 if self._stopping.is_set():
                     return []
                 self._cond.wait(timeout=0.5)
-            jobs = [job]
+            job.payload.back = False
+            self._in_flight += 1  # at once: a drain must not see it while it waits
             policy = self.batching.get(job.payload.model)
-            if policy is not None:
-                self._wait_for_company(job, policy)
-                model = job.payload.model
-                more, expired = self._queue.take(
-                    time.monotonic(), lambda j: j.payload.model == model, policy.max_batch - 1)
-                self._expire(expired)
-                jobs += more
-            for j in jobs:
+            if policy is None:
+                return [job]
+            self._wait_for_company(job, policy)
+            model = job.payload.model
+            more, expired = self._queue.take(
+                time.monotonic(), lambda j: j.payload.model == model, policy.max_batch - 1)
+            self._expire(expired)
+            for j in more:
                 j.payload.back = False
-            self._in_flight += len(jobs)
-            return jobs
+            self._in_flight += len(more)
+            return [job, *more]
 
     def _expire(self, expired: list[Job]) -> None:
         for late in expired:

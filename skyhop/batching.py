@@ -96,6 +96,7 @@ def batch_ms(points: Sequence[BatchPoint], size: float, *, p95: bool = True) -> 
     """
     if not points:
         return 0.0
+
     def pick(p: BatchPoint) -> float:
         return p.p95_ms if p95 else p.mean_ms
 
@@ -133,7 +134,8 @@ def admit(now: float, queued: Sequence[tuple[float, int]],
     rows, n = queued[0][1], 1
     # The earliest deadline a member could meet alone binds the batch; those it could
     # not meet alone are lost either way.
-    binding = min((d for d, _ in queued[:1] if d >= alone), default=float("inf"))
+    first = queued[0][0]
+    binding = first if first >= alone else float("inf")
     while n < len(queued):
         deadline, more = queued[n]
         if rows + more > max_rows:

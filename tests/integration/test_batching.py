@@ -2,11 +2,13 @@
 
 Requests sent at once queue at a one-slot CPU agent with batching turned on; those to
 a model with a batch dimension run together, and each gets the answer it would have got
-alone. A model with fixed dimensions runs every request alone.
+alone. Requests sent apart wait up to ``max_queue_delay_ms`` for company. A model with
+fixed dimensions runs every request alone.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tests.integration.fleet import SLOW_SIDE, add_wide_model, make_home
 from tests.integration.test_e2e import metric
 
 REQUESTS = 48
+DELAY_MS = 100.0  # how long a request waits for others to batch with
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,8 @@ def fleet(fleet_server, tmp_path_factory) -> Iterator[tuple[LocalStack, Client, 
     root = tmp_path_factory.mktemp("batching")
     home = make_home(root)
     config = home.config_path.read_text()  # on a CPU batching is off unless asked for
-    home.config_path.write_text(config.replace("[agent]\n", "[agent]\nbatching = true\n"))
+    home.config_path.write_text(config.replace(
+        "[agent]\n", f"[agent]\nbatching = true\nmax_queue_delay_ms = {DELAY_MS}\n"))
     wide = add_wide_model(home)
     with fleet_server(home, {"edge-1": "edge"}) as (url, server), \
             LocalStack(home, url, root / "logs", server) as st:
@@ -72,3 +76,19 @@ def test_a_model_without_a_batch_dimension_never_batches(fleet) -> None:
     for f in futures:
         f.result(timeout=120)
     assert _runs(st, "slow") - before == 6
+
+
+def test_requests_sent_apart_wait_for_company(fleet) -> None:
+    # One every 10 ms to a model that runs in a few: none would queue behind another,
+    # so only the 100 ms wait for company batches them.
+    st, client, _ = fleet
+    before = _runs(st, "wide")
+    x = np.ones((1, SLOW_SIDE), np.float32)
+    futures = []
+    for _ in range(20):
+        futures.append(client.submit("wide", {"x": x}, budget_ms=30_000))
+        time.sleep(0.01)
+    for f in futures:
+        f.result(timeout=120)
+    runs = _runs(st, "wide") - before
+    assert runs <= 10, f"20 requests 10 ms apart ran in {runs} runs"

@@ -8,6 +8,7 @@ matrix products), so that tests can catch a request while it is running; ``busy`
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import subprocess
@@ -80,53 +81,47 @@ def build_busy_model(path: Path, side: int = SLOW_SIDE, layers: int = BUSY_LAYER
     return weight.nbytes
 
 
-BUSY_ENTRY = """
+def _add_entry(home: Home, name: str, x: list[int | str], y: list[int | str],
+               budget_ms: float, max_batch: int) -> Path:
+    """Append ``name`` (its file already built beside the catalog, one input ``x``, one
+    output ``y``) to the catalog of a home made by ``make_home``; the file's path."""
+    catalog = Path(home.config().catalog or "")
+    path = catalog.parent / f"{name}.onnx"
+    entry = f"""
 [[models]]
-name = "busy"
+name = "{name}"
 version = "1"
-sha256 = "{sha}"
-source = {{ path = "busy.onnx" }}
-inputs = [{{ name = "x", dtype = "float32", shape = [1, 64] }}]
-outputs = [{{ name = "y", dtype = "float32", shape = [1, 1] }}]
-budget_ms = 1000
-max_batch = 1
+sha256 = "{sha256_file(path)}"
+source = {{ path = "{path.name}" }}
+inputs = [{{ name = "x", dtype = "float32", shape = {json.dumps(x)} }}]
+outputs = [{{ name = "y", dtype = "float32", shape = {json.dumps(y)} }}]
+budget_ms = {budget_ms}
+max_batch = {max_batch}
 """
+    catalog.write_text(catalog.read_text() + entry)
+    return path
+
+
+def _catalog_dir(home: Home) -> Path:
+    return Path(home.config().catalog or "").parent
 
 
 def add_busy_model(home: Home, side: int = SLOW_SIDE, layers: int = BUSY_LAYERS) -> None:
     """Add ``busy`` to the catalog of a home made by ``make_home``."""
-    catalog = Path(home.config().catalog or "")
-    build_busy_model(catalog.parent / "busy.onnx", side, layers)
-    entry = BUSY_ENTRY.format(sha=sha256_file(catalog.parent / "busy.onnx"))
-    catalog.write_text(catalog.read_text() + entry)
-
-
-WIDE_ENTRY = """
-[[models]]
-name = "wide"
-version = "1"
-sha256 = "{sha}"
-source = {{ path = "wide.onnx" }}
-inputs = [{{ name = "x", dtype = "float32", shape = ["N", {side}] }}]
-outputs = [{{ name = "y", dtype = "float32", shape = ["N", {side}] }}]
-budget_ms = 10000
-max_batch = 64
-"""
+    build_busy_model(_catalog_dir(home) / "busy.onnx", side, layers)
+    _add_entry(home, "busy", [1, 64], [1, 1], budget_ms=1000, max_batch=1)
 
 
 def add_wide_model(home: Home, side: int = SLOW_SIDE, layers: int = SLOW_LAYERS) -> Path:
     """Add ``wide`` to a test home's catalog: ``slow``'s chain of matrix products on
     rows of ``side``, with a batch dimension, so requests to it batch. Returns its file."""
-    catalog = Path(home.config().catalog or "")
     rng = np.random.default_rng(2)
     inits = [numpy_helper.from_array(_weight(rng, side), f"w{i}") for i in range(layers)]
     names = ["x", *(f"h{i}" for i in range(layers - 1)), "y"]
     nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]])
              for i in range(layers)]
-    path = catalog.parent / "wide.onnx"
-    _save(path, "wide", nodes, inits, ["N", side], ["N", side])
-    catalog.write_text(catalog.read_text() + WIDE_ENTRY.format(sha=sha256_file(path), side=side))
-    return path
+    _save(_catalog_dir(home) / "wide.onnx", "wide", nodes, inits, ["N", side], ["N", side])
+    return _add_entry(home, "wide", ["N", side], ["N", side], budget_ms=10000, max_batch=64)
 
 
 CATALOG = """\

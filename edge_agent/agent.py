@@ -190,6 +190,8 @@ class Agent:
         self.batching = {m: p for m, p in (batching or {}).items()
                          if p.enabled and m in self.runners and batchable(self.runners[m])}
         self.batch_times = {m: BatchTimes() for m in self.batching}
+        # Whether a worker may be holding a job for company (``_wait_for_company``).
+        self._waits = any(p.max_delay_ms > 0 for p in self.batching.values())
         self._queue = WorkQueue(self.config.queue_capacity)
         self._cache = ResultCache(self.config.result_cache)
         self._ages = Ages()  # how long work waited on its way, per broker clock
@@ -369,8 +371,8 @@ class Agent:
                 self._reply_error(reply_topic, msg.correlation, header.id, exc.code, exc.message)
                 return
             self._cache.begin(header.id, (reply_topic, msg.correlation))
-            # A worker holding a job for company (``_wait_for_company``) must hear of it.
-            if self.batching:
+            # A worker holding a job for company must hear of it, not just any one.
+            if self._waits:
                 self._cond.notify_all()
             else:
                 self._cond.notify()
@@ -505,12 +507,13 @@ class Agent:
         curve = self._curve(model)
         n = admit(time.monotonic(), [(j.deadline, _rows(j.payload.inputs)) for j in same],
                   lambda k: batch_ms(curve, k) / 1000, self.batching[model].max_batch)
-        with self._cond:
-            for job in ready[n:]:
-                job.payload.back = True
-            self._queue.put_back(ready[n:])
-            self._in_flight -= len(ready) - n
-            self._cond.notify_all()
+        if n < len(ready):
+            with self._cond:
+                for job in ready[n:]:
+                    job.payload.back = True
+                self._queue.put_back(ready[n:])
+                self._in_flight -= len(ready) - n
+                self._cond.notify_all()
         return ready[:n]
 
     def _execute(self, jobs: list[Job]) -> None:
